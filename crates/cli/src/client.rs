@@ -1,0 +1,184 @@
+//! A small HTTP/1.1 client for the admin API (and for tests that talk to a
+//! node over real sockets): one connection per request, bodies in memory.
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use nimbus_api::{ErrorResponse, NODE_FILE, NodeInfo, TOKEN_FILE};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use std::time::Duration;
+
+/// A response, whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Splits `http://host:port/prefix` into the address to dial and the path
+/// prefix.
+fn split_url(url: &str) -> anyhow::Result<(String, String)> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("unsupported URL `{url}`: the admin API is reached over plain http://HOST:PORT");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() {
+        bail!("URL `{url}` has no host");
+    }
+    let authority = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((authority, path.trim_end_matches('/').to_owned()))
+}
+
+/// Sends one request to `url` (`http://host:port/path`).
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    let (authority, path) = split_url(url)?;
+    let path = if path.is_empty() { "/".to_owned() } else { path };
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .with_context(|| format!("cannot connect to {authority}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake failed")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(path.as_str())
+            .header(header::HOST, authority.as_str());
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Full::new(body))
+            .context("invalid request")?;
+        let response = sender.send_request(request).await.context("request failed")?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.context("reading the response failed")?.to_bytes();
+        Ok::<_, anyhow::Error>(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .with_context(|| format!("no answer from {authority} within {timeout:?}"))?
+}
+
+/// Where the admin API is and how to authenticate.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub url: String,
+    pub token: String,
+    pub timeout: Duration,
+}
+
+impl Admin {
+    /// Finds the admin API: `url`/`token` when given (flags or
+    /// `NIMBUS_URL`/`NIMBUS_TOKEN`), else the local node described in
+    /// `data_dir`.
+    pub fn discover(url: Option<String>, token: Option<String>, data_dir: &Path) -> anyhow::Result<Self> {
+        let url = match url {
+            Some(url) => url,
+            None => {
+                let path = data_dir.join(NODE_FILE);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no local node found ({} is missing): start one with `nimbus up`, or set NIMBUS_URL and NIMBUS_TOKEN",
+                        path.display()
+                    )
+                })?;
+                let info: NodeInfo = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a node description", path.display()))?;
+                info.admin_url
+            }
+        };
+        let token = match token {
+            Some(token) => token,
+            None => {
+                let path = data_dir.join(TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("cannot read the admin token {}: set NIMBUS_TOKEN or pass --data-dir", path.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            timeout: Duration::from_secs(600),
+        })
+    }
+
+    /// Sends a request with the token; returns the raw reply.
+    pub async fn raw(&self, method: Method, path: &str, content_type: &str, body: Bytes) -> anyhow::Result<Reply> {
+        let auth = format!("Bearer {}", self.token);
+        send(
+            method,
+            &format!("{}{path}", self.url),
+            &[("authorization", &auth), ("content-type", content_type)],
+            body,
+            self.timeout,
+        )
+        .await
+        .with_context(|| format!("cannot reach the admin API at {}", self.url))
+    }
+
+    /// Sends JSON (or nothing) and decodes the JSON answer, turning API
+    /// errors into readable ones.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
+        let bytes = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b)?),
+            None => Bytes::new(),
+        };
+        let reply = self.raw(method, path, "application/json", bytes).await?;
+        decode(reply)
+    }
+}
+
+/// Decodes a JSON reply, or explains the API error it carries.
+pub fn decode<T: DeserializeOwned>(reply: Reply) -> anyhow::Result<T> {
+    if !reply.status.is_success() {
+        if let Ok(err) = serde_json::from_slice::<ErrorResponse>(&reply.body) {
+            bail!("{} ({})", err.error.message, reply.status);
+        }
+        bail!("the node answered {}: {}", reply.status, reply.text());
+    }
+    serde_json::from_slice(&reply.body).with_context(|| format!("unexpected answer from the node: {}", reply.text()))
+}

@@ -1,0 +1,390 @@
+//! The `nimbus` binary.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use http::Method;
+use nimbus_api::{
+    Change, DeployResponse, FunctionDetail, FunctionSummary, InvokeRequest, InvokeResponse,
+    NodeStatus, RollbackRequest,
+};
+use nimbus_cli::client::Admin;
+use nimbus_cli::output::{Format, table};
+use nimbus_manifest::Manifest;
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "nimbus", version, about = "Serverless WebAssembly functions on one machine")]
+struct Cli {
+    /// Data directory of the local node (state, artifacts, admin token).
+    #[arg(long, global = true, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
+    data_dir: PathBuf,
+    /// Admin API URL; found in the data directory when absent.
+    #[arg(long, global = true, env = "NIMBUS_URL")]
+    url: Option<String>,
+    /// Admin API token; read from the data directory when absent.
+    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output of listings.
+    #[arg(long, short, global = true, value_enum, default_value = "text")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a node: the gateway and the admin API.
+    Up {
+        /// Address of the gateway, which serves functions.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the admin API.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        admin_listen: SocketAddr,
+        /// Deploy this manifest once the node is up.
+        #[arg(long, value_name = "MANIFEST", num_args = 0..=1, default_missing_value = "nimbus.toml")]
+        deploy: Option<PathBuf>,
+        /// Run the manifest's build commands before deploying it.
+        #[arg(long, requires = "deploy")]
+        build: bool,
+        /// Log format: JSON lines, or text; default text on a terminal.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Deploy the functions of a manifest.
+    Deploy {
+        /// The manifest.
+        #[arg(default_value = "nimbus.toml")]
+        manifest: PathBuf,
+        /// Run each function's build command first.
+        #[arg(long)]
+        build: bool,
+    },
+    /// List deployed functions.
+    #[command(alias = "list")]
+    Ls,
+    /// Show the node's status, or one function's with its versions.
+    Status { name: Option<String> },
+    /// Invoke a function through the admin API and print its response.
+    Invoke {
+        name: String,
+        /// HTTP method (default GET, or POST with --data).
+        #[arg(long, short = 'X')]
+        method: Option<String>,
+        /// Path and query the function sees.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// A header, `Name: value`; repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Request body; `@file` reads it from a file, `@-` from stdin.
+        #[arg(long, short = 'd')]
+        data: Option<String>,
+    },
+    /// Remove a function.
+    Rm { name: String },
+    /// Activate an earlier version of a function.
+    Rollback {
+        name: String,
+        /// Version to activate (default: the one before the active one).
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let admin = || Admin::discover(cli.url.clone(), cli.token.clone(), &cli.data_dir);
+    match &cli.command {
+        Command::Up {
+            listen,
+            admin_listen,
+            deploy,
+            build,
+            log_format,
+        } => {
+            init_logging(*log_format);
+            // Config errors surface before any port is bound.
+            let manifest = match deploy {
+                Some(path) => {
+                    let m = Manifest::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if *build {
+                        nimbus_cli::deploy::build(&m)?;
+                    }
+                    Some(m)
+                }
+                None => None,
+            };
+            let config = nimbus_node::NodeConfig {
+                listen: *listen,
+                admin_listen: *admin_listen,
+                data_dir: cli.data_dir.clone(),
+            };
+            let node = nimbus_node::start(config).await?;
+            if let Some(m) = manifest {
+                let admin = Admin::discover(
+                    Some(format!("http://{}", node.admin_addr)),
+                    None,
+                    &cli.data_dir,
+                )?;
+                match nimbus_cli::deploy::deploy(&admin, &m).await {
+                    Ok(resp) => print_deploy(&resp, &format!("http://{}", node.gateway_addr), cli.output)?,
+                    Err(e) => {
+                        node.shutdown();
+                        node.wait().await;
+                        return Err(e);
+                    }
+                }
+            }
+            eprintln!(
+                "nimbus is up: functions on http://{}, admin API on http://{} (Ctrl-C to stop)",
+                node.gateway_addr, node.admin_addr
+            );
+            nimbus_node::wait_for_signal().await;
+            tracing::info!("shutting down: draining in-flight requests");
+            node.shutdown();
+            node.wait().await;
+            Ok(())
+        }
+        Command::Deploy { manifest, build } => {
+            let m = Manifest::load(manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if *build {
+                nimbus_cli::deploy::build(&m)?;
+            }
+            let admin = admin()?;
+            let resp = nimbus_cli::deploy::deploy(&admin, &m).await?;
+            let status: NodeStatus = admin.call(Method::GET, "/v1/status", None::<&()>).await?;
+            print_deploy(&resp, &status.gateway_url, cli.output)
+        }
+        Command::Ls => {
+            let list: Vec<FunctionSummary> = admin()?.call(Method::GET, "/v1/functions", None::<&()>).await?;
+            if cli.output == Format::Json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.name.to_string(),
+                        f.app.to_string(),
+                        format!("v{}", f.version),
+                        if f.ready { "ready".into() } else { "failed".into() },
+                        f.in_flight.to_string(),
+                        f.routes.join(" "),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["NAME", "APP", "VERSION", "STATE", "IN-FLIGHT", "ROUTES"], &rows));
+            Ok(())
+        }
+        Command::Status { name: None } => {
+            let s: NodeStatus = admin()?.call(Method::GET, "/v1/status", None::<&()>).await?;
+            if cli.output == Format::Json {
+                return print_json(&s);
+            }
+            println!("node        nimbus {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+            println!("gateway     {}", s.gateway_url);
+            println!("admin       {}", s.admin_url);
+            println!("data        {}", s.data_dir);
+            println!("functions   {} serving, {} failed to load", s.functions, s.functions_failed);
+            println!("requests    {} in flight, {} since start", s.in_flight, s.invocations);
+            println!(
+                "engine      {} compiled, {} loaded from the artifact cache (fingerprint {})",
+                s.engine.compiled, s.engine.loaded_from_cache, s.engine_fingerprint
+            );
+            Ok(())
+        }
+        Command::Status { name: Some(name) } => {
+            let d: FunctionDetail = admin()?
+                .call(Method::GET, &format!("/v1/functions/{name}"), None::<&()>)
+                .await?;
+            if cli.output == Format::Json {
+                return print_json(&d);
+            }
+            let s = &d.summary;
+            println!("function    {} (app {})", s.name, s.app);
+            println!("version     v{}  {}", s.version, if s.ready { "ready" } else { "failed" });
+            if let Some(e) = &s.error {
+                println!("error       {e}");
+            }
+            println!("component   sha256:{}", s.digest);
+            println!("routes      {}", s.routes.join(" "));
+            println!(
+                "limits      memory {} MiB, timeout {}, max_concurrency {}, max_body {} MiB",
+                s.config.limits.memory.get(),
+                s.config.limits.timeout,
+                s.config.limits.max_concurrency.get(),
+                s.config.limits.max_body.get()
+            );
+            println!("in flight   {}", s.in_flight);
+            let rows: Vec<Vec<String>> = d
+                .versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        format!("v{}", v.version),
+                        if v.active { "active".into() } else { String::new() },
+                        v.digest.chars().take(12).collect(),
+                        v.created_at.to_string(),
+                    ]
+                })
+                .collect();
+            println!();
+            print!("{}", table(&["VERSION", "", "DIGEST", "CREATED (unix ms)"], &rows));
+            Ok(())
+        }
+        Command::Invoke {
+            name,
+            method,
+            path,
+            headers,
+            data,
+        } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                        .with_context(|| format!("header `{h}` must look like `Name: value`"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let body = match data.as_deref() {
+                Some("@-") => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    Some(s)
+                }
+                Some(d) if d.starts_with('@') => Some(
+                    std::fs::read_to_string(&d[1..]).with_context(|| format!("cannot read {}", &d[1..]))?,
+                ),
+                Some(d) => Some(d.to_owned()),
+                None => None,
+            };
+            let request = InvokeRequest {
+                method: method.clone(),
+                path: Some(path.clone()),
+                headers,
+                body,
+            };
+            let r: InvokeResponse = admin()?
+                .call(Method::POST, &format!("/v1/functions/{name}/invoke"), Some(&request))
+                .await?;
+            if cli.output == Format::Json {
+                return print_json(&r);
+            }
+            eprintln!("{} ({:.1} ms, invocation {})", r.status, r.duration_ms, r.invocation_id);
+            print!("{}", r.body);
+            if !r.body.ends_with('\n') && std::io::stdout().is_terminal() {
+                println!();
+            }
+            if r.status >= 400 {
+                std::process::exit(22);
+            }
+            Ok(())
+        }
+        Command::Rm { name } => {
+            let _: serde_json::Value = admin()?
+                .call(Method::DELETE, &format!("/v1/functions/{name}"), None::<&()>)
+                .await?;
+            if cli.output == Format::Json {
+                return print_json(&serde_json::json!({ "removed": name }));
+            }
+            println!("removed {name}");
+            Ok(())
+        }
+        Command::Rollback { name, to } => {
+            let s: FunctionSummary = admin()?
+                .call(
+                    Method::POST,
+                    &format!("/v1/functions/{name}/rollback"),
+                    Some(&RollbackRequest { to: *to }),
+                )
+                .await?;
+            if cli.output == Format::Json {
+                return print_json(&s);
+            }
+            println!("{} now serves v{}", s.name, s.version);
+            Ok(())
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_deploy(resp: &DeployResponse, gateway: &str, format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        return print_json(resp);
+    }
+    let rows: Vec<Vec<String>> = resp
+        .functions
+        .iter()
+        .map(|f| {
+            let change = match f.change {
+                Change::Created => "created",
+                Change::Updated => "updated",
+                Change::Unchanged => "unchanged",
+                Change::Removed => "removed",
+            };
+            let routes = if f.change == Change::Removed {
+                String::new()
+            } else {
+                f.routes
+                    .iter()
+                    .map(|r| match r.split_once(' ') {
+                        Some((methods, path)) => format!("{methods} {gateway}{path}"),
+                        None => format!("{gateway}{r}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            let version = if f.version == 0 { "-".into() } else { format!("v{}", f.version) };
+            vec![f.name.to_string(), version, change.into(), routes]
+        })
+        .collect();
+    print!("{}", table(&["FUNCTION", "VERSION", "CHANGE", "ROUTES"], &rows));
+    if resp.functions.iter().all(|f| f.change == Change::Unchanged) {
+        println!("app {} is up to date: nothing changed", resp.app);
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! `nimbus-engine` is the only crate that configures wasmtime.
+//!
+//! It owns the engine (Cranelift, epoch interruption, the pooling instance
+//! allocator and every limit that goes with it), the validation of uploaded
+//! components, the content-addressed store of compiled artifacts, the
+//! pre-instantiated handle of each deployed version, and the execution of one
+//! HTTP request in a fresh instance under its timeout and memory cap. The
+//! gateway hands it a `hyper` request and gets a streamed response back; every
+//! other trigger (async, cron, brokers) reaches functions through the same
+//! [`FunctionRuntime::invoke`] call.
+
+mod artifact;
+mod limits;
+mod output;
+pub mod outbound;
+mod runtime;
+mod validate;
+
+pub use artifact::{ArtifactStore, ComponentDigest};
+pub use limits::*;
+pub use outbound::{OutboundPolicy, OutboundRule, OutboundRuleError};
+pub use runtime::{
+    Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec, InvokeError, InvokeOutcome,
+    ResponseBody,
+};
+pub use validate::ComponentError;

@@ -1,0 +1,64 @@
+//! Named limits of the engine, each with the reason for its value.
+
+use std::time::Duration;
+
+/// Interval of the epoch ticker. Every guest checks the epoch at function
+/// entries and loop back-edges; on each tick a running guest yields to the
+/// async executor (so a busy guest never starves other requests on its worker
+/// thread) and its deadline is checked. 10 ms bounds both the scheduling
+/// latency added by a CPU-bound guest and the precision of timeouts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Instances that may exist at once across all functions. Each slot reserves
+/// address space (not memory) for its linear memory; 1,000 slots keep the
+/// reservation far below the 128 TiB a 64-bit process can address while
+/// leaving room for 10 functions at the default `max_concurrency` of 100.
+pub const MAX_INSTANCES: u32 = 1_000;
+
+/// Core instances inside one component. Components produced by today's
+/// toolchains (Rust, componentize-py, jco) use a handful: the main module, a
+/// shim, a fixup module and the adapter.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 50;
+
+/// Linear memories inside one component (main module plus adapter, with room
+/// to spare for multi-module components).
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+
+/// Tables inside one component (function tables of each core module).
+pub const MAX_TABLES_PER_COMPONENT: u32 = 20;
+
+/// Largest linear memory a function may ask for (`memory` in nimbus.toml is
+/// capped to this). The per-function cap is enforced by the store limiter;
+/// this bounds the address space each pool slot reserves.
+pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+
+/// Elements of one table. Interpreter-based guests (Python, JavaScript) have
+/// tens of thousands of functions in their indirect-call tables.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Pages of a recycled memory slot kept resident and zeroed with `memset`
+/// instead of being returned to the kernel with `madvise`. A small guest
+/// touches a few dozen KiB per request: keeping that much resident avoids a
+/// syscall and TLB shootdown per request, while keeping more would spend the
+/// time in `memset` instead.
+pub const MEMORY_KEEP_RESIDENT_BYTES: usize = 128 << 10;
+
+/// Same, for tables.
+pub const TABLE_KEEP_RESIDENT_BYTES: usize = 16 << 10;
+
+/// Native stack available to wasm code. A deep recursion traps with a stack
+/// overflow at this depth instead of touching the host's stack guard.
+pub const MAX_WASM_STACK_BYTES: usize = 1 << 20;
+
+/// Default timeout of one invocation when the manifest sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest line of function output kept; longer lines are cut with a marker.
+pub const MAX_OUTPUT_LINE_BYTES: usize = 8 << 10;
+
+/// Function output kept per invocation; past it output is dropped and one
+/// marker line says how much.
+pub const MAX_OUTPUT_BYTES_PER_INVOCATION: usize = 1 << 20;
+
+/// Time allowed to open an outbound connection (TCP and TLS).
+pub const OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

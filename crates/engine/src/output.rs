@@ -1,0 +1,142 @@
+//! Function output: what a guest writes to stdout and stderr becomes log
+//! lines tagged with the function and invocation, capped per line and per
+//! invocation so a chatty guest cannot exhaust memory or disk.
+
+use crate::limits::{MAX_OUTPUT_BYTES_PER_INVOCATION, MAX_OUTPUT_LINE_BYTES};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+/// Identifies whose output a line is.
+#[derive(Clone, Debug)]
+pub(crate) struct OutputTag {
+    pub function: Arc<str>,
+    pub version: u64,
+    pub invocation: Arc<str>,
+}
+
+struct Buffer {
+    pending: Vec<u8>,
+    written: usize,
+    truncated: bool,
+}
+
+/// One output stream (stdout or stderr) of one invocation.
+#[derive(Clone)]
+pub(crate) struct FunctionOutput {
+    tag: OutputTag,
+    stream: &'static str,
+    buffer: Arc<Mutex<Buffer>>,
+}
+
+impl FunctionOutput {
+    pub(crate) fn new(tag: OutputTag, stream: &'static str) -> Self {
+        Self {
+            tag,
+            stream,
+            buffer: Arc::new(Mutex::new(Buffer {
+                pending: Vec::new(),
+                written: 0,
+                truncated: false,
+            })),
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        tracing::info!(
+            target: "nimbus::function",
+            function = &*self.tag.function,
+            version = self.tag.version,
+            invocation_id = &*self.tag.invocation,
+            stream = self.stream,
+            "{}",
+            line.trim_end_matches('\r')
+        );
+    }
+
+    fn accept(&self, data: &[u8]) {
+        let Ok(mut buf) = self.buffer.lock() else {
+            return;
+        };
+        if buf.truncated {
+            return;
+        }
+        let room = MAX_OUTPUT_BYTES_PER_INVOCATION.saturating_sub(buf.written);
+        let take = data.len().min(room);
+        buf.written += take;
+        let mut rest = &data[..take];
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            let (line, tail) = rest.split_at(nl);
+            if buf.pending.is_empty() {
+                self.emit(line);
+            } else {
+                let room = MAX_OUTPUT_LINE_BYTES.saturating_sub(buf.pending.len());
+                buf.pending.extend_from_slice(&line[..line.len().min(room)]);
+                let whole = std::mem::take(&mut buf.pending);
+                self.emit(&whole);
+            }
+            rest = &tail[1..];
+        }
+        let room = MAX_OUTPUT_LINE_BYTES.saturating_sub(buf.pending.len());
+        buf.pending.extend_from_slice(&rest[..rest.len().min(room)]);
+        if take < data.len() {
+            buf.truncated = true;
+            let pending = std::mem::take(&mut buf.pending);
+            if !pending.is_empty() {
+                self.emit(&pending);
+            }
+            self.emit(
+                format!(
+                    "[nimbus: output truncated after {MAX_OUTPUT_BYTES_PER_INVOCATION} bytes]"
+                )
+                .as_bytes(),
+            );
+        }
+    }
+
+    /// Emits a final unterminated line, if any.
+    pub(crate) fn flush_pending(&self) {
+        let Ok(mut buf) = self.buffer.lock() else {
+            return;
+        };
+        let pending = std::mem::take(&mut buf.pending);
+        drop(buf);
+        if !pending.is_empty() {
+            self.emit(&pending);
+        }
+    }
+}
+
+impl IsTerminal for FunctionOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for FunctionOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for FunctionOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.accept(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,472 @@
+//! `nimbus-gateway` owns HTTP ingress to functions: the listener loop, the
+//! route table (swapped atomically on deploy), admission control, request
+//! body limits, and the mapping of every invocation outcome to an HTTP
+//! answer. It holds no state of its own beyond the current route table; the
+//! node builds tables from the registry and hands them over.
+
+pub mod admission;
+pub mod router;
+pub mod server;
+
+use admission::{Admission, Permit, RETRY_AFTER_SECS};
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use nimbus_api::{ErrorBody, ErrorResponse, INVOCATION_ID_HEADER};
+use nimbus_engine::{FunctionRuntime, InvokeError};
+use nimbus_manifest::FunctionName;
+use router::{Lookup, Router};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use wasmtime_wasi_http::Error as HttpError;
+
+/// Body of every response the node sends.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Body handed to functions.
+pub type RequestBody = UnsyncBoxBody<Bytes, HttpError>;
+
+/// A function version that can take requests.
+pub struct Deployed {
+    pub name: FunctionName,
+    pub version: u64,
+    pub runtime: FunctionRuntime,
+    pub admission: Arc<Admission>,
+    /// Largest request body accepted, in bytes.
+    pub max_body: u64,
+    pub routes: Vec<nimbus_manifest::Route>,
+}
+
+/// Routes and functions of one moment; replaced whole on every change.
+#[derive(Default)]
+pub struct RouteTable {
+    router: Router<Deployed>,
+    functions: HashMap<FunctionName, Arc<Deployed>>,
+}
+
+impl RouteTable {
+    /// Builds the table serving `functions`.
+    pub fn new(functions: impl IntoIterator<Item = Arc<Deployed>>) -> Self {
+        let mut table = Self::default();
+        for f in functions {
+            for route in &f.routes {
+                table.router.insert(route.clone(), f.clone());
+            }
+            table.functions.insert(f.name.clone(), f);
+        }
+        table
+    }
+
+    /// The serving version of a function.
+    pub fn function(&self, name: &str) -> Option<&Arc<Deployed>> {
+        self.functions.get(name)
+    }
+
+    /// Every serving function.
+    pub fn functions(&self) -> impl Iterator<Item = &Arc<Deployed>> {
+        self.functions.values()
+    }
+}
+
+/// The gateway: the current route table and the invocation counters.
+pub struct Gateway {
+    table: RwLock<Arc<RouteTable>>,
+    invocations: AtomicU64,
+    id_prefix: u64,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where a request was routed, passed to the function as headers.
+#[derive(Default)]
+pub struct RouteInfo {
+    pub route: String,
+    pub params: Vec<(String, String)>,
+    pub rest: Option<String>,
+}
+
+impl Gateway {
+    pub fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default()
+            ^ (u64::from(std::process::id()) << 32);
+        Self {
+            table: RwLock::new(Arc::new(RouteTable::default())),
+            invocations: AtomicU64::new(0),
+            id_prefix: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// The table serving now.
+    pub fn table(&self) -> Arc<RouteTable> {
+        match self.table.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the table: requests that already hold the old one finish on
+    /// it, new requests see the new one.
+    pub fn swap(&self, table: RouteTable) {
+        let table = Arc::new(table);
+        match self.table.write() {
+            Ok(mut t) => *t = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+    }
+
+    /// Invocations started since the node started.
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    fn next_invocation_id(&self) -> String {
+        let n = self.invocations.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{:08x}", self.id_prefix, n)
+    }
+
+    /// Serves one gateway request: route, admit, invoke.
+    pub async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+        let table = self.table();
+        let path = req.uri().path().to_owned();
+        let method = req.method().as_str().to_owned();
+        let (deployed, info) = match table.router.lookup(&method, &path) {
+            Lookup::Found(m) => (
+                m.target.clone(),
+                RouteInfo {
+                    route: m.route.path.to_string(),
+                    params: m.params,
+                    rest: m.rest,
+                },
+            ),
+            Lookup::MethodNotAllowed(allowed) => {
+                let mut resp = json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}; allowed: {}", allowed.join(", ")),
+                    None,
+                );
+                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                    resp.headers_mut().insert(header::ALLOW, v);
+                }
+                return resp;
+            }
+            Lookup::NotFound => {
+                return json_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no function serves {method} {path}"),
+                    None,
+                );
+            }
+        };
+        drop(table);
+        let req = req.map(|b| b.map_err(HttpError::from).boxed_unsync());
+        self.invoke(&deployed, req, info).await
+    }
+
+    /// Runs `req` through `deployed`, under its admission control and body
+    /// limit, and turns the outcome into a response.
+    pub async fn invoke(
+        &self,
+        deployed: &Arc<Deployed>,
+        mut req: hyper::Request<RequestBody>,
+        info: RouteInfo,
+    ) -> hyper::Response<Body> {
+        let started = Instant::now();
+        let id = self.next_invocation_id();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > deployed.max_body) {
+            return too_large(deployed.max_body, &id);
+        }
+
+        let permit = match deployed.admission.acquire().await {
+            Ok(permit) => permit,
+            Err(throttled) => {
+                tracing::info!(
+                    target: "nimbus::invocation",
+                    invocation_id = %id,
+                    function = %deployed.name,
+                    version = deployed.version,
+                    status = 429,
+                    "throttled: {throttled}"
+                );
+                let mut resp =
+                    json_error(StatusCode::TOO_MANY_REQUESTS, "throttled", throttled.to_string(), Some(&id));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                return resp;
+            }
+        };
+
+        let headers = req.headers_mut();
+        headers.remove("nimbus-route");
+        headers.retain_prefix_free("nimbus-param-");
+        headers.remove("nimbus-path-info");
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            headers.insert(INVOCATION_ID_HEADER, v);
+        }
+        if !info.route.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&info.route) {
+                headers.insert("nimbus-route", v);
+            }
+        }
+        for (name, value) in &info.params {
+            let name = http::HeaderName::try_from(format!("nimbus-param-{}", name.to_ascii_lowercase()));
+            if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(value)) {
+                headers.insert(name, value);
+            }
+        }
+        if let Some(rest) = &info.rest {
+            if let Ok(v) = HeaderValue::from_str(rest) {
+                headers.insert("nimbus-path-info", v);
+            }
+        }
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, HeaderValue::from_static("localhost"));
+        }
+
+        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let req = req.map(|body| {
+            LimitedBody {
+                inner: body,
+                remaining: deployed.max_body,
+                limit: deployed.max_body,
+                exceeded: exceeded.clone(),
+            }
+            .boxed_unsync()
+        });
+
+        let id_arc: Arc<str> = id.as_str().into();
+        let result = deployed.runtime.invoke(req, id_arc).await;
+        let elapsed = started.elapsed();
+        let mut response = match result {
+            _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
+            Ok(outcome) => {
+                let (parts, body) = outcome.response.into_parts();
+                tracing::info!(
+                    target: "nimbus::invocation",
+                    invocation_id = %id,
+                    function = %deployed.name,
+                    version = deployed.version,
+                    method = %method,
+                    path = %path,
+                    status = parts.status.as_u16(),
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    instantiate_us = outcome.instantiate.as_micros() as u64,
+                    "invocation"
+                );
+                let body = PermitBody {
+                    inner: body,
+                    _permit: permit,
+                };
+                hyper::Response::from_parts(parts, body.boxed_unsync())
+            }
+            Err(e) => {
+                let (status, code) = match &e {
+                    InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                    InvokeError::MemoryLimit(_) => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit"),
+                    InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "trap"),
+                    InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
+                    InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
+                    InvokeError::Capacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+                    InvokeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+                };
+                tracing::warn!(
+                    target: "nimbus::invocation",
+                    invocation_id = %id,
+                    function = %deployed.name,
+                    version = deployed.version,
+                    method = %method,
+                    path = %path,
+                    status = status.as_u16(),
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    error = %e,
+                    "invocation failed"
+                );
+                // The caller sees the kind of failure; the reason (which may
+                // reveal the function's internals) stays in the node log.
+                let message = match &e {
+                    InvokeError::Timeout(_) | InvokeError::MemoryLimit(_) | InvokeError::Capacity(_) => e.to_string(),
+                    _ => format!("the function failed ({code}); see the node log for invocation {id}"),
+                };
+                let mut resp = json_error(status, code, message, Some(&id));
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                }
+                resp
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(INVOCATION_ID_HEADER, v);
+        }
+        if method == Method::HEAD {
+            // HEAD answers carry no body, whatever the function wrote.
+            let (parts, _) = response.into_parts();
+            return hyper::Response::from_parts(parts, empty());
+        }
+        response
+    }
+}
+
+trait RetainPrefixFree {
+    fn retain_prefix_free(&mut self, prefix: &str);
+}
+
+impl RetainPrefixFree for http::HeaderMap {
+    /// Removes every header whose name starts with `prefix`, so a caller
+    /// cannot forge the headers the gateway sets.
+    fn retain_prefix_free(&mut self, prefix: &str) {
+        let doomed: Vec<http::HeaderName> = self
+            .keys()
+            .filter(|k| k.as_str().starts_with(prefix))
+            .cloned()
+            .collect();
+        for name in doomed {
+            self.remove(name);
+        }
+    }
+}
+
+fn too_large(limit: u64, id: &str) -> hyper::Response<Body> {
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the request body exceeds this function's limit of {limit} bytes (limits.max_body in nimbus.toml)"),
+        Some(id),
+    )
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> hyper::Response<Body> {
+    let bytes = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = hyper::Response::new(full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The JSON error answer used by the gateway and the admin API.
+pub fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    invocation_id: Option<&str>,
+) -> hyper::Response<Body> {
+    json_response(
+        status,
+        &ErrorResponse {
+            error: ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+                invocation_id: invocation_id.map(str::to_owned),
+            },
+        },
+    )
+}
+
+/// Counts request body bytes and fails the stream past the limit.
+struct LimitedBody {
+    inner: RequestBody,
+    remaining: u64,
+    limit: u64,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpBody for LimitedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(this.limit)))));
+                    }
+                    this.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that holds its invocation's admission slot until the
+/// body has been sent, so streaming responses count against concurrency.
+struct PermitBody {
+    inner: nimbus_engine::ResponseBody,
+    _permit: Permit,
+}
+
+impl HttpBody for PermitBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,408 @@
+//! The admin API: JSON over HTTP behind a bearer token. Described in
+//! `docs/openapi.yaml`.
+
+use crate::state::{ChangeError, NodeState};
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use nimbus_api::{
+    ComponentInfo, DeployRequest, EngineCounters, FunctionDetail, FunctionSummary, InvokeRequest,
+    InvokeResponse, NodeStatus, RollbackRequest, VersionInfo,
+};
+use nimbus_engine::{ComponentDigest, EngineError};
+use nimbus_gateway::{Body, RouteInfo, json_error, json_response};
+use nimbus_manifest::FunctionName;
+use nimbus_store::{FunctionRecord, StoreError};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest JSON body the admin API reads.
+const MAX_JSON_BYTES: usize = 16 << 20;
+/// Largest component the admin API accepts.
+pub const MAX_COMPONENT_BYTES: usize = 512 << 20;
+/// Largest response body `invoke` returns through the admin API.
+const MAX_INVOKE_RESPONSE_BYTES: usize = 16 << 20;
+
+type Response = hyper::Response<Body>;
+
+/// An admin API failure, as status + code + message.
+struct ApiError(StatusCode, &'static str, String);
+
+impl ApiError {
+    fn bad_request(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, "bad_request", msg.into())
+    }
+    fn not_found(msg: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, "not_found", msg.into())
+    }
+    fn into_response(self) -> Response {
+        json_error(self.0, self.1, self.2, None)
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ChangeError::Plan(crate::deploy::PlanError::BadDigest(_)) => Self(StatusCode::BAD_REQUEST, "bad_digest", msg),
+            ChangeError::Plan(_) => Self(StatusCode::CONFLICT, "conflict", msg),
+            ChangeError::NoSuchFunction(_) => Self::not_found(msg),
+            ChangeError::MissingComponent(_) => Self(StatusCode::BAD_REQUEST, "missing_component", msg),
+            ChangeError::NothingToRollBack { .. } => Self(StatusCode::CONFLICT, "no_earlier_version", msg),
+            ChangeError::Store(StoreError::NoSuchVersion { .. }) => Self::not_found(msg),
+            ChangeError::Store(StoreError::NoSuchFunction(_)) => Self::not_found(msg),
+            ChangeError::Engine { source: EngineError::Component(_), .. } => {
+                Self(StatusCode::BAD_REQUEST, "invalid_component", msg)
+            }
+            other => {
+                tracing::error!(error = %other, "admin request failed");
+                Self(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ChangeError::Store(e).into()
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn authorized(state: &NodeState, req: &hyper::Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.trim().as_bytes(), state.token.as_bytes()))
+}
+
+/// Serves one admin request.
+pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Response {
+    let path = req.uri().path().to_owned();
+    if path == "/healthz" {
+        return json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
+    }
+    if !authorized(&state, &req) {
+        let mut resp = json_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token: send `Authorization: Bearer <token>` with the token from the node's data directory (admin-token)",
+            None,
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    let result = match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => Ok(status(&state)),
+        (&Method::GET, ["v1", "functions"]) => list(&state),
+        (&Method::GET, ["v1", "functions", name]) => detail(&state, name),
+        (&Method::DELETE, ["v1", "functions", name]) => remove(&state, name).await,
+        (&Method::POST, ["v1", "functions", name, "rollback"]) => rollback(&state, name, req).await,
+        (&Method::POST, ["v1", "functions", name, "invoke"]) => invoke(&state, name, req).await,
+        (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => has_component(&state, digest),
+        (&Method::PUT, ["v1", "components", digest]) => upload(&state, digest, req).await,
+        (&Method::POST, ["v1", "deploy"]) => deploy(&state, req).await,
+        (_, ["v1", ..]) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {method} {path}; see docs/openapi.yaml"),
+        )),
+        _ => Err(ApiError::not_found(format!("no admin endpoint {method} {path}"))),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+async fn read_json<T: DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = read_body(req, MAX_JSON_BYTES).await?;
+    if bytes.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| ApiError::bad_request(format!("the request needs a JSON body: {e}")));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+async fn read_body(req: hyper::Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds the admin API's limit of {limit} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("reading the request body failed: {e}"))),
+    }
+}
+
+fn function_name(name: &str) -> Result<FunctionName, ApiError> {
+    name.parse::<FunctionName>()
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn summary(state: &NodeState, r: &FunctionRecord) -> FunctionSummary {
+    let table = state.gateway.table();
+    let serving = table.function(r.name.as_str());
+    let failed = state.failed();
+    FunctionSummary {
+        name: r.name.clone(),
+        app: r.app.clone(),
+        version: r.active.version,
+        digest: r.active.digest.clone(),
+        routes: r.active.config.routes.iter().map(ToString::to_string).collect(),
+        config: r.active.config.clone(),
+        updated_at: r.updated_at,
+        in_flight: serving.map_or(0, |d| d.admission.in_flight()),
+        ready: serving.is_some(),
+        error: failed.get(&r.name).cloned(),
+    }
+}
+
+fn status(state: &NodeState) -> Response {
+    let table = state.gateway.table();
+    let stats = state.engine.stats();
+    let failed = state.failed();
+    json_response(
+        StatusCode::OK,
+        &NodeStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_secs: state.started.elapsed().as_secs(),
+            gateway_url: state.info.gateway_url.clone(),
+            admin_url: state.info.admin_url.clone(),
+            data_dir: state.data_dir.display().to_string(),
+            functions: table.functions().count() as u64,
+            functions_failed: failed.len() as u64,
+            in_flight: table.functions().map(|d| d.admission.in_flight()).sum(),
+            invocations: state.gateway.invocations(),
+            engine: EngineCounters {
+                compiled: stats.compiled,
+                loaded_from_cache: stats.loaded_from_cache,
+            },
+            engine_fingerprint: state.engine.fingerprint().to_owned(),
+        },
+    )
+}
+
+fn list(state: &NodeState) -> Result<Response, ApiError> {
+    let records = state.registry.functions()?;
+    let list: Vec<FunctionSummary> = records.iter().map(|r| summary(state, r)).collect();
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+fn detail(state: &NodeState, name: &str) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let record = state
+        .registry
+        .function(&name)?
+        .ok_or_else(|| ApiError::not_found(format!("function `{name}` does not exist")))?;
+    let versions = state
+        .registry
+        .versions(&name)?
+        .into_iter()
+        .map(|v| VersionInfo {
+            active: v.version == record.active.version,
+            version: v.version,
+            digest: v.digest,
+            created_at: v.created_at,
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &FunctionDetail {
+            summary: summary(state, &record),
+            versions,
+        },
+    ))
+}
+
+async fn remove(state: &NodeState, name: &str) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    state.remove(&name).await?;
+    Ok(json_response(StatusCode::OK, &serde_json::json!({ "removed": name })))
+}
+
+async fn rollback(state: &NodeState, name: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let body: RollbackRequest = read_json(req).await?;
+    let record = state.rollback(&name, body.to).await?;
+    Ok(json_response(StatusCode::OK, &summary(state, &record)))
+}
+
+async fn invoke(state: &NodeState, name: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let body: InvokeRequest = read_json(req).await?;
+    let table = state.gateway.table();
+    let deployed = table
+        .function(name.as_str())
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("function `{name}` is not deployed")))?;
+    drop(table);
+    let method = body.method.as_deref().unwrap_or(if body.body.is_some() { "POST" } else { "GET" });
+    let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| ApiError::bad_request(format!("invalid method `{method}`")))?;
+    let path = body.path.as_deref().unwrap_or("/");
+    if !path.starts_with('/') {
+        return Err(ApiError::bad_request(format!("path `{path}` must start with `/`")));
+    }
+    let mut builder = hyper::Request::builder().method(method).uri(path);
+    let mut has_host = false;
+    for (k, v) in &body.headers {
+        has_host |= k.eq_ignore_ascii_case("host");
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    if !has_host {
+        builder = builder.header(header::HOST, "localhost");
+    }
+    let payload = Bytes::from(body.body.unwrap_or_default());
+    let request = builder
+        .header(header::CONTENT_LENGTH, payload.len())
+        .body(
+            http_body_util::Full::new(payload)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;
+    let started = Instant::now();
+    let response = state.gateway.invoke(&deployed, request, RouteInfo::default()).await;
+    let (parts, body) = response.into_parts();
+    let bytes = Limited::new(body, MAX_INVOKE_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, "response_failed", format!("reading the function's response failed: {e}")))?
+        .to_bytes();
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let invocation_id = parts
+        .headers
+        .get(nimbus_api::INVOCATION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (text, binary) = match std::str::from_utf8(&bytes) {
+        Ok(t) => (t.to_owned(), false),
+        Err(_) => (String::from_utf8_lossy(&bytes).into_owned(), true),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &InvokeResponse {
+            invocation_id,
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect(),
+            body: text,
+            binary,
+            duration_ms,
+        },
+    ))
+}
+
+fn parse_digest(digest: &str) -> Result<ComponentDigest, ApiError> {
+    ComponentDigest::parse(digest).ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_digest",
+            format!("`{digest}` is not a component digest: expected 64 lowercase hex digits (sha256)"),
+        )
+    })
+}
+
+fn has_component(state: &NodeState, digest: &str) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    if state.engine.has_component(&digest) {
+        Ok(json_response(StatusCode::OK, &serde_json::json!({ "digest": digest.as_str() })))
+    } else {
+        Err(ApiError::not_found(format!("component {digest} was not uploaded")))
+    }
+}
+
+async fn upload(state: &NodeState, digest: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    let bytes = read_body(req, MAX_COMPONENT_BYTES).await?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != digest.as_str() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "digest_mismatch",
+            format!("the uploaded bytes have sha256 {actual}, not {digest}: upload the file whose digest is in the URL"),
+        ));
+    }
+    let size = bytes.len() as u64;
+    let _permit = state
+        .compiles
+        .acquire()
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()))?;
+    let engine = state.engine.clone();
+    let compiled = tokio::task::spawn_blocking(move || engine.compile(&bytes))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match compiled {
+        Ok(d) => Ok(json_response(
+            StatusCode::CREATED,
+            &ComponentInfo {
+                digest: d.to_string(),
+                size,
+            },
+        )),
+        Err(EngineError::Component(e)) => Err(ApiError(StatusCode::BAD_REQUEST, "invalid_component", e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "storing a component failed");
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        }
+    }
+}
+
+async fn deploy(state: &NodeState, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+    let request: DeployRequest = read_json(req).await?;
+    let response = state.deploy(request).await?;
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Deciding what a deploy changes: a pure function of the registry's
+//! current state and the desired state of one app, so it is tested without
+//! a node.
+
+use nimbus_api::{Change, DeployRequest};
+use nimbus_manifest::{FunctionConfig, FunctionName, Route};
+use nimbus_store::FunctionRecord;
+
+/// Why a deploy was refused before anything changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("function `{name}` belongs to app `{owner}`; rename it or remove it from `{owner}` first")]
+    NameTaken { name: String, owner: String },
+    #[error("route `{route}` of function `{name}` conflicts with route `{other_route}` of function `{other}`: a request could match both; change one path or give them different methods")]
+    RouteConflict {
+        name: String,
+        route: String,
+        other: String,
+        other_route: String,
+    },
+    #[error("`{0}` is not a component digest: expected 64 lowercase hex digits (sha256)")]
+    BadDigest(String),
+}
+
+/// One function's part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: FunctionName,
+    pub change: Change,
+    pub digest: String,
+    pub config: FunctionConfig,
+}
+
+/// Decides, per function, whether a deploy creates, updates, keeps or
+/// removes it, and refuses it when it would break another app.
+pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<Step>, PlanError> {
+    let mut steps = Vec::new();
+    for (name, f) in &request.functions {
+        if nimbus_engine::ComponentDigest::parse(&f.component).is_none() {
+            return Err(PlanError::BadDigest(f.component.clone()));
+        }
+        let existing = current.iter().find(|r| &r.name == name);
+        if let Some(r) = existing {
+            if r.app != request.app {
+                return Err(PlanError::NameTaken {
+                    name: name.to_string(),
+                    owner: r.app.to_string(),
+                });
+            }
+        }
+        let change = match existing {
+            None => Change::Created,
+            Some(r) if r.active.digest == f.component && r.active.config == f.config => {
+                Change::Unchanged
+            }
+            Some(_) => Change::Updated,
+        };
+        steps.push(Step {
+            name: name.clone(),
+            change,
+            digest: f.component.clone(),
+            config: f.config.clone(),
+        });
+    }
+    // Routes must not conflict with other apps' functions, nor among
+    // themselves.
+    let others = current
+        .iter()
+        .filter(|r| r.app != request.app)
+        .flat_map(|r| r.active.config.routes.iter().map(move |route| (&r.name, route)));
+    let mut seen: Vec<(&FunctionName, &Route)> = others.collect();
+    for step in &steps {
+        for route in &step.config.routes {
+            if let Some((other, other_route)) = seen.iter().find(|(_, r)| r.conflicts_with(route)) {
+                return Err(PlanError::RouteConflict {
+                    name: step.name.to_string(),
+                    route: route.to_string(),
+                    other: other.to_string(),
+                    other_route: other_route.to_string(),
+                });
+            }
+            seen.push((&step.name, route));
+        }
+    }
+    for r in current.iter().filter(|r| r.app == request.app) {
+        if !request.functions.contains_key(&r.name) {
+            steps.push(Step {
+                name: r.name.clone(),
+                change: Change::Removed,
+                digest: r.active.digest.clone(),
+                config: r.active.config.clone(),
+            });
+        }
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimbus_api::DeployFunction;
+    use nimbus_store::FunctionVersion;
+
+    const D1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn config(route: &str) -> FunctionConfig {
+        FunctionConfig {
+            routes: vec![Route {
+                path: route.parse().unwrap(),
+                methods: vec![],
+            }],
+            env: Default::default(),
+            limits: Default::default(),
+            allowed_outbound_hosts: vec![],
+        }
+    }
+
+    fn record(app: &str, name: &str, digest: &str, route: &str) -> FunctionRecord {
+        FunctionRecord {
+            name: name.parse().unwrap(),
+            app: app.parse().unwrap(),
+            active: FunctionVersion {
+                version: 1,
+                digest: digest.into(),
+                config: config(route),
+                created_at: 0,
+            },
+            updated_at: 0,
+        }
+    }
+
+    fn request(app: &str, fns: &[(&str, &str, &str)]) -> DeployRequest {
+        DeployRequest {
+            app: app.parse().unwrap(),
+            functions: fns
+                .iter()
+                .map(|(n, d, r)| {
+                    (
+                        n.parse().unwrap(),
+                        DeployFunction {
+                            component: d.to_string(),
+                            config: config(r),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn changes(steps: &[Step]) -> Vec<(String, Change)> {
+        steps.iter().map(|s| (s.name.to_string(), s.change)).collect()
+    }
+
+    #[test]
+    fn unchanged_functions_stay_and_missing_ones_go() {
+        let current = [record("a", "f", D1, "/f"), record("a", "g", D1, "/g"), record("a", "h", D1, "/h")];
+        let steps = plan(&current, &request("a", &[("f", D1, "/f"), ("g", D2, "/g"), ("new", D1, "/n")])).unwrap();
+        assert_eq!(
+            changes(&steps),
+            vec![
+                ("f".into(), Change::Unchanged),
+                ("g".into(), Change::Updated),
+                ("new".into(), Change::Created),
+                ("h".into(), Change::Removed),
+            ]
+        );
+    }
+
+    #[test]
+    fn other_apps_are_protected() {
+        let current = [record("a", "f", D1, "/f")];
+        assert!(matches!(
+            plan(&current, &request("b", &[("f", D1, "/x")])),
+            Err(PlanError::NameTaken { .. })
+        ));
+        assert!(matches!(
+            plan(&current, &request("b", &[("g", D1, "/f")])),
+            Err(PlanError::RouteConflict { .. })
+        ));
+        assert!(matches!(
+            plan(&current, &request("b", &[("g", "nope", "/g")])),
+            Err(PlanError::BadDigest(_))
+        ));
+        // The app's own old routes do not conflict with its new ones.
+        assert!(plan(&current, &request("a", &[("f2", D1, "/f")])).is_ok());
+    }
+}

@@ -1,0 +1,200 @@
+//! `nimbus-node` is the composition root of a Nimbus node and the home of
+//! its admin API.
+//!
+//! Start-up follows config → validate → build → spawn: [`NodeConfig`] is
+//! checked and the data directory, registry and engine are opened, every
+//! deployed function is loaded from its compiled artifact, and only then are
+//! the gateway and admin listeners bound and served. Deploys, rollbacks and
+//! removals go through [`state::NodeState`], which records them in the
+//! registry and swaps the gateway's route table atomically.
+
+mod admin;
+mod deploy;
+pub mod state;
+
+use anyhow::Context as _;
+use nimbus_api::{NODE_FILE, NodeInfo, TOKEN_FILE};
+use nimbus_engine::Engine;
+use nimbus_gateway::Gateway;
+use nimbus_store::SqliteRegistry;
+use state::NodeState;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Gateway address (functions).
+    pub listen: SocketAddr,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// Directory of the SQLite database, artifacts and token.
+    pub data_dir: PathBuf,
+}
+
+/// A node whose listeners are bound.
+pub struct RunningNode {
+    pub gateway_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    state: Arc<NodeState>,
+}
+
+impl RunningNode {
+    /// Asks the node to stop: listeners close, in-flight requests drain.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until both servers have drained and stopped.
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(self.state.data_dir.join(NODE_FILE));
+        tracing::info!("node stopped");
+    }
+}
+
+/// Opens state, loads functions, binds and serves.
+pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!("cannot create the data directory {}", config.data_dir.display())
+    })?;
+    let data_dir = config
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
+    let token = load_or_create_token(&data_dir)?;
+    let registry = SqliteRegistry::open(&data_dir.join("state.db"))
+        .with_context(|| format!("cannot open {}", data_dir.join("state.db").display()))?;
+    let engine = Engine::new(&data_dir.join("artifacts")).context("cannot start the engine")?;
+    let gateway = Arc::new(Gateway::new());
+
+    let gateway_listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!("cannot listen on {} (is another node running? use --listen to pick another address)", config.listen)
+    })?;
+    let admin_listener = TcpListener::bind(config.admin_listen).await.with_context(|| {
+        format!("cannot listen on {} (use --admin-listen to pick another address)", config.admin_listen)
+    })?;
+    let gateway_addr = gateway_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let info = NodeInfo {
+        gateway_url: format!("http://{gateway_addr}"),
+        admin_url: format!("http://{admin_addr}"),
+        pid: std::process::id(),
+    };
+
+    let state = Arc::new(NodeState::new(
+        Arc::new(engine),
+        Arc::new(registry),
+        gateway.clone(),
+        token,
+        info.clone(),
+        data_dir.clone(),
+    ));
+    state.load_all().await?;
+
+    write_node_file(&data_dir, &info)?;
+
+    let (shutdown, rx) = watch::channel(false);
+    let drain = state.drain_timeout();
+    let gw = gateway.clone();
+    let gateway_task = tokio::spawn(nimbus_gateway::server::serve(
+        gateway_listener,
+        move |req| {
+            let gw = gw.clone();
+            async move { gw.handle(req).await }
+        },
+        rx.clone(),
+        drain,
+    ));
+    let admin_state = state.clone();
+    let admin_task = tokio::spawn(nimbus_gateway::server::serve(
+        admin_listener,
+        move |req| {
+            let state = admin_state.clone();
+            async move { admin::handle(state, req).await }
+        },
+        rx,
+        drain,
+    ));
+    tracing::info!(
+        gateway = %info.gateway_url,
+        admin = %info.admin_url,
+        data_dir = %data_dir.display(),
+        functions = state.gateway.table().functions().count(),
+        "node started"
+    );
+    Ok(RunningNode {
+        gateway_addr,
+        admin_addr,
+        shutdown,
+        tasks: vec![gateway_task, admin_task],
+        state,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn write_node_file(data_dir: &Path, info: &NodeInfo) -> anyhow::Result<()> {
+    let path = data_dir.join(NODE_FILE);
+    let tmp = data_dir.join(format!(".{NODE_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(info)?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads the admin token, creating it (mode 0600) on first start.
+fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("cannot read random bytes for the admin token")?;
+    let token = format!("nmb_{}", hex::encode(bytes));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    tracing::info!(path = %path.display(), "created the admin token");
+    Ok(token)
+}
+
+/// Longest a drain waits beyond the longest function timeout.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);

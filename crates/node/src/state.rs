@@ -1,0 +1,374 @@
+//! The node's live state: registry, engine and the gateway's route table,
+//! kept consistent by serialising every change behind one lock.
+
+use crate::deploy::{self, PlanError, Step};
+use nimbus_api::{Change, DeployRequest, DeployResponse, DeployedFunction, NodeInfo};
+use nimbus_engine::{
+    ComponentDigest, Engine, EngineError, FunctionLimits, FunctionSpec, OutboundPolicy,
+};
+use nimbus_gateway::admission::Admission;
+use nimbus_gateway::{Deployed, Gateway, RouteTable};
+use nimbus_manifest::{FunctionConfig, FunctionName};
+use nimbus_store::{FunctionRecord, Registry, StoreError, Upsert};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a change to the node's functions failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("function `{0}` does not exist")]
+    NoSuchFunction(String),
+    #[error("component {0} was not uploaded: PUT it to /v1/components/{0} first")]
+    MissingComponent(String),
+    #[error("function `{name}` has no version before v{active} to roll back to")]
+    NothingToRollBack { name: String, active: u64 },
+    #[error("function `{name}` v{version}: {source}")]
+    Engine {
+        name: String,
+        version: u64,
+        #[source]
+        source: EngineError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Everything a node holds.
+pub struct NodeState {
+    pub engine: Arc<Engine>,
+    pub registry: Arc<dyn Registry>,
+    pub gateway: Arc<Gateway>,
+    pub token: String,
+    pub info: NodeInfo,
+    pub data_dir: PathBuf,
+    pub started: Instant,
+    /// Functions the node could not load, with the reason.
+    failed: Mutex<BTreeMap<FunctionName, String>>,
+    /// Serialises deploys, rollbacks and removals.
+    changes: tokio::sync::Mutex<()>,
+    /// Concurrent compiles of uploaded components.
+    pub compiles: tokio::sync::Semaphore,
+}
+
+/// Compiles that may run at once (each uses all cores while it lasts).
+const MAX_CONCURRENT_COMPILES: usize = 2;
+
+fn spec_of(name: &FunctionName, version: u64, digest: &ComponentDigest, config: &FunctionConfig) -> FunctionSpec {
+    FunctionSpec {
+        name: name.to_string(),
+        version,
+        digest: digest.clone(),
+        env: config
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+            .collect(),
+        limits: FunctionLimits {
+            memory_bytes: config.limits.memory.get() << 20,
+            timeout: config.limits.timeout.get(),
+        },
+        outbound: OutboundPolicy::new(config.allowed_outbound_hosts.clone()),
+    }
+}
+
+impl NodeState {
+    pub fn new(
+        engine: Arc<Engine>,
+        registry: Arc<dyn Registry>,
+        gateway: Arc<Gateway>,
+        token: String,
+        info: NodeInfo,
+        data_dir: PathBuf,
+    ) -> Self {
+        Self {
+            engine,
+            registry,
+            gateway,
+            token,
+            info,
+            data_dir,
+            started: Instant::now(),
+            failed: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            compiles: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMPILES),
+        }
+    }
+
+    /// Functions that failed to load, with the reason.
+    pub fn failed(&self) -> BTreeMap<FunctionName, String> {
+        self.failed.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Longest drain needed: the longest function timeout plus a grace.
+    pub fn drain_timeout(&self) -> Duration {
+        self.gateway
+            .table()
+            .functions()
+            .map(|f| f.runtime.spec().limits.timeout)
+            .max()
+            .unwrap_or(Duration::ZERO)
+            + crate::DRAIN_GRACE
+    }
+
+    /// Builds a servable version off the async executor.
+    async fn prepare(
+        &self,
+        name: &FunctionName,
+        version: u64,
+        digest: &str,
+        config: &FunctionConfig,
+        admission: Option<Arc<Admission>>,
+    ) -> Result<Arc<Deployed>, ChangeError> {
+        let digest = ComponentDigest::parse(digest)
+            .ok_or_else(|| ChangeError::Plan(PlanError::BadDigest(digest.to_owned())))?;
+        if !self.engine.has_component(&digest) {
+            // A stored component can still be recompiled (engine upgrade);
+            // only a digest never uploaded is refused here.
+            let stored = self.data_dir.join("artifacts/components").join(format!("{digest}.wasm"));
+            if !stored.exists() {
+                return Err(ChangeError::MissingComponent(digest.to_string()));
+            }
+        }
+        let spec = spec_of(name, version, &digest, config);
+        let engine = self.engine.clone();
+        let runtime = tokio::task::spawn_blocking(move || engine.prepare(spec))
+            .await
+            .map_err(|e| ChangeError::Internal(e.to_string()))?
+            .map_err(|source| ChangeError::Engine {
+                name: name.to_string(),
+                version,
+                source,
+            })?;
+        let limit = config.limits.max_concurrency.get();
+        let admission = admission
+            .filter(|a| a.limit() == limit)
+            .unwrap_or_else(|| Arc::new(Admission::new(limit)));
+        Ok(Arc::new(Deployed {
+            name: name.clone(),
+            version,
+            runtime,
+            admission,
+            max_body: config.limits.max_body.get() << 20,
+            routes: config.routes.clone(),
+        }))
+    }
+
+    /// Loads every function in the registry (at start).
+    pub async fn load_all(&self) -> Result<(), ChangeError> {
+        let records = self.registry.functions()?;
+        let mut deployed = Vec::new();
+        let mut failed = BTreeMap::new();
+        for r in &records {
+            match self
+                .prepare(&r.name, r.active.version, &r.active.digest, &r.active.config, None)
+                .await
+            {
+                Ok(d) => deployed.push(d),
+                Err(e) => {
+                    tracing::error!(function = %r.name, version = r.active.version, error = %e, "cannot load function");
+                    failed.insert(r.name.clone(), e.to_string());
+                }
+            }
+        }
+        let stats = self.engine.stats();
+        tracing::info!(
+            functions = deployed.len(),
+            failed = failed.len(),
+            compiled = stats.compiled,
+            loaded_from_cache = stats.loaded_from_cache,
+            "loaded deployed functions"
+        );
+        if let Ok(mut f) = self.failed.lock() {
+            *f = failed;
+        }
+        self.gateway.swap(RouteTable::new(deployed));
+        Ok(())
+    }
+
+    /// Builds and swaps in the table for `records`, reusing what serves
+    /// already and taking freshly prepared versions from `fresh`.
+    fn publish(&self, records: &[FunctionRecord], mut fresh: HashMap<FunctionName, Arc<Deployed>>) {
+        let table = self.gateway.table();
+        let mut serving = Vec::new();
+        for r in records {
+            if let Some(d) = fresh.remove(&r.name) {
+                serving.push(d);
+            } else if let Some(d) = table.function(r.name.as_str()) {
+                if d.version == r.active.version {
+                    serving.push(d.clone());
+                }
+            }
+        }
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.retain(|name, _| {
+                records.iter().any(|r| &r.name == name) && !serving.iter().any(|d| &d.name == name)
+            });
+        }
+        self.gateway.swap(RouteTable::new(serving));
+        let keep: Vec<ComponentDigest> = records
+            .iter()
+            .filter_map(|r| ComponentDigest::parse(&r.active.digest))
+            .collect();
+        self.engine.retain_components(&keep);
+    }
+
+    fn next_version(&self, name: &FunctionName) -> Result<u64, ChangeError> {
+        Ok(self.registry.versions(name)?.last().map_or(1, |v| v.version + 1))
+    }
+
+    /// Applies the desired state of one app.
+    pub async fn deploy(&self, request: DeployRequest) -> Result<DeployResponse, ChangeError> {
+        let _guard = self.changes.lock().await;
+        let current = self.registry.functions()?;
+        let steps = deploy::plan(&current, &request)?;
+        let table = self.gateway.table();
+
+        let mut fresh = HashMap::new();
+        let mut upserts = Vec::new();
+        for step in steps.iter().filter(|s| matches!(s.change, Change::Created | Change::Updated)) {
+            let version = self.next_version(&step.name)?;
+            let admission = table.function(step.name.as_str()).map(|d| d.admission.clone());
+            let d = self
+                .prepare(&step.name, version, &step.digest, &step.config, admission)
+                .await?;
+            fresh.insert(step.name.clone(), d);
+            upserts.push(Upsert {
+                name: step.name.clone(),
+                digest: step.digest.clone(),
+                config: step.config.clone(),
+            });
+        }
+        // A function that failed to load at start is loaded again even when
+        // its configuration did not change.
+        let failed = self.failed();
+        for step in steps.iter().filter(|s| s.change == Change::Unchanged && failed.contains_key(&s.name)) {
+            if let Some(r) = current.iter().find(|r| r.name == step.name) {
+                let d = self
+                    .prepare(&r.name, r.active.version, &r.active.digest, &r.active.config, None)
+                    .await?;
+                fresh.insert(step.name.clone(), d);
+            }
+        }
+        let removals: Vec<FunctionName> = steps
+            .iter()
+            .filter(|s| s.change == Change::Removed)
+            .map(|s| s.name.clone())
+            .collect();
+
+        let records = if upserts.is_empty() && removals.is_empty() {
+            current
+        } else {
+            self.registry.apply(&request.app, &upserts, &removals)?
+        };
+        for d in fresh.values() {
+            if let Some(r) = records.iter().find(|r| r.name == d.name) {
+                if r.active.version != d.version {
+                    return Err(ChangeError::Internal(format!(
+                        "version of `{}` changed during the deploy",
+                        d.name
+                    )));
+                }
+            }
+        }
+        self.publish(&records, fresh);
+
+        let functions = steps
+            .iter()
+            .map(|s: &Step| {
+                let version = records
+                    .iter()
+                    .find(|r| r.name == s.name)
+                    .map_or(0, |r| r.active.version);
+                DeployedFunction {
+                    name: s.name.clone(),
+                    change: s.change,
+                    version,
+                    routes: s.config.routes.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect::<Vec<_>>();
+        for f in &functions {
+            if f.change != Change::Unchanged {
+                tracing::info!(app = %request.app, function = %f.name, version = f.version, change = ?f.change, "deployed");
+            }
+        }
+        Ok(DeployResponse {
+            app: request.app,
+            functions,
+        })
+    }
+
+    /// Activates an earlier version.
+    pub async fn rollback(&self, name: &FunctionName, to: Option<u64>) -> Result<FunctionRecord, ChangeError> {
+        let _guard = self.changes.lock().await;
+        let record = self
+            .registry
+            .function(name)?
+            .ok_or_else(|| ChangeError::NoSuchFunction(name.to_string()))?;
+        let versions = self.registry.versions(name)?;
+        let active = record.active.version;
+        let target = match to {
+            Some(v) => versions
+                .iter()
+                .find(|x| x.version == v)
+                .ok_or(StoreError::NoSuchVersion {
+                    function: name.to_string(),
+                    version: v,
+                })?,
+            None => versions
+                .iter()
+                .rev()
+                .find(|x| x.version < active)
+                .ok_or_else(|| ChangeError::NothingToRollBack {
+                    name: name.to_string(),
+                    active,
+                })?,
+        };
+        let admission = self.gateway.table().function(name.as_str()).map(|d| d.admission.clone());
+        let d = self
+            .prepare(name, target.version, &target.digest, &target.config, admission)
+            .await?;
+        // Routes of the target version must still be free.
+        let others: Vec<FunctionRecord> = self
+            .registry
+            .functions()?
+            .into_iter()
+            .filter(|r| &r.name != name)
+            .collect();
+        for route in &target.config.routes {
+            for other in &others {
+                if let Some(o) = other.active.config.routes.iter().find(|o| o.conflicts_with(route)) {
+                    return Err(ChangeError::Plan(PlanError::RouteConflict {
+                        name: name.to_string(),
+                        route: route.to_string(),
+                        other: other.name.to_string(),
+                        other_route: o.to_string(),
+                    }));
+                }
+            }
+        }
+        let updated = self.registry.activate(name, target.version)?;
+        let records = self.registry.functions()?;
+        self.publish(&records, HashMap::from([(name.clone(), d)]));
+        tracing::info!(function = %name, from = active, to = target.version, "rolled back");
+        Ok(updated)
+    }
+
+    /// Removes a function.
+    pub async fn remove(&self, name: &FunctionName) -> Result<(), ChangeError> {
+        let _guard = self.changes.lock().await;
+        if !self.registry.remove(name)? {
+            return Err(ChangeError::NoSuchFunction(name.to_string()));
+        }
+        let records = self.registry.functions()?;
+        self.publish(&records, HashMap::new());
+        tracing::info!(function = %name, "removed");
+        Ok(())
+    }
+}
