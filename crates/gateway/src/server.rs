@@ -18,14 +18,11 @@ use tokio::sync::watch;
 /// Time a client has to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `listener` with `handler` until `shutdown` turns true, then stops
-/// accepting and waits up to `drain` for in-flight requests to finish.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    handler: F,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) where
+/// Serves `listener` with `handler` until `shutdown` carries a drain time,
+/// then stops accepting and waits up to that long for in-flight requests to
+/// finish.
+pub async fn serve<F, Fut>(listener: TcpListener, handler: F, mut shutdown: watch::Receiver<Option<Duration>>)
+where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -62,13 +59,14 @@ pub async fn serve<F, Fut>(
                 });
             }
             changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
+                if changed.is_err() || shutdown.borrow().is_some() {
                     break;
                 }
             }
         }
     }
     drop(listener);
+    let drain = shutdown.borrow().unwrap_or_default();
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(drain) => {

@@ -41,15 +41,16 @@ pub struct NodeConfig {
 pub struct RunningNode {
     pub gateway_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Option<Duration>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     state: Arc<NodeState>,
 }
 
 impl RunningNode {
-    /// Asks the node to stop: listeners close, in-flight requests drain.
+    /// Asks the node to stop: listeners close, in-flight requests drain for
+    /// up to the longest function timeout.
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.shutdown.send(Some(self.state.drain_timeout()));
     }
 
     /// Waits until both servers have drained and stopped.
@@ -103,8 +104,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
 
     write_node_file(&data_dir, &info)?;
 
-    let (shutdown, rx) = watch::channel(false);
-    let drain = state.drain_timeout();
+    let (shutdown, rx) = watch::channel(None);
     let gw = gateway.clone();
     let gateway_task = tokio::spawn(nimbus_gateway::server::serve(
         gateway_listener,
@@ -113,7 +113,6 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             async move { gw.handle(req).await }
         },
         rx.clone(),
-        drain,
     ));
     let admin_state = state.clone();
     let admin_task = tokio::spawn(nimbus_gateway::server::serve(
@@ -123,7 +122,6 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             async move { admin::handle(state, req).await }
         },
         rx,
-        drain,
     ));
     tracing::info!(
         gateway = %info.gateway_url,

@@ -1,0 +1,168 @@
+//! A user's path through Nimbus, against real node processes: deploy,
+//! serve, list, invoke, redeploy, roll back, remove, restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::{Method, StatusCode};
+use nimbus_api::{FunctionDetail, FunctionSummary};
+use support::*;
+
+fn examples_manifest(greeting: &str) -> String {
+    let g = guests();
+    manifest(
+        "examples",
+        &[
+            ("hello", &g.hello, &format!("routes = [\"/hello\"]\nenv = {{ GREETING = \"{greeting}\" }}")),
+            (
+                "api",
+                &g.api,
+                "routes = [{ path = \"/api/greet/:name\", methods = [\"GET\"] }, { path = \"/api/orders\", methods = [\"POST\"] }, \"/api/*\"]",
+            ),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_serve_manage_and_roll_back() {
+    let node = Node::start();
+
+    // Deploy prints the routes it now serves.
+    let out = node.deploy(&examples_manifest("Hello"));
+    assert!(out.contains("hello") && out.contains("created") && out.contains(&node.url("/hello")), "{out}");
+
+    let r = node.get("/hello").await;
+    assert_status(&r, StatusCode::OK);
+    assert_eq!(r.text(), "Hello from Nimbus!\n");
+    assert!(r.headers.contains_key("nimbus-invocation-id"));
+
+    // The second example: path parameters, query string, JSON, status codes.
+    let r = node.get("/api/greet/ada?shout=true").await;
+    assert_status(&r, StatusCode::OK);
+    assert_eq!(r.text(), r#"{"message":"HELLO, ADA!"}"#);
+    let r = request(Method::POST, &node.url("/api/orders"), r#"{"item":"tea","quantity":3}"#.into()).await;
+    assert_status(&r, StatusCode::CREATED);
+    let order: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(order["quantity"], 3);
+    assert_eq!(order["total_cents"], order["unit_price_cents"].as_u64().unwrap() * 3);
+    let r = request(Method::POST, &node.url("/api/orders"), "not json".into()).await;
+    assert_status(&r, StatusCode::BAD_REQUEST);
+    let r = request(Method::POST, &node.url("/api/orders"), r#"{"item":"tea","quantity":0}"#.into()).await;
+    assert_eq!(r.status.as_u16(), 422);
+    assert_status(&node.get("/api/nothing-here").await, StatusCode::NOT_FOUND);
+    // Method restrictions: GET-only route answers 405 with Allow... unless a
+    // wildcard route of the same function takes every method.
+    let r = request(Method::DELETE, &node.url("/hello/../nothing"), bytes::Bytes::new()).await;
+    assert_status(&r, StatusCode::NOT_FOUND);
+
+    // Unchanged manifest: a no-op.
+    let out = node.deploy(&examples_manifest("Hello"));
+    assert!(out.contains("nothing changed"), "{out}");
+    let list: Vec<FunctionSummary> = node.admin.call(Method::GET, "/v1/functions", None::<&()>).await.unwrap();
+    assert!(list.iter().all(|f| f.version == 1), "{list:?}");
+
+    // One function changed: only it is redeployed.
+    let out = node.deploy(&examples_manifest("Howdy"));
+    assert!(out.lines().any(|l| l.starts_with("hello") && l.contains("v2") && l.contains("updated")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("api") && l.contains("v1") && l.contains("unchanged")), "{out}");
+    assert_eq!(node.get("/hello").await.text(), "Howdy from Nimbus!\n");
+
+    // CLI listings, as text and as JSON.
+    let out = node.cli(&["ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("NAME") && text.contains("hello") && text.contains("v2"), "{text}");
+    let out = node.cli(&["ls", "--output", "json"]);
+    let list: Vec<FunctionSummary> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 2);
+    let out = node.cli(&["status", "--output", "json"]);
+    let status: nimbus_api::NodeStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status.functions, 2);
+    let out = node.cli(&["status", "hello", "--output", "json"]);
+    let detail: FunctionDetail = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(detail.versions.len(), 2);
+
+    // Invoke through the admin API.
+    let out = node.cli(&["invoke", "api", "--path", "/api/greet/bob"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"message":"Hello, bob!"}"#);
+    let out = node.cli(&["invoke", "api", "--path", "/api/orders", "-d", r#"{"item":"x","quantity":1}"#, "-H", "content-type: application/json", "--output", "json"]);
+    let r: nimbus_api::InvokeResponse = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r.status, 201);
+    assert!(!r.invocation_id.is_empty());
+
+    // Roll back to the previous version, then forward again by number.
+    let out = node.cli(&["rollback", "hello"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(node.get("/hello").await.text(), "Hello from Nimbus!\n");
+    let out = node.cli(&["rollback", "hello", "--to", "2"]);
+    assert!(out.status.success());
+    assert_eq!(node.get("/hello").await.text(), "Howdy from Nimbus!\n");
+    let out = node.cli(&["rollback", "hello", "--to", "9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no version 9"));
+
+    // Remove: the route stops answering, the other function stays.
+    let out = node.cli(&["rm", "hello"]);
+    assert!(out.status.success());
+    assert_status(&node.get("/hello").await, StatusCode::NOT_FOUND);
+    assert_status(&node.get("/api/greet/x").await, StatusCode::OK);
+    let out = node.cli(&["rm", "hello"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    // Removing a function from the manifest removes it on deploy.
+    let g = guests();
+    let out = node.deploy(&manifest("examples", &[("hello", &g.hello, "routes = [\"/hello\"]")]));
+    assert!(out.lines().any(|l| l.starts_with("api") && l.contains("removed")), "{out}");
+    assert_status(&node.get("/api/greet/x").await, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_kill9_serves_same_versions_without_recompiling() {
+    let node = Node::start();
+    node.deploy(&examples_manifest("Hello"));
+    node.deploy(&examples_manifest("Again"));
+    assert!(node.status().await.engine.compiled >= 2);
+
+    let node = node.restart_after_kill9();
+    assert_eq!(node.get("/hello").await.text(), "Again from Nimbus!\n");
+    assert_status(&node.get("/api/greet/x").await, StatusCode::OK);
+    let status = node.status().await;
+    assert_eq!(status.engine.compiled, 0, "a restart must not recompile: {status:?}");
+    assert!(status.engine.loaded_from_cache >= 2, "{status:?}");
+    let detail: FunctionDetail = node.admin.call(Method::GET, "/v1/functions/hello", None::<&()>).await.unwrap();
+    assert_eq!(detail.summary.version, 2);
+
+    // A half-written artifact is never served: garbage under an artifact's
+    // name is detected, and the stored component is compiled again.
+    let compiled = node.data_dir().join("artifacts/compiled");
+    let mut node = node;
+    node.kill9();
+    for entry in std::fs::read_dir(&compiled).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
+    let node = Node::start_in(dir);
+    assert_eq!(node.get("/hello").await.text(), "Again from Nimbus!\n");
+    assert!(node.status().await.engine.compiled >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let mut node = Node::start();
+    let g = guests();
+    node.deploy(&manifest("drain", &[("slow", &g.testbed, "routes = [\"/slow/*\"]")]));
+    let url = node.url("/slow/sleep?ms=1500");
+    let in_flight = tokio::spawn(async move { request(Method::GET, &url, bytes::Bytes::new()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let pid = node.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let r = in_flight.await.unwrap();
+    assert_status(&r, StatusCode::OK);
+    assert!(r.text().starts_with("slept 1500"), "{}", r.text());
+    let status = node.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "node exit: {status:?}\n{}", node.log());
+    assert!(!node.data_dir().join(nimbus_api::NODE_FILE).exists());
+}

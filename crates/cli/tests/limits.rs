@@ -1,0 +1,251 @@
+//! Limits hold per request, against a real node: timeouts, memory caps,
+//! traps, concurrency, body sizes, and streaming of large bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_functions_fail_alone() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "limits",
+        &[
+            ("spin", &g.testbed, "routes = [\"/spin/*\"]\nlimits = { timeout = \"3s\" }"),
+            ("bomb", &g.testbed, "routes = [\"/bomb/*\"]\nlimits = { memory = 32 }"),
+            ("ok", &g.testbed, "routes = [\"/ok/*\"]\nenv = { VERSION = \"fine\" }"),
+        ],
+    ));
+
+    // Two infinite loops (one per core) while another function answers.
+    let started = Instant::now();
+    let spins: Vec<_> = (0..2)
+        .map(|_| {
+            let url = node.url("/spin/spin");
+            tokio::spawn(async move { (request(Method::GET, &url, Bytes::new()).await, Instant::now()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let r = node.get("/ok/ok").await;
+        assert_status(&r, StatusCode::OK);
+        assert_eq!(r.text(), "ok fine");
+    }
+    assert!(
+        spins.iter().all(|s| !s.is_finished()),
+        "the other function must answer while the guests are still looping"
+    );
+    for spin in spins {
+        let (r, done) = spin.await.unwrap();
+        assert_status(&r, StatusCode::GATEWAY_TIMEOUT);
+        let err: nimbus_api::ErrorResponse = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(err.error.code, "timeout");
+        // The timeout (3 s) holds within a second.
+        assert!(done - started < Duration::from_secs(4), "timeout took {:?}", done - started);
+    }
+
+    // Memory bomb: growth fails at the cap, the guest aborts, 500.
+    let r = node.get("/bomb/membomb").await;
+    assert_status(&r, StatusCode::INTERNAL_SERVER_ERROR);
+    let err: nimbus_api::ErrorResponse = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err.error.code, "memory_limit", "{}", r.text());
+
+    // Stack overflow, explicit trap, no response: 500 each.
+    for (path, code) in [("/ok/stack", "trap"), ("/ok/trap", "trap"), ("/ok/noresponse", "no_response")] {
+        let r = node.get(path).await;
+        assert_status(&r, StatusCode::INTERNAL_SERVER_ERROR);
+        let err: nimbus_api::ErrorResponse = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(err.error.code, code, "{path}: {}", r.text());
+    }
+    // The node logs the reasons.
+    let log = node.log();
+    assert!(log.contains("stack overflow"), "{log}");
+    assert!(log.contains("exceeded its memory limit of 32 MiB"), "{log}");
+
+    // And keeps serving.
+    assert_eq!(node.get("/ok/ok").await.text(), "ok fine");
+    assert_eq!(node.get("/bomb/ok").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_concurrency_requests_get_429_never_hang() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "narrow",
+        &[("narrow", &g.testbed, "routes = [\"/narrow/*\"]\nlimits = { max_concurrency = 4 }")],
+    ));
+    let url = node.url("/narrow/sleep?ms=100");
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { request(Method::GET, &url, Bytes::new()).await })
+        })
+        .collect();
+    let all = tokio::time::timeout(Duration::from_secs(120), futures_join(tasks))
+        .await
+        .expect("requests hung");
+    let ok = all.iter().filter(|r| r.status == StatusCode::OK).count();
+    let throttled: Vec<_> = all.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(ok + throttled.len(), 500, "only 200 and 429 are expected");
+    assert!(ok >= 4, "{ok} succeeded");
+    assert!(!throttled.is_empty(), "nothing was throttled");
+    assert!(throttled.iter().all(|r| r.headers.get("retry-after").is_some()));
+}
+
+async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// A request body of `remaining` zero bytes, produced chunk by chunk.
+struct Zeros {
+    remaining: u64,
+    chunk: Bytes,
+}
+
+impl Body for Zeros {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64);
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Sends a streamed body (chunked, or with a declared length) and counts
+/// the response body without keeping it.
+async fn stream(url: &str, size: u64, declare_length: bool) -> (StatusCode, u64, Bytes) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut builder = hyper::Request::builder().method(Method::POST).uri(path).header("host", authority);
+    if declare_length {
+        builder = builder.header("content-length", size);
+    }
+    let body = Zeros {
+        remaining: size,
+        chunk: Bytes::from(vec![0u8; 1 << 20]),
+    };
+    let response = match sender.send_request(builder.body(body).unwrap()).await {
+        Ok(r) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut total = 0u64;
+    let mut head = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(data) = frame.data_ref() {
+            total += data.len() as u64;
+            if head.len() < 4096 {
+                head.extend_from_slice(&data[..data.len().min(4096)]);
+            }
+        }
+    }
+    (status, total, Bytes::from(head))
+}
+
+/// Posts `size` bytes over a raw socket while reading the answer, and
+/// returns the status code the node sent (the node may answer, and close,
+/// before the body is through).
+async fn raw_post(url: &str, size: usize, declare_length: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let framing = if declare_length {
+        format!("content-length: {size}")
+    } else {
+        "transfer-encoding: chunked".to_owned()
+    };
+    let head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n{framing}\r\n\r\n");
+    tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![0u8; 64 << 10];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if declare_length {
+                writer.write_all(&chunk[..n]).await?;
+            } else {
+                writer.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                writer.write_all(&chunk[..n]).await?;
+                writer.write_all(b"\r\n").await?;
+            }
+            left -= n;
+        }
+        if !declare_length {
+            writer.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.split(' ').nth(1).unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gigabyte_bodies_stream_both_ways_and_limits_answer_413() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "bodies",
+        &[
+            ("stream", &g.testbed, "routes = [\"/stream/*\"]\nlimits = { max_body = 2048, timeout = \"5m\" }"),
+            ("small", &g.testbed, "routes = [\"/small/*\"]\nlimits = { max_body = 1 }"),
+        ],
+    ));
+    const GIB: u64 = 1 << 30;
+    let before = peak_rss_kib(node.pid());
+
+    let (status, _, body) = stream(&node.url("/stream/count"), GIB, false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, GIB.to_string());
+
+    let (status, total, _) = stream(&node.url("/stream/big?mb=1024"), 0, true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(total, GIB);
+
+    let (status, total, _) = stream(&node.url("/stream/echo"), 256 << 20, true).await;
+    assert_eq!((status, total), (StatusCode::OK, 256 << 20));
+
+    let peak = peak_rss_kib(node.pid());
+    assert!(
+        peak < 512 * 1024,
+        "node peak RSS {peak} KiB (before: {before} KiB): bodies must stream, not sit in memory"
+    );
+
+    // Over the limit: declared → 413 before the function runs; chunked →
+    // 413 once the limit is crossed. The node answers before the client has
+    // sent everything.
+    assert_eq!(raw_post(&node.url("/small/count"), 2 << 20, true).await, "413");
+    assert_eq!(raw_post(&node.url("/small/count"), 2 << 20, false).await, "413");
+    let (status, _, body) = stream(&node.url("/small/count"), 1 << 20, false).await;
+    assert_eq!((status, body), (StatusCode::OK, Bytes::from((1u64 << 20).to_string())));
+}

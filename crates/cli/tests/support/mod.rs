@@ -1,0 +1,229 @@
+//! Test support: builds the guest components once, starts real node
+//! processes on ephemeral ports, and talks to them over sockets.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use nimbus_api::{NODE_FILE, NodeInfo};
+use nimbus_cli::client::{self, Admin, Reply};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Builds a guest workspace for wasm32-wasip2 (cargo caches between runs).
+fn build_guests(dir: &Path) {
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "building the guests in {} failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Paths of the built guest components.
+pub struct Guests {
+    pub testbed: PathBuf,
+    pub command: PathBuf,
+    pub foreign_import: PathBuf,
+    pub hello: PathBuf,
+    pub api: PathBuf,
+}
+
+pub fn guests() -> &'static Guests {
+    static GUESTS: OnceLock<Guests> = OnceLock::new();
+    GUESTS.get_or_init(|| {
+        let root = repo_root();
+        build_guests(&root.join("tests/fixtures"));
+        build_guests(&root.join("examples"));
+        let f = root.join("tests/fixtures/target/wasm32-wasip2/release");
+        let e = root.join("examples/target/wasm32-wasip2/release");
+        Guests {
+            testbed: f.join("testbed.wasm"),
+            command: f.join("command.wasm"),
+            foreign_import: f.join("foreign_import.wasm"),
+            hello: e.join("hello.wasm"),
+            api: e.join("api.wasm"),
+        }
+    })
+}
+
+/// A node process.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub gateway: String,
+    pub admin: Admin,
+}
+
+impl Node {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts a node in a fresh temporary directory.
+    pub fn start() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir)
+    }
+
+    /// Starts a node whose data directory is `dir/data`.
+    pub fn start_in(dir: tempfile::TempDir) -> Node {
+        let data = dir.path().join("data");
+        let _ = std::fs::remove_file(data.join(NODE_FILE));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("node.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("NIMBUS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let info: NodeInfo = loop {
+            if let Ok(text) = std::fs::read_to_string(data.join(NODE_FILE)) {
+                if let Ok(info) = serde_json::from_str::<NodeInfo>(&text) {
+                    if info.pid == pid {
+                        break info;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "node did not start:\n{}", std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let admin = Admin::discover(Some(info.admin_url), None, &data).unwrap();
+        Node {
+            dir,
+            child: Some(child),
+            gateway: info.gateway_url,
+            admin,
+        }
+    }
+
+    /// Kills the node with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Kills the node and starts a new one on the same data directory.
+    pub fn restart_after_kill9(mut self) -> Node {
+        self.kill9();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Node::start_in(dir)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Writes `manifest` into the node's directory and deploys it with the
+    /// `nimbus` CLI, as a user would.
+    pub fn deploy_cli(&self, manifest: &str) -> std::process::Output {
+        let path = self.dir.path().join("nimbus.toml");
+        std::fs::write(&path, manifest).unwrap();
+        self.cli(&["deploy", path.to_str().unwrap()])
+    }
+
+    /// Runs the `nimbus` CLI against this node (found through its data dir).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(args)
+            .env("NIMBUS_DATA_DIR", self.data_dir())
+            .env_remove("NIMBUS_URL")
+            .env_remove("NIMBUS_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// Deploys `manifest`, panicking with the CLI's output if it fails.
+    pub fn deploy(&self, manifest: &str) -> String {
+        let out = self.deploy_cli(manifest);
+        assert!(
+            out.status.success(),
+            "deploy failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway)
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        request(Method::GET, &self.url(path), Bytes::new()).await
+    }
+
+    pub async fn status(&self) -> nimbus_api::NodeStatus {
+        self.admin.call(Method::GET, "/v1/status", None::<&()>).await.unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One request over a fresh connection, with a generous timeout.
+pub async fn request(method: Method, url: &str, body: Bytes) -> Reply {
+    client::send(method, url, &[], body, Duration::from_secs(60)).await.unwrap()
+}
+
+/// A manifest of one app, with `functions` given as TOML tables.
+pub fn manifest(app: &str, functions: &[(&str, &Path, &str)]) -> String {
+    let mut text = format!("[app]\nname = \"{app}\"\n");
+    for (name, component, rest) in functions {
+        text.push_str(&format!(
+            "\n[functions.{name}]\ncomponent = \"{}\"\n{rest}\n",
+            component.display()
+        ));
+    }
+    text
+}
+
+pub fn assert_status(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status, "unexpected answer: {}", reply.text());
+}
+
+/// Peak resident memory of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
