@@ -57,7 +57,11 @@ pub async fn send(
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
     let (authority, path) = split_url(url)?;
-    let path = if path.is_empty() { "/".to_owned() } else { path };
+    let path = if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path
+    };
     let work = async {
         let stream = tokio::net::TcpStream::connect(&authority)
             .await
@@ -80,9 +84,16 @@ pub async fn send(
             .header(header::CONTENT_LENGTH, body.len())
             .body(Full::new(body))
             .context("invalid request")?;
-        let response = sender.send_request(request).await.context("request failed")?;
+        let response = sender
+            .send_request(request)
+            .await
+            .context("request failed")?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.context("reading the response failed")?.to_bytes();
+        let body = body
+            .collect()
+            .await
+            .context("reading the response failed")?
+            .to_bytes();
         Ok::<_, anyhow::Error>(Reply {
             status: parts.status,
             headers: parts.headers,
@@ -106,7 +117,11 @@ impl Admin {
     /// Finds the admin API: `url`/`token` when given (flags or
     /// `NIMBUS_URL`/`NIMBUS_TOKEN`), else the local node described in
     /// `data_dir`.
-    pub fn discover(url: Option<String>, token: Option<String>, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn discover(
+        url: Option<String>,
+        token: Option<String>,
+        data_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let url = match url {
             Some(url) => url,
             None => {
@@ -128,7 +143,10 @@ impl Admin {
                 let path = data_dir.join(TOKEN_FILE);
                 std::fs::read_to_string(&path)
                     .with_context(|| {
-                        format!("cannot read the admin token {}: set NIMBUS_TOKEN or pass --data-dir", path.display())
+                        format!(
+                            "cannot read the admin token {}: set NIMBUS_TOKEN or pass --data-dir",
+                            path.display()
+                        )
                     })?
                     .trim()
                     .to_owned()
@@ -142,7 +160,13 @@ impl Admin {
     }
 
     /// Sends a request with the token; returns the raw reply.
-    pub async fn raw(&self, method: Method, path: &str, content_type: &str, body: Bytes) -> anyhow::Result<Reply> {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Reply> {
         let auth = format!("Bearer {}", self.token);
         send(
             method,
@@ -180,5 +204,6 @@ pub fn decode<T: DeserializeOwned>(reply: Reply) -> anyhow::Result<T> {
         }
         bail!("the node answered {}: {}", reply.status, reply.text());
     }
-    serde_json::from_slice(&reply.body).with_context(|| format!("unexpected answer from the node: {}", reply.text()))
+    serde_json::from_slice(&reply.body)
+        .with_context(|| format!("unexpected answer from the node: {}", reply.text()))
 }

@@ -18,15 +18,27 @@ pub fn build(manifest: &Manifest) -> anyhow::Result<()> {
         if done.contains(&step) {
             continue;
         }
-        eprintln!("building {name}: {} (in {})", step.command, step.workdir.display());
+        eprintln!(
+            "building {name}: {} (in {})",
+            step.command,
+            step.workdir.display()
+        );
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&step.command)
             .current_dir(&step.workdir)
             .status()
-            .with_context(|| format!("cannot run the build command of `{name}` in {}", step.workdir.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot run the build command of `{name}` in {}",
+                    step.workdir.display()
+                )
+            })?;
         if !status.success() {
-            bail!("the build command of `{name}` failed ({status}): {}", step.command);
+            bail!(
+                "the build command of `{name}` failed ({status}): {}",
+                step.command
+            );
         }
         done.push(step);
     }
@@ -66,14 +78,29 @@ pub async fn upload(admin: &Admin, function: &str, path: &Path) -> anyhow::Resul
     })?;
     let digest = hex::encode(Sha256::digest(&bytes));
     let probe = admin
-        .raw(Method::HEAD, &format!("/v1/components/{digest}"), "application/json", Bytes::new())
+        .raw(
+            Method::HEAD,
+            &format!("/v1/components/{digest}"),
+            "application/json",
+            Bytes::new(),
+        )
         .await?;
     if probe.status == StatusCode::OK {
         return Ok(digest);
     }
     let reply = admin
-        .raw(Method::PUT, &format!("/v1/components/{digest}"), "application/wasm", Bytes::from(bytes))
+        .raw(
+            Method::PUT,
+            &format!("/v1/components/{digest}"),
+            "application/wasm",
+            Bytes::from(bytes),
+        )
         .await?;
-    let info: ComponentInfo = decode(reply).with_context(|| format!("the component of `{function}` ({}) was refused", path.display()))?;
+    let info: ComponentInfo = decode(reply).with_context(|| {
+        format!(
+            "the component of `{function}` ({}) was refused",
+            path.display()
+        )
+    })?;
     Ok(info.digest)
 }

@@ -15,10 +15,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "nimbus", version, about = "Serverless WebAssembly functions on one machine")]
+#[command(
+    name = "nimbus",
+    version,
+    about = "Serverless WebAssembly functions on one machine"
+)]
 struct Cli {
     /// Data directory of the local node (state, artifacts, admin token).
-    #[arg(long, global = true, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
+    #[arg(
+        long,
+        global = true,
+        env = "NIMBUS_DATA_DIR",
+        default_value = ".nimbus"
+    )]
     data_dir: PathBuf,
     /// Admin API URL; found in the data directory when absent.
     #[arg(long, global = true, env = "NIMBUS_URL")]
@@ -101,8 +110,9 @@ enum LogFormat {
 }
 
 fn init_logging(format: Option<LogFormat>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+    });
     let json = match format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Text) => false,
@@ -110,7 +120,11 @@ fn init_logging(format: Option<LogFormat>) {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
@@ -118,7 +132,10 @@ fn init_logging(format: Option<LogFormat>) {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -166,7 +183,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     &cli.data_dir,
                 )?;
                 match nimbus_cli::deploy::deploy(&admin, &m).await {
-                    Ok(resp) => print_deploy(&resp, &format!("http://{}", node.gateway_addr), cli.output)?,
+                    Ok(resp) => {
+                        print_deploy(&resp, &format!("http://{}", node.gateway_addr), cli.output)?
+                    }
                     Err(e) => {
                         node.shutdown();
                         node.wait().await;
@@ -195,7 +214,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_deploy(&resp, &status.gateway_url, cli.output)
         }
         Command::Ls => {
-            let list: Vec<FunctionSummary> = admin()?.call(Method::GET, "/v1/functions", None::<&()>).await?;
+            let list: Vec<FunctionSummary> = admin()?
+                .call(Method::GET, "/v1/functions", None::<&()>)
+                .await?;
             if cli.output == Format::Json {
                 return print_json(&list);
             }
@@ -206,26 +227,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         f.name.to_string(),
                         f.app.to_string(),
                         format!("v{}", f.version),
-                        if f.ready { "ready".into() } else { "failed".into() },
+                        if f.ready {
+                            "ready".into()
+                        } else {
+                            "failed".into()
+                        },
                         f.in_flight.to_string(),
                         f.routes.join(" "),
                     ]
                 })
                 .collect();
-            print!("{}", table(&["NAME", "APP", "VERSION", "STATE", "IN-FLIGHT", "ROUTES"], &rows));
+            print!(
+                "{}",
+                table(
+                    &["NAME", "APP", "VERSION", "STATE", "IN-FLIGHT", "ROUTES"],
+                    &rows
+                )
+            );
             Ok(())
         }
         Command::Status { name: None } => {
-            let s: NodeStatus = admin()?.call(Method::GET, "/v1/status", None::<&()>).await?;
+            let s: NodeStatus = admin()?
+                .call(Method::GET, "/v1/status", None::<&()>)
+                .await?;
             if cli.output == Format::Json {
                 return print_json(&s);
             }
-            println!("node        nimbus {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+            println!(
+                "node        nimbus {} (pid {}), up {}s",
+                s.version, s.pid, s.uptime_secs
+            );
             println!("gateway     {}", s.gateway_url);
             println!("admin       {}", s.admin_url);
             println!("data        {}", s.data_dir);
-            println!("functions   {} serving, {} failed to load", s.functions, s.functions_failed);
-            println!("requests    {} in flight, {} since start", s.in_flight, s.invocations);
+            println!(
+                "functions   {} serving, {} failed to load",
+                s.functions, s.functions_failed
+            );
+            println!(
+                "requests    {} in flight, {} since start",
+                s.in_flight, s.invocations
+            );
             println!(
                 "engine      {} compiled, {} loaded from the artifact cache (fingerprint {})",
                 s.engine.compiled, s.engine.loaded_from_cache, s.engine_fingerprint
@@ -241,7 +283,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let s = &d.summary;
             println!("function    {} (app {})", s.name, s.app);
-            println!("version     v{}  {}", s.version, if s.ready { "ready" } else { "failed" });
+            println!(
+                "version     v{}  {}",
+                s.version,
+                if s.ready { "ready" } else { "failed" }
+            );
             if let Some(e) = &s.error {
                 println!("error       {e}");
             }
@@ -261,14 +307,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|v| {
                     vec![
                         format!("v{}", v.version),
-                        if v.active { "active".into() } else { String::new() },
+                        if v.active {
+                            "active".into()
+                        } else {
+                            String::new()
+                        },
                         v.digest.chars().take(12).collect(),
                         v.created_at.to_string(),
                     ]
                 })
                 .collect();
             println!();
-            print!("{}", table(&["VERSION", "", "DIGEST", "CREATED (unix ms)"], &rows));
+            print!(
+                "{}",
+                table(&["VERSION", "", "DIGEST", "CREATED (unix ms)"], &rows)
+            );
             Ok(())
         }
         Command::Invoke {
@@ -293,7 +346,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(s)
                 }
                 Some(d) if d.starts_with('@') => Some(
-                    std::fs::read_to_string(&d[1..]).with_context(|| format!("cannot read {}", &d[1..]))?,
+                    std::fs::read_to_string(&d[1..])
+                        .with_context(|| format!("cannot read {}", &d[1..]))?,
                 ),
                 Some(d) => Some(d.to_owned()),
                 None => None,
@@ -305,12 +359,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 body,
             };
             let r: InvokeResponse = admin()?
-                .call(Method::POST, &format!("/v1/functions/{name}/invoke"), Some(&request))
+                .call(
+                    Method::POST,
+                    &format!("/v1/functions/{name}/invoke"),
+                    Some(&request),
+                )
                 .await?;
             if cli.output == Format::Json {
                 return print_json(&r);
             }
-            eprintln!("{} ({:.1} ms, invocation {})", r.status, r.duration_ms, r.invocation_id);
+            eprintln!(
+                "{} ({:.1} ms, invocation {})",
+                r.status, r.duration_ms, r.invocation_id
+            );
             print!("{}", r.body);
             if !r.body.ends_with('\n') && std::io::stdout().is_terminal() {
                 println!();
@@ -322,7 +383,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rm { name } => {
             let _: serde_json::Value = admin()?
-                .call(Method::DELETE, &format!("/v1/functions/{name}"), None::<&()>)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/functions/{name}"),
+                    None::<&()>,
+                )
                 .await?;
             if cli.output == Format::Json {
                 return print_json(&serde_json::json!({ "removed": name }));
@@ -378,11 +443,18 @@ fn print_deploy(resp: &DeployResponse, gateway: &str, format: Format) -> anyhow:
                     .collect::<Vec<_>>()
                     .join("  ")
             };
-            let version = if f.version == 0 { "-".into() } else { format!("v{}", f.version) };
+            let version = if f.version == 0 {
+                "-".into()
+            } else {
+                format!("v{}", f.version)
+            };
             vec![f.name.to_string(), version, change.into(), routes]
         })
         .collect();
-    print!("{}", table(&["FUNCTION", "VERSION", "CHANGE", "ROUTES"], &rows));
+    print!(
+        "{}",
+        table(&["FUNCTION", "VERSION", "CHANGE", "ROUTES"], &rows)
+    );
     if resp.functions.iter().all(|f| f.change == Change::Unchanged) {
         println!("app {} is up to date: nothing changed", resp.app);
     }

@@ -13,7 +13,11 @@ fn examples_manifest(greeting: &str) -> String {
     manifest(
         "examples",
         &[
-            ("hello", &g.hello, &format!("routes = [\"/hello\"]\nenv = {{ GREETING = \"{greeting}\" }}")),
+            (
+                "hello",
+                &g.hello,
+                &format!("routes = [\"/hello\"]\nenv = {{ GREETING = \"{greeting}\" }}"),
+            ),
             (
                 "api",
                 &g.api,
@@ -29,7 +33,10 @@ async fn deploy_serve_manage_and_roll_back() {
 
     // Deploy prints the routes it now serves.
     let out = node.deploy(&examples_manifest("Hello"));
-    assert!(out.contains("hello") && out.contains("created") && out.contains(&node.url("/hello")), "{out}");
+    assert!(
+        out.contains("hello") && out.contains("created") && out.contains(&node.url("/hello")),
+        "{out}"
+    );
 
     let r = node.get("/hello").await;
     assert_status(&r, StatusCode::OK);
@@ -40,37 +47,73 @@ async fn deploy_serve_manage_and_roll_back() {
     let r = node.get("/api/greet/ada?shout=true").await;
     assert_status(&r, StatusCode::OK);
     assert_eq!(r.text(), r#"{"message":"HELLO, ADA!"}"#);
-    let r = request(Method::POST, &node.url("/api/orders"), r#"{"item":"tea","quantity":3}"#.into()).await;
+    let r = request(
+        Method::POST,
+        &node.url("/api/orders"),
+        r#"{"item":"tea","quantity":3}"#.into(),
+    )
+    .await;
     assert_status(&r, StatusCode::CREATED);
     let order: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(order["quantity"], 3);
-    assert_eq!(order["total_cents"], order["unit_price_cents"].as_u64().unwrap() * 3);
+    assert_eq!(
+        order["total_cents"],
+        order["unit_price_cents"].as_u64().unwrap() * 3
+    );
     let r = request(Method::POST, &node.url("/api/orders"), "not json".into()).await;
     assert_status(&r, StatusCode::BAD_REQUEST);
-    let r = request(Method::POST, &node.url("/api/orders"), r#"{"item":"tea","quantity":0}"#.into()).await;
+    let r = request(
+        Method::POST,
+        &node.url("/api/orders"),
+        r#"{"item":"tea","quantity":0}"#.into(),
+    )
+    .await;
     assert_eq!(r.status.as_u16(), 422);
     assert_status(&node.get("/api/nothing-here").await, StatusCode::NOT_FOUND);
     // Method restrictions: GET-only route answers 405 with Allow... unless a
     // wildcard route of the same function takes every method.
-    let r = request(Method::DELETE, &node.url("/hello/../nothing"), bytes::Bytes::new()).await;
+    let r = request(
+        Method::DELETE,
+        &node.url("/hello/../nothing"),
+        bytes::Bytes::new(),
+    )
+    .await;
     assert_status(&r, StatusCode::NOT_FOUND);
 
     // Unchanged manifest: a no-op.
     let out = node.deploy(&examples_manifest("Hello"));
     assert!(out.contains("nothing changed"), "{out}");
-    let list: Vec<FunctionSummary> = node.admin.call(Method::GET, "/v1/functions", None::<&()>).await.unwrap();
+    let list: Vec<FunctionSummary> = node
+        .admin
+        .call(Method::GET, "/v1/functions", None::<&()>)
+        .await
+        .unwrap();
     assert!(list.iter().all(|f| f.version == 1), "{list:?}");
 
     // One function changed: only it is redeployed.
     let out = node.deploy(&examples_manifest("Howdy"));
-    assert!(out.lines().any(|l| l.starts_with("hello") && l.contains("v2") && l.contains("updated")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("api") && l.contains("v1") && l.contains("unchanged")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("hello") && l.contains("v2") && l.contains("updated")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("api") && l.contains("v1") && l.contains("unchanged")),
+        "{out}"
+    );
     assert_eq!(node.get("/hello").await.text(), "Howdy from Nimbus!\n");
 
     // CLI listings, as text and as JSON.
     let out = node.cli(&["ls"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("NAME") && text.contains("hello") && text.contains("v2"), "{text}");
+    assert!(
+        out.status.success()
+            && text.contains("NAME")
+            && text.contains("hello")
+            && text.contains("v2"),
+        "{text}"
+    );
     let out = node.cli(&["ls", "--output", "json"]);
     let list: Vec<FunctionSummary> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.len(), 2);
@@ -84,15 +127,33 @@ async fn deploy_serve_manage_and_roll_back() {
     // Invoke through the admin API.
     let out = node.cli(&["invoke", "api", "--path", "/api/greet/bob"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"message":"Hello, bob!"}"#);
-    let out = node.cli(&["invoke", "api", "--path", "/api/orders", "-d", r#"{"item":"x","quantity":1}"#, "-H", "content-type: application/json", "--output", "json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        r#"{"message":"Hello, bob!"}"#
+    );
+    let out = node.cli(&[
+        "invoke",
+        "api",
+        "--path",
+        "/api/orders",
+        "-d",
+        r#"{"item":"x","quantity":1}"#,
+        "-H",
+        "content-type: application/json",
+        "--output",
+        "json",
+    ]);
     let r: nimbus_api::InvokeResponse = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r.status, 201);
     assert!(!r.invocation_id.is_empty());
 
     // Roll back to the previous version, then forward again by number.
     let out = node.cli(&["rollback", "hello"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(node.get("/hello").await.text(), "Hello from Nimbus!\n");
     let out = node.cli(&["rollback", "hello", "--to", "2"]);
     assert!(out.status.success());
@@ -112,8 +173,15 @@ async fn deploy_serve_manage_and_roll_back() {
 
     // Removing a function from the manifest removes it on deploy.
     let g = guests();
-    let out = node.deploy(&manifest("examples", &[("hello", &g.hello, "routes = [\"/hello\"]")]));
-    assert!(out.lines().any(|l| l.starts_with("api") && l.contains("removed")), "{out}");
+    let out = node.deploy(&manifest(
+        "examples",
+        &[("hello", &g.hello, "routes = [\"/hello\"]")],
+    ));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("api") && l.contains("removed")),
+        "{out}"
+    );
     assert_status(&node.get("/api/greet/x").await, StatusCode::NOT_FOUND);
 }
 
@@ -128,9 +196,16 @@ async fn restart_after_kill9_serves_same_versions_without_recompiling() {
     assert_eq!(node.get("/hello").await.text(), "Again from Nimbus!\n");
     assert_status(&node.get("/api/greet/x").await, StatusCode::OK);
     let status = node.status().await;
-    assert_eq!(status.engine.compiled, 0, "a restart must not recompile: {status:?}");
+    assert_eq!(
+        status.engine.compiled, 0,
+        "a restart must not recompile: {status:?}"
+    );
     assert!(status.engine.loaded_from_cache >= 2, "{status:?}");
-    let detail: FunctionDetail = node.admin.call(Method::GET, "/v1/functions/hello", None::<&()>).await.unwrap();
+    let detail: FunctionDetail = node
+        .admin
+        .call(Method::GET, "/v1/functions/hello", None::<&()>)
+        .await
+        .unwrap();
     assert_eq!(detail.summary.version, 2);
 
     // A half-written artifact is never served: garbage under an artifact's
@@ -153,16 +228,89 @@ async fn restart_after_kill9_serves_same_versions_without_recompiling() {
 async fn sigterm_drains_in_flight_requests() {
     let mut node = Node::start();
     let g = guests();
-    node.deploy(&manifest("drain", &[("slow", &g.testbed, "routes = [\"/slow/*\"]")]));
+    node.deploy(&manifest(
+        "drain",
+        &[("slow", &g.testbed, "routes = [\"/slow/*\"]")],
+    ));
     let url = node.url("/slow/sleep?ms=1500");
-    let in_flight = tokio::spawn(async move { request(Method::GET, &url, bytes::Bytes::new()).await });
+    let in_flight =
+        tokio::spawn(async move { request(Method::GET, &url, bytes::Bytes::new()).await });
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let pid = node.pid().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let r = in_flight.await.unwrap();
     assert_status(&r, StatusCode::OK);
     assert!(r.text().starts_with("slept 1500"), "{}", r.text());
     let status = node.child.take().unwrap().wait().unwrap();
     assert!(status.success(), "node exit: {status:?}\n{}", node.log());
     assert!(!node.data_dir().join(nimbus_api::NODE_FILE).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeploy_under_load_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let node = Node::start();
+    let g = guests();
+    let m = |v: u32| {
+        manifest(
+            "load",
+            &[(
+                "busy",
+                &g.testbed,
+                &format!("routes = [\"/busy/*\"]\nenv = {{ VERSION = \"v{v}\" }}"),
+            )],
+        )
+    };
+    node.deploy(&m(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = node.url("/busy/sleep?ms=20");
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = request(Method::GET, &url, bytes::Bytes::new()).await;
+                    seen.push((r.status, r.text()));
+                }
+                seen
+            })
+        })
+        .collect();
+    for v in 2..=3 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        node.deploy(&m(v));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total = 0;
+    let mut versions = std::collections::BTreeSet::new();
+    for client in clients {
+        let seen = client.await.unwrap();
+        let mut last = 0;
+        for (status, body) in &seen {
+            assert_eq!(
+                *status,
+                StatusCode::OK,
+                "a request failed during a redeploy: {body}"
+            );
+            let v: u32 = body.rsplit('v').next().unwrap().parse().unwrap();
+            assert!(v >= last, "a client went back from v{last} to v{v}");
+            last = v;
+            versions.insert(v);
+        }
+        total += seen.len();
+    }
+    assert!(total >= 50, "only {total} requests ran");
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(node.get("/busy/ok").await.text().ends_with("v3"));
 }

@@ -21,9 +21,21 @@ async fn misbehaving_functions_fail_alone() {
     node.deploy(&manifest(
         "limits",
         &[
-            ("spin", &g.testbed, "routes = [\"/spin/*\"]\nlimits = { timeout = \"3s\" }"),
-            ("bomb", &g.testbed, "routes = [\"/bomb/*\"]\nlimits = { memory = 32 }"),
-            ("ok", &g.testbed, "routes = [\"/ok/*\"]\nenv = { VERSION = \"fine\" }"),
+            (
+                "spin",
+                &g.testbed,
+                "routes = [\"/spin/*\"]\nlimits = { timeout = \"3s\" }",
+            ),
+            (
+                "bomb",
+                &g.testbed,
+                "routes = [\"/bomb/*\"]\nlimits = { memory = 32 }",
+            ),
+            (
+                "ok",
+                &g.testbed,
+                "routes = [\"/ok/*\"]\nenv = { VERSION = \"fine\" }",
+            ),
         ],
     ));
 
@@ -32,7 +44,12 @@ async fn misbehaving_functions_fail_alone() {
     let spins: Vec<_> = (0..2)
         .map(|_| {
             let url = node.url("/spin/spin");
-            tokio::spawn(async move { (request(Method::GET, &url, Bytes::new()).await, Instant::now()) })
+            tokio::spawn(async move {
+                (
+                    request(Method::GET, &url, Bytes::new()).await,
+                    Instant::now(),
+                )
+            })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -51,7 +68,11 @@ async fn misbehaving_functions_fail_alone() {
         let err: nimbus_api::ErrorResponse = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(err.error.code, "timeout");
         // The timeout (3 s) holds within a second.
-        assert!(done - started < Duration::from_secs(4), "timeout took {:?}", done - started);
+        assert!(
+            done - started < Duration::from_secs(4),
+            "timeout took {:?}",
+            done - started
+        );
     }
 
     // Memory bomb: growth fails at the cap, the guest aborts, 500.
@@ -61,7 +82,11 @@ async fn misbehaving_functions_fail_alone() {
     assert_eq!(err.error.code, "memory_limit", "{}", r.text());
 
     // Stack overflow, explicit trap, no response: 500 each.
-    for (path, code) in [("/ok/stack", "trap"), ("/ok/trap", "trap"), ("/ok/noresponse", "no_response")] {
+    for (path, code) in [
+        ("/ok/stack", "trap"),
+        ("/ok/trap", "trap"),
+        ("/ok/noresponse", "no_response"),
+    ] {
         let r = node.get(path).await;
         assert_status(&r, StatusCode::INTERNAL_SERVER_ERROR);
         let err: nimbus_api::ErrorResponse = serde_json::from_slice(&r.body).unwrap();
@@ -83,7 +108,11 @@ async fn past_max_concurrency_requests_get_429_never_hang() {
     let g = guests();
     node.deploy(&manifest(
         "narrow",
-        &[("narrow", &g.testbed, "routes = [\"/narrow/*\"]\nlimits = { max_concurrency = 4 }")],
+        &[(
+            "narrow",
+            &g.testbed,
+            "routes = [\"/narrow/*\"]\nlimits = { max_concurrency = 4 }",
+        )],
     ));
     let url = node.url("/narrow/sleep?ms=100");
     let tasks: Vec<_> = (0..500)
@@ -96,11 +125,18 @@ async fn past_max_concurrency_requests_get_429_never_hang() {
         .await
         .expect("requests hung");
     let ok = all.iter().filter(|r| r.status == StatusCode::OK).count();
-    let throttled: Vec<_> = all.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    let throttled: Vec<_> = all
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
     assert_eq!(ok + throttled.len(), 500, "only 200 and 429 are expected");
     assert!(ok >= 4, "{ok} succeeded");
     assert!(!throttled.is_empty(), "nothing was throttled");
-    assert!(throttled.iter().all(|r| r.headers.get("retry-after").is_some()));
+    assert!(
+        throttled
+            .iter()
+            .all(|r| r.headers.get("retry-after").is_some())
+    );
 }
 
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
@@ -120,7 +156,10 @@ struct Zeros {
 impl Body for Zeros {
     type Data = Bytes;
     type Error = std::io::Error;
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -139,9 +178,14 @@ async fn stream(url: &str, size: u64, declare_length: bool) -> (StatusCode, u64,
     let rest = url.strip_prefix("http://").unwrap();
     let (authority, path) = rest.split_at(rest.find('/').unwrap());
     let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let mut builder = hyper::Request::builder().method(Method::POST).uri(path).header("host", authority);
+    let mut builder = hyper::Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("host", authority);
     if declare_length {
         builder = builder.header("content-length", size);
     }
@@ -205,7 +249,10 @@ async fn raw_post(url: &str, size: usize, declare_length: bool) -> String {
         Ok::<_, std::io::Error>(())
     });
     let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     text.split(' ').nth(1).unwrap_or_default().to_owned()
 }
@@ -217,8 +264,16 @@ async fn gigabyte_bodies_stream_both_ways_and_limits_answer_413() {
     node.deploy(&manifest(
         "bodies",
         &[
-            ("stream", &g.testbed, "routes = [\"/stream/*\"]\nlimits = { max_body = 2048, timeout = \"5m\" }"),
-            ("small", &g.testbed, "routes = [\"/small/*\"]\nlimits = { max_body = 1 }"),
+            (
+                "stream",
+                &g.testbed,
+                "routes = [\"/stream/*\"]\nlimits = { max_body = 2048, timeout = \"5m\" }",
+            ),
+            (
+                "small",
+                &g.testbed,
+                "routes = [\"/small/*\"]\nlimits = { max_body = 1 }",
+            ),
         ],
     ));
     const GIB: u64 = 1 << 30;
@@ -244,8 +299,17 @@ async fn gigabyte_bodies_stream_both_ways_and_limits_answer_413() {
     // Over the limit: declared → 413 before the function runs; chunked →
     // 413 once the limit is crossed. The node answers before the client has
     // sent everything.
-    assert_eq!(raw_post(&node.url("/small/count"), 2 << 20, true).await, "413");
-    assert_eq!(raw_post(&node.url("/small/count"), 2 << 20, false).await, "413");
+    assert_eq!(
+        raw_post(&node.url("/small/count"), 2 << 20, true).await,
+        "413"
+    );
+    assert_eq!(
+        raw_post(&node.url("/small/count"), 2 << 20, false).await,
+        "413"
+    );
     let (status, _, body) = stream(&node.url("/small/count"), 1 << 20, false).await;
-    assert_eq!((status, body), (StatusCode::OK, Bytes::from((1u64 << 20).to_string())));
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Bytes::from((1u64 << 20).to_string()))
+    );
 }

@@ -15,7 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn upload(admin: &Admin, bytes: Vec<u8>) -> client::Reply {
     let digest = hex::encode(Sha256::digest(&bytes));
     admin
-        .raw(Method::PUT, &format!("/v1/components/{digest}"), "application/wasm", Bytes::from(bytes))
+        .raw(
+            Method::PUT,
+            &format!("/v1/components/{digest}"),
+            "application/wasm",
+            Bytes::from(bytes),
+        )
         .await
         .unwrap()
 }
@@ -33,12 +38,34 @@ async fn bad_components_and_requests_get_clear_4xx() {
     let hello = std::fs::read(&g.hello).unwrap();
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("random bytes", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(), "not a component"),
+        (
+            "random bytes",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+            "not a component",
+        ),
         ("empty", Vec::new(), "empty"),
-        ("core module", b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
-        ("truncated", hello[..hello.len() / 2].to_vec(), "invalid component"),
-        ("command", std::fs::read(&g.command).unwrap(), "does not export wasi:http/incoming-handler"),
-        ("foreign import", std::fs::read(&g.foreign_import).unwrap(), "imports `nimbus-test:foreign/ledger"),
+        (
+            "core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        (
+            "truncated",
+            hello[..hello.len() / 2].to_vec(),
+            "invalid component",
+        ),
+        (
+            "command",
+            std::fs::read(&g.command).unwrap(),
+            "does not export wasi:http/incoming-handler",
+        ),
+        (
+            "foreign import",
+            std::fs::read(&g.foreign_import).unwrap(),
+            "imports `nimbus-test:foreign/ledger",
+        ),
     ];
     for (what, bytes, expected) in cases {
         let r = upload(&node.admin, bytes).await;
@@ -47,15 +74,26 @@ async fn bad_components_and_requests_get_clear_4xx() {
     }
 
     // Through the CLI, the refusal names the function and the reason.
-    let out = node.deploy_cli(&manifest("bad", &[("cmd", &g.command, "routes = [\"/cmd\"]")]));
+    let out = node.deploy_cli(&manifest(
+        "bad",
+        &[("cmd", &g.command, "routes = [\"/cmd\"]")],
+    ));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("`cmd`") && stderr.contains("does not export wasi:http/incoming-handler"), "{stderr}");
+    assert!(
+        stderr.contains("`cmd`") && stderr.contains("does not export wasi:http/incoming-handler"),
+        "{stderr}"
+    );
 
     // Digest that does not match the bytes.
     let r = node
         .admin
-        .raw(Method::PUT, &format!("/v1/components/{}", "0".repeat(64)), "application/wasm", Bytes::from(hello.clone()))
+        .raw(
+            Method::PUT,
+            &format!("/v1/components/{}", "0".repeat(64)),
+            "application/wasm",
+            Bytes::from(hello.clone()),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
@@ -70,48 +108,119 @@ async fn bad_components_and_requests_get_clear_4xx() {
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 
     // Malformed JSON, unknown keys, unknown functions, undeclared components.
     for (method, path, body, status) in [
-        (Method::POST, "/v1/deploy", "{not json", StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/deploy", r#"{"app":"a","functions":{},"extra":1}"#, StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/deploy", r#"{"app":"Bad App","functions":{}}"#, StatusCode::BAD_REQUEST),
         (
             Method::POST,
             "/v1/deploy",
-            &format!(r#"{{"app":"a","functions":{{"f":{{"component":"{}","config":{{}}}}}}}}"#, "b".repeat(64)),
+            "{not json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/deploy",
+            r#"{"app":"a","functions":{},"extra":1}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/deploy",
+            r#"{"app":"Bad App","functions":{}}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/deploy",
+            &format!(
+                r#"{{"app":"a","functions":{{"f":{{"component":"{}","config":{{}}}}}}}}"#,
+                "b".repeat(64)
+            ),
             StatusCode::BAD_REQUEST,
         ),
         (Method::GET, "/v1/functions/nope", "", StatusCode::NOT_FOUND),
-        (Method::GET, "/v1/functions/NOT_A_NAME", "", StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/functions/nope/invoke", "{}", StatusCode::NOT_FOUND),
-        (Method::POST, "/v1/functions/nope/rollback", "{}", StatusCode::NOT_FOUND),
-        (Method::DELETE, "/v1/functions/nope", "", StatusCode::NOT_FOUND),
+        (
+            Method::GET,
+            "/v1/functions/NOT_A_NAME",
+            "",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/functions/nope/invoke",
+            "{}",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v1/functions/nope/rollback",
+            "{}",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            "/v1/functions/nope",
+            "",
+            StatusCode::NOT_FOUND,
+        ),
         (Method::GET, "/v1/nothing", "", StatusCode::NOT_FOUND),
-        (Method::PUT, "/v1/components/xyz", "", StatusCode::BAD_REQUEST),
+        (
+            Method::PUT,
+            "/v1/components/xyz",
+            "",
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
-        let r = node.admin.raw(method.clone(), path, "application/json", Bytes::from(body.to_owned())).await.unwrap();
+        let r = node
+            .admin
+            .raw(
+                method.clone(),
+                path,
+                "application/json",
+                Bytes::from(body.to_owned()),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, status, "{method} {path} {body}: {}", r.text());
         assert!(!message(&r).is_empty());
     }
 
     // No token, wrong token: 401.
-    for headers in [vec![], vec![("authorization", "Bearer wrong")], vec![("authorization", "Basic abc")]] {
-        let r = client::send(Method::GET, &format!("{}/v1/functions", node.admin.url), &headers, Bytes::new(), Duration::from_secs(10))
-            .await
-            .unwrap();
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer wrong")],
+        vec![("authorization", "Basic abc")],
+    ] {
+        let r = client::send(
+            Method::GET,
+            &format!("{}/v1/functions", node.admin.url),
+            &headers,
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
     // The token file is private to its owner.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(node.data_dir().join("admin-token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(node.data_dir().join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // After all that, the node still deploys and serves.
-    node.deploy(&manifest("good", &[("hello", &g.hello, "routes = [\"/hello\"]")]));
+    node.deploy(&manifest(
+        "good",
+        &[("hello", &g.hello, "routes = [\"/hello\"]")],
+    ));
     assert_status(&node.get("/hello").await, StatusCode::OK);
 }
 
@@ -125,7 +234,10 @@ async fn manifest_errors_are_located_and_route_conflicts_refused() {
     ));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nimbus.toml:6:1") && stderr.contains("unknown field `tiemout`"), "{stderr}");
+    assert!(
+        stderr.contains("nimbus.toml:6:1") && stderr.contains("unknown field `tiemout`"),
+        "{stderr}"
+    );
 
     let out = node.deploy_cli(&format!(
         "[app]\nname = \"a\"\n\n[functions.f]\ncomponent = \"{}\"\nlimits = {{ memory = \"lots\" }}\n",
@@ -135,18 +247,37 @@ async fn manifest_errors_are_located_and_route_conflicts_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nimbus.toml:6:"), "{stderr}");
 
-    let out = node.deploy_cli(&manifest("a", &[("f", std::path::Path::new("/nonexistent/f.wasm"), "routes = [\"/f\"]")]));
+    let out = node.deploy_cli(&manifest(
+        "a",
+        &[(
+            "f",
+            std::path::Path::new("/nonexistent/f.wasm"),
+            "routes = [\"/f\"]",
+        )],
+    ));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the component of `f`"));
 
     // Another app may not take a route that is served already.
-    node.deploy(&manifest("first", &[("one", &g.hello, "routes = [\"/shared/:id\"]")]));
-    let out = node.deploy_cli(&manifest("second", &[("two", &g.hello, "routes = [\"/shared/:key\"]")]));
+    node.deploy(&manifest(
+        "first",
+        &[("one", &g.hello, "routes = [\"/shared/:id\"]")],
+    ));
+    let out = node.deploy_cli(&manifest(
+        "second",
+        &[("two", &g.hello, "routes = [\"/shared/:key\"]")],
+    ));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("conflicts with route `/shared/:id` of function `one`"), "{stderr}");
+    assert!(
+        stderr.contains("conflicts with route `/shared/:id` of function `one`"),
+        "{stderr}"
+    );
     // Nor a function name.
-    let out = node.deploy_cli(&manifest("second", &[("one", &g.hello, "routes = [\"/elsewhere\"]")]));
+    let out = node.deploy_cli(&manifest(
+        "second",
+        &[("one", &g.hello, "routes = [\"/elsewhere\"]")],
+    ));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to app `first`"));
     assert_status(&node.get("/shared/1").await, StatusCode::OK);
@@ -162,7 +293,9 @@ async fn pong_server() -> u16 {
                 let mut buf = vec![0u8; 4096];
                 let _ = s.read(&mut buf).await;
                 let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
+                    )
                     .await;
             });
         }
@@ -186,7 +319,9 @@ async fn outbound_http_is_denied_unless_listed() {
     ));
     let fetch = |f: &str, url: &str| format!("/{f}/fetch?url={url}");
 
-    let r = node.get(&fetch("allowed", &format!("http://127.0.0.1:{port}/"))).await;
+    let r = node
+        .get(&fetch("allowed", &format!("http://127.0.0.1:{port}/")))
+        .await;
     assert_eq!(r.text(), "fetched 200 pong");
 
     for (f, url) in [
@@ -194,13 +329,20 @@ async fn outbound_http_is_denied_unless_listed() {
         ("allowed", format!("http://127.0.0.1:{other}/")),
         ("public", format!("http://127.0.0.1:{port}/")),
         ("public", format!("http://localhost:{port}/")),
-        ("public", "http://169.254.169.254/latest/meta-data/".to_owned()),
+        (
+            "public",
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+        ),
         ("public", "http://10.0.0.1/".to_owned()),
         ("public", "http://[::1]:80/".to_owned()),
     ] {
         let r = node.get(&fetch(f, &url)).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{f} {url}: {}", r.text());
-        assert!(r.text().contains("HttpRequestDenied"), "{f} {url}: {}", r.text());
+        assert!(
+            r.text().contains("HttpRequestDenied"),
+            "{f} {url}: {}",
+            r.text()
+        );
     }
     assert!(node.log().contains("outbound request refused"));
 }

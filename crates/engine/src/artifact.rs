@@ -142,7 +142,11 @@ fn getrandom_fill(out: &mut [u8; 8]) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let seed = format!("{}-{now}-{:?}", std::process::id(), std::thread::current().id());
+    let seed = format!(
+        "{}-{now}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    );
     let digest = Sha256::digest(seed.as_bytes());
     out.copy_from_slice(&digest[..8]);
 }

@@ -11,8 +11,8 @@
 
 mod artifact;
 mod limits;
-mod output;
 pub mod outbound;
+mod output;
 mod runtime;
 mod validate;
 
@@ -20,7 +20,7 @@ pub use artifact::{ArtifactStore, ComponentDigest};
 pub use limits::*;
 pub use outbound::{OutboundPolicy, OutboundRule, OutboundRuleError};
 pub use runtime::{
-    Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec, InvokeError, InvokeOutcome,
-    ResponseBody,
+    Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec, InvokeError,
+    InvokeOutcome, ResponseBody,
 };
 pub use validate::ComponentError;

@@ -32,7 +32,9 @@ pub struct Destination {
 pub enum Denial {
     #[error("{0} is not in allowed_outbound_hosts")]
     NotAllowed(String),
-    #[error("{host} resolves to {addr}, a {kind} address; list `{addr}` in allowed_outbound_hosts to allow it")]
+    #[error(
+        "{host} resolves to {addr}, a {kind} address; list `{addr}` in allowed_outbound_hosts to allow it"
+    )]
     SpecialAddress {
         host: String,
         addr: IpAddr,
@@ -209,10 +211,13 @@ pub(crate) async fn send_to(
     ),
     HttpError,
 > {
-    let tcp = tokio::time::timeout(OUTBOUND_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| HttpError::ConnectionTimeout)?
-        .map_err(HttpError::Connect)?;
+    let tcp = tokio::time::timeout(
+        OUTBOUND_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)?
+    .map_err(HttpError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let path = request
         .uri()
@@ -233,10 +238,13 @@ pub(crate) async fn send_to(
                 .map_err(|_| HttpError::HttpRequestUriInvalid)?,
         };
         let connector = tokio_rustls::TlsConnector::from(tls_config());
-        let tls = tokio::time::timeout(OUTBOUND_CONNECT_TIMEOUT, connector.connect(server_name, tcp))
-            .await
-            .map_err(|_| HttpError::ConnectionTimeout)?
-            .map_err(HttpError::Tls)?;
+        let tls = tokio::time::timeout(
+            OUTBOUND_CONNECT_TIMEOUT,
+            connector.connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)?
+        .map_err(HttpError::Tls)?;
         exchange(TokioIo::new(tls), request).await
     } else {
         exchange(TokioIo::new(tcp), request).await
@@ -353,31 +361,69 @@ mod tests {
     fn rules_match_scheme_host_and_port() {
         let p = policy(&["https://api.example.com", "*.svc.example.org:8443"]);
         let public = ip("93.184.216.34");
-        assert!(p.check(&dest("https", "api.example.com", 443), public).is_ok());
-        assert!(p.check(&dest("http", "api.example.com", 80), public).is_err());
-        assert!(p.check(&dest("https", "api.example.com", 8443), public).is_err());
-        assert!(p.check(&dest("http", "a.svc.example.org", 8443), public).is_ok());
-        assert!(p.check(&dest("http", "svc.example.org", 8443), public).is_err());
-        assert!(p.check(&dest("http", "evilsvc.example.org", 8443), public).is_err());
+        assert!(
+            p.check(&dest("https", "api.example.com", 443), public)
+                .is_ok()
+        );
+        assert!(
+            p.check(&dest("http", "api.example.com", 80), public)
+                .is_err()
+        );
+        assert!(
+            p.check(&dest("https", "api.example.com", 8443), public)
+                .is_err()
+        );
+        assert!(
+            p.check(&dest("http", "a.svc.example.org", 8443), public)
+                .is_ok()
+        );
+        assert!(
+            p.check(&dest("http", "svc.example.org", 8443), public)
+                .is_err()
+        );
+        assert!(
+            p.check(&dest("http", "evilsvc.example.org", 8443), public)
+                .is_err()
+        );
     }
 
     #[test]
     fn special_addresses_need_a_literal_rule() {
         let p = policy(&["*", "http://127.0.0.1:8080"]);
         let d = dest("http", "metadata.internal", 80);
-        for addr in ["169.254.169.254", "10.0.0.1", "127.0.0.2", "::1", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "fd00::1"] {
+        for addr in [
+            "169.254.169.254",
+            "10.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "fd00::1",
+        ] {
             assert!(
                 matches!(p.check(&d, ip(addr)), Err(Denial::SpecialAddress { .. })),
                 "{addr} should be refused"
             );
         }
-        assert!(p.check(&dest("http", "127.0.0.1", 8080), ip("127.0.0.1")).is_ok());
-        assert!(p.check(&dest("http", "127.0.0.1", 8081), ip("127.0.0.1")).is_err());
+        assert!(
+            p.check(&dest("http", "127.0.0.1", 8080), ip("127.0.0.1"))
+                .is_ok()
+        );
+        assert!(
+            p.check(&dest("http", "127.0.0.1", 8081), ip("127.0.0.1"))
+                .is_err()
+        );
         // A name that resolves to a private address is refused even when
         // listed by name: only the literal address opens it.
         let named = policy(&["http://internal.example.com"]);
-        assert!(named
-            .check(&dest("http", "internal.example.com", 80), ip("192.168.1.10"))
-            .is_err());
+        assert!(
+            named
+                .check(
+                    &dest("http", "internal.example.com", 80),
+                    ip("192.168.1.10")
+                )
+                .is_err()
+        );
     }
 }

@@ -89,10 +89,8 @@ impl FunctionOutput {
                 self.emit(&pending);
             }
             self.emit(
-                format!(
-                    "[nimbus: output truncated after {MAX_OUTPUT_BYTES_PER_INVOCATION} bytes]"
-                )
-                .as_bytes(),
+                format!("[nimbus: output truncated after {MAX_OUTPUT_BYTES_PER_INVOCATION} bytes]")
+                    .as_bytes(),
             );
         }
     }

@@ -85,7 +85,6 @@ pub struct EngineStats {
     pub loaded_from_cache: u64,
 }
 
-
 /// Limits of one function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FunctionLimits {
@@ -158,8 +157,10 @@ impl Engine {
         inner.precompile_compatibility_hash().hash(&mut hasher);
         let fingerprint = format!("{:016x}", hasher.finish());
 
-        let artifacts = ArtifactStore::open(artifact_root)
-            .map_err(EngineError::io(format!("opening {}", artifact_root.display())))?;
+        let artifacts = ArtifactStore::open(artifact_root).map_err(EngineError::io(format!(
+            "opening {}",
+            artifact_root.display()
+        )))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(inner.weak(), ticker_stop.clone())
@@ -319,10 +320,7 @@ impl Engine {
 
 /// Increments the engine's epoch every [`EPOCH_TICK`] on a dedicated thread
 /// until `stop` is set or the engine is dropped.
-fn spawn_epoch_ticker(
-    engine: wasmtime::EngineWeak,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+fn spawn_epoch_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("nimbus-epoch".into())
         .spawn(move || {
@@ -424,11 +422,14 @@ impl FunctionRuntime {
         let out = http
             .new_response_outparam(sender)
             .map_err(|e| InvokeError::BadRequest(format!("{e:#}")))?;
-        let proxy = match tokio::time::timeout_at(deadline.into(), f.pre.instantiate_async(&mut store)).await {
-            Ok(Ok(proxy)) => proxy,
-            Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
-            Err(_) => return Err(InvokeError::Timeout(timeout)),
-        };
+        let proxy =
+            match tokio::time::timeout_at(deadline.into(), f.pre.instantiate_async(&mut store))
+                .await
+            {
+                Ok(Ok(proxy)) => proxy,
+                Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
+                Err(_) => return Err(InvokeError::Timeout(timeout)),
+            };
         let instantiate = started.elapsed();
         let limits = f.spec.limits;
         let name = f.name.clone();
@@ -604,6 +605,9 @@ impl Engine {
     pub fn has_component(&self, digest: &ComponentDigest) -> bool {
         self.cached(digest).is_some()
             || (self.artifacts.component_path(digest).exists()
-                && self.artifacts.compiled_path(digest, &self.fingerprint).exists())
+                && self
+                    .artifacts
+                    .compiled_path(digest, &self.fingerprint)
+                    .exists())
     }
 }

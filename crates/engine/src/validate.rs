@@ -25,7 +25,9 @@ const PROVIDED_PACKAGES: &[&str] = &[
 /// Why a component was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentError {
-    #[error("the upload is empty: build the function first (e.g. `cargo build --target wasm32-wasip2`)")]
+    #[error(
+        "the upload is empty: build the function first (e.g. `cargo build --target wasm32-wasip2`)"
+    )]
     Empty,
     #[error(
         "not a component: the file does not start with the WebAssembly magic bytes; upload the `.wasm` file your toolchain produced"
@@ -43,7 +45,9 @@ pub enum ComponentError {
         "the component does not export wasi:http/incoming-handler@0.2.x (exports: {exports}); a function must target the `wasi:http/proxy` world"
     )]
     MissingHandler { exports: String },
-    #[error("the component imports {0} which Nimbus does not provide; functions may import the `wasi:http/proxy` world plus wasi:cli, wasi:filesystem and wasi:sockets")]
+    #[error(
+        "the component imports {0} which Nimbus does not provide; functions may import the `wasi:http/proxy` world plus wasi:cli, wasi:filesystem and wasi:sockets"
+    )]
     UnsupportedImports(String),
     #[error("the component cannot be linked: {0}")]
     Link(String),
@@ -84,7 +88,10 @@ pub(crate) fn check_interfaces<T>(
         return Err(ComponentError::UnsupportedImports(unsupported.join(", ")));
     }
     let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
-    if !exports.iter().any(|name| name.starts_with(HANDLER_INTERFACE)) {
+    if !exports
+        .iter()
+        .any(|name| name.starts_with(HANDLER_INTERFACE))
+    {
         let exports = if exports.is_empty() {
             "none".to_owned()
         } else {
@@ -105,7 +112,10 @@ mod tests {
     #[test]
     fn headers_are_classified() {
         assert!(matches!(check_header(b""), Err(ComponentError::Empty)));
-        assert!(matches!(check_header(b"hello world"), Err(ComponentError::NotWasm)));
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(ComponentError::NotWasm)
+        ));
         assert!(matches!(
             check_header(b"\0asm\x01\0\0\0"),
             Err(ComponentError::CoreModule)

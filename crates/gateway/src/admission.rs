@@ -106,7 +106,10 @@ mod tests {
         drop(p1);
         assert!(w1.await.is_ok());
         // The other waiter gives up after the maximum wait.
-        assert_eq!(w2.await.unwrap_err(), Throttled::WaitedTooLong(MAX_QUEUE_WAIT));
+        assert_eq!(
+            w2.await.unwrap_err(),
+            Throttled::WaitedTooLong(MAX_QUEUE_WAIT)
+        );
         assert_eq!(a.queued(), 0);
     }
 

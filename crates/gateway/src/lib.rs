@@ -138,7 +138,10 @@ impl Gateway {
     }
 
     /// Serves one gateway request: route, admit, invoke.
-    pub async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+    pub async fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Body> {
         let table = self.table();
         let path = req.uri().path().to_owned();
         let method = req.method().as_str().to_owned();
@@ -155,7 +158,10 @@ impl Gateway {
                 let mut resp = json_error(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
-                    format!("{method} is not allowed on {path}; allowed: {}", allowed.join(", ")),
+                    format!(
+                        "{method} is not allowed on {path}; allowed: {}",
+                        allowed.join(", ")
+                    ),
                     None,
                 );
                 if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
@@ -210,8 +216,12 @@ impl Gateway {
                     status = 429,
                     "throttled: {throttled}"
                 );
-                let mut resp =
-                    json_error(StatusCode::TOO_MANY_REQUESTS, "throttled", throttled.to_string(), Some(&id));
+                let mut resp = json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "throttled",
+                    throttled.to_string(),
+                    Some(&id),
+                );
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
                 return resp;
@@ -225,22 +235,21 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&id) {
             headers.insert(INVOCATION_ID_HEADER, v);
         }
-        if !info.route.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&info.route) {
+        if !info.route.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&info.route) {
                 headers.insert("nimbus-route", v);
             }
-        }
         for (name, value) in &info.params {
-            let name = http::HeaderName::try_from(format!("nimbus-param-{}", name.to_ascii_lowercase()));
+            let name =
+                http::HeaderName::try_from(format!("nimbus-param-{}", name.to_ascii_lowercase()));
             if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(value)) {
                 headers.insert(name, value);
             }
         }
-        if let Some(rest) = &info.rest {
-            if let Ok(v) = HeaderValue::from_str(rest) {
+        if let Some(rest) = &info.rest
+            && let Ok(v) = HeaderValue::from_str(rest) {
                 headers.insert("nimbus-path-info", v);
             }
-        }
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }
@@ -284,7 +293,9 @@ impl Gateway {
             Err(e) => {
                 let (status, code) = match &e {
                     InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-                    InvokeError::MemoryLimit(_) => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit"),
+                    InvokeError::MemoryLimit(_) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit")
+                    }
                     InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "trap"),
                     InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
                     InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
@@ -306,8 +317,12 @@ impl Gateway {
                 // The caller sees the kind of failure; the reason (which may
                 // reveal the function's internals) stays in the node log.
                 let message = match &e {
-                    InvokeError::Timeout(_) | InvokeError::MemoryLimit(_) | InvokeError::Capacity(_) => e.to_string(),
-                    _ => format!("the function failed ({code}); see the node log for invocation {id}"),
+                    InvokeError::Timeout(_)
+                    | InvokeError::MemoryLimit(_)
+                    | InvokeError::Capacity(_) => e.to_string(),
+                    _ => format!(
+                        "the function failed ({code}); see the node log for invocation {id}"
+                    ),
                 };
                 let mut resp = json_error(status, code, message, Some(&id));
                 if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -352,7 +367,9 @@ fn too_large(limit: u64, id: &str) -> hyper::Response<Body> {
     json_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
-        format!("the request body exceeds this function's limit of {limit} bytes (limits.max_body in nimbus.toml)"),
+        format!(
+            "the request body exceeds this function's limit of {limit} bytes (limits.max_body in nimbus.toml)"
+        ),
         Some(id),
     )
 }
@@ -425,7 +442,9 @@ impl HttpBody for LimitedBody {
                     let n = data.len() as u64;
                     if n > this.remaining {
                         this.exceeded.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(this.limit)))));
+                        return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(
+                            this.limit,
+                        )))));
                     }
                     this.remaining -= n;
                 }

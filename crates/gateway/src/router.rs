@@ -101,7 +101,11 @@ impl<T> Router<T> {
         let segments: Vec<&str> = if trimmed.is_empty() {
             Vec::new()
         } else {
-            trimmed.strip_suffix('/').unwrap_or(trimmed).split('/').collect()
+            trimmed
+                .strip_suffix('/')
+                .unwrap_or(trimmed)
+                .split('/')
+                .collect()
         };
         let mut allowed = Vec::new();
         let mut values = Vec::new();
@@ -164,20 +168,18 @@ fn find<'a, 'p, T>(
         }
         return pick(&node.wildcard, method, allowed).map(|e| (e, Some(String::new())));
     };
-    if let Some(child) = node.literals.get(*first) {
-        if let Some(found) = find(child, rest, method, values, allowed) {
+    if let Some(child) = node.literals.get(*first)
+        && let Some(found) = find(child, rest, method, values, allowed) {
             return Some(found);
         }
-    }
-    if let Some(child) = &node.param {
-        if !first.is_empty() {
+    if let Some(child) = &node.param
+        && !first.is_empty() {
             values.push(first);
             if let Some(found) = find(child, rest, method, values, allowed) {
                 return Some(found);
             }
             values.pop();
         }
-    }
     pick(&node.wildcard, method, allowed).map(|e| (e, Some(segments.join("/"))))
 }
 
@@ -232,7 +234,11 @@ mod tests {
         r
     }
 
-    fn found(r: &Router<&'static str>, method: &str, path: &str) -> (String, Vec<(String, String)>, Option<String>) {
+    fn found(
+        r: &Router<&'static str>,
+        method: &str,
+        path: &str,
+    ) -> (String, Vec<(String, String)>, Option<String>) {
         match r.lookup(method, path) {
             Lookup::Found(m) => (m.target.to_string(), m.params, m.rest),
             Lookup::MethodNotAllowed(a) => (format!("405 {a:?}"), vec![], None),
@@ -247,9 +253,15 @@ mod tests {
         assert_eq!(found(&r, "GET", "/hello/").0, "hello");
         assert_eq!(found(&r, "GET", "/users/me").0, "me");
         let (name, params, _) = found(&r, "GET", "/users/a%20b");
-        assert_eq!((name.as_str(), params), ("user-get", vec![("id".into(), "a b".into())]));
+        assert_eq!(
+            (name.as_str(), params),
+            ("user-get", vec![("id".into(), "a b".into())])
+        );
         assert_eq!(found(&r, "POST", "/users/42").0, "user-post");
-        assert_eq!(found(&r, "DELETE", "/users/42").0, "405 [\"GET\", \"POST\"]");
+        assert_eq!(
+            found(&r, "DELETE", "/users/42").0,
+            "405 [\"GET\", \"POST\"]"
+        );
         assert_eq!(found(&r, "HEAD", "/users/42").0, "user-get");
         let (name, params, rest) = found(&r, "GET", "/users/7/files/a/b.txt");
         assert_eq!(name, "files");

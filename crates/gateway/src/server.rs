@@ -21,8 +21,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves `listener` with `handler` until `shutdown` carries a drain time,
 /// then stops accepting and waits up to that long for in-flight requests to
 /// finish.
-pub async fn serve<F, Fut>(listener: TcpListener, handler: F, mut shutdown: watch::Receiver<Option<Duration>>)
-where
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {

@@ -230,8 +230,7 @@ impl Manifest {
         for (name, f) in &raw.functions {
             for spanned in &f.routes {
                 let route = &spanned.get_ref().0;
-                if let Some((other, existing)) =
-                    seen.iter().find(|(_, r)| r.conflicts_with(route))
+                if let Some((other, existing)) = seen.iter().find(|(_, r)| r.conflicts_with(route))
                 {
                     return Err(ManifestError::at(
                         path,
@@ -306,7 +305,10 @@ limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1 }
         .unwrap();
         let f = &m.functions["hello"];
         assert_eq!(f.component, PathBuf::from("dir/target/hello.wasm"));
-        assert_eq!(f.build.as_ref().unwrap().workdir, PathBuf::from("dir/./hello"));
+        assert_eq!(
+            f.build.as_ref().unwrap().workdir,
+            PathBuf::from("dir/./hello")
+        );
         assert_eq!(f.config.routes.len(), 2);
         assert_eq!(f.config.routes[1].methods[0].as_str(), "GET");
         assert_eq!(f.config.limits.memory.get(), 64);
@@ -321,26 +323,44 @@ limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1 }
     fn defaults_apply() {
         let m = parse("[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\n").unwrap();
         let l = m.functions["f"].config.limits;
-        assert_eq!((l.memory.get(), l.timeout.get().as_secs(), l.max_concurrency.get()), (128, 30, 100));
+        assert_eq!(
+            (
+                l.memory.get(),
+                l.timeout.get().as_secs(),
+                l.max_concurrency.get()
+            ),
+            (128, 30, 100)
+        );
     }
 
     #[test]
     fn unknown_keys_are_located() {
-        let e = parse("[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\ntiemout = 3\n").unwrap_err();
+        let e = parse("[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\ntiemout = 3\n")
+            .unwrap_err();
         assert_eq!((e.line, e.column), (5, 1), "{e}");
         assert!(e.message.contains("unknown field `tiemout`"), "{e}");
-        assert!(e.message.contains("component"), "lists the expected fields: {e}");
+        assert!(
+            e.message.contains("component"),
+            "lists the expected fields: {e}"
+        );
     }
 
     #[test]
     fn bad_values_are_located_with_a_fix() {
-        let e = parse("[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\nlimits = { memory = 0 }\n").unwrap_err();
+        let e = parse(
+            "[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\nlimits = { memory = 0 }\n",
+        )
+        .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("from 1 to 4096"), "{e}");
-        let e = parse("[app]\nname = \"a\"\n[functions.Bad_Name]\ncomponent = \"f.wasm\"\n").unwrap_err();
+        let e = parse("[app]\nname = \"a\"\n[functions.Bad_Name]\ncomponent = \"f.wasm\"\n")
+            .unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("lowercase"), "{e}");
-        let e = parse("[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\nroutes = [\"nope\"]\n").unwrap_err();
+        let e = parse(
+            "[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\nroutes = [\"nope\"]\n",
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.column), (5, 11), "{e}");
         assert!(e.to_string().contains("dir/nimbus.toml:5:11"), "{e}");
     }

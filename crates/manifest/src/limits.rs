@@ -154,7 +154,7 @@ impl Default for Timeout {
 impl fmt::Display for Timeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -174,13 +174,16 @@ impl<'de> Deserialize<'de> for Timeout {
         impl Visitor<'_> for V {
             type Value = Timeout;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"30s\", \"500ms\" or \"2m\", or a number of seconds")
+                f.write_str(
+                    "a duration such as \"30s\", \"500ms\" or \"2m\", or a number of seconds",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Timeout, E> {
                 Timeout::parse(v).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Timeout, E> {
-                let secs = u64::try_from(v).map_err(|_| E::custom("a timeout cannot be negative"))?;
+                let secs =
+                    u64::try_from(v).map_err(|_| E::custom("a timeout cannot be negative"))?;
                 Timeout::new(Duration::from_secs(secs)).map_err(E::custom)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Timeout, E> {
@@ -197,8 +200,14 @@ mod tests {
 
     #[test]
     fn timeouts_parse() {
-        assert_eq!(Timeout::parse("500ms").unwrap().get(), Duration::from_millis(500));
-        assert_eq!(Timeout::parse("2m").unwrap().get(), Duration::from_secs(120));
+        assert_eq!(
+            Timeout::parse("500ms").unwrap().get(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            Timeout::parse("2m").unwrap().get(),
+            Duration::from_secs(120)
+        );
         assert_eq!(Timeout::parse("7").unwrap().get(), Duration::from_secs(7));
         assert!(Timeout::parse("5 parsecs").is_err());
         assert!(Timeout::parse("0s").is_err());

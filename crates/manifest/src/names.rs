@@ -134,7 +134,16 @@ mod tests {
         for good in ["a", "hello", "hello-world2", "x1"] {
             assert!(good.parse::<FunctionName>().is_ok(), "{good}");
         }
-        for bad in ["", "Hello", "1abc", "a_b", "a-", "-a", "a/b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Hello",
+            "1abc",
+            "a_b",
+            "a-",
+            "-a",
+            "a/b",
+            &"a".repeat(64),
+        ] {
             assert!(bad.parse::<FunctionName>().is_err(), "{bad}");
         }
         assert!(EnvName::try_from("LOG_LEVEL".to_owned()).is_ok());

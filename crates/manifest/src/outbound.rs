@@ -20,9 +20,13 @@ pub enum OutboundRuleError {
     EmptyHost(String),
     #[error("outbound rule `{0}`: port must be a number from 1 to 65535, or `*`")]
     Port(String),
-    #[error("outbound rule `{0}`: a rule names a host, not a path; remove everything after the host and port")]
+    #[error(
+        "outbound rule `{0}`: a rule names a host, not a path; remove everything after the host and port"
+    )]
     Path(String),
-    #[error("outbound rule `{0}`: `*` may only stand alone or as the first label (`*.example.com`)")]
+    #[error(
+        "outbound rule `{0}`: `*` may only stand alone or as the first label (`*.example.com`)"
+    )]
     Wildcard(String),
 }
 
@@ -98,7 +102,10 @@ impl FromStr for OutboundRule {
                 _ => return Err(OutboundRuleError::Port(owned())),
             },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         if host.is_empty() {
             return Err(OutboundRuleError::EmptyHost(owned()));
         }
@@ -147,9 +154,18 @@ mod tests {
             "ftp://x".parse::<OutboundRule>(),
             Err(OutboundRuleError::Scheme("ftp://x".into()))
         );
-        assert!(matches!("https://x.com/path".parse::<OutboundRule>(), Err(OutboundRuleError::Path(_))));
-        assert!(matches!("x.com:99999".parse::<OutboundRule>(), Err(OutboundRuleError::Port(_))));
-        assert!(matches!("a.*.com".parse::<OutboundRule>(), Err(OutboundRuleError::Wildcard(_))));
+        assert!(matches!(
+            "https://x.com/path".parse::<OutboundRule>(),
+            Err(OutboundRuleError::Path(_))
+        ));
+        assert!(matches!(
+            "x.com:99999".parse::<OutboundRule>(),
+            Err(OutboundRuleError::Port(_))
+        ));
+        assert!(matches!(
+            "a.*.com".parse::<OutboundRule>(),
+            Err(OutboundRuleError::Wildcard(_))
+        ));
         let v6: OutboundRule = "http://[::1]:8080".parse().unwrap();
         assert_eq!(v6.host, HostPattern::Ip("::1".parse().unwrap()));
         assert_eq!(v6.port, Some(8080));

@@ -70,7 +70,9 @@ impl TryFrom<String> for RoutePattern {
             return Err(fail("a route starts with `/` (e.g. `/hello`)"));
         }
         if text.contains(['?', '#', ' ']) {
-            return Err(fail("a route is a path only: remove any query, fragment or space"));
+            return Err(fail(
+                "a route is a path only: remove any query, fragment or space",
+            ));
         }
         let mut segments = Vec::new();
         let mut params = BTreeSet::new();
@@ -95,14 +97,18 @@ impl TryFrom<String> for RoutePattern {
                     && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                     && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
                 if !ok {
-                    return Err(fail("a parameter is `:` followed by a name of letters, digits and underscores (e.g. `/users/:id`)"));
+                    return Err(fail(
+                        "a parameter is `:` followed by a name of letters, digits and underscores (e.g. `/users/:id`)",
+                    ));
                 }
                 if !params.insert(name.to_owned()) {
                     return Err(fail("the same parameter name appears twice"));
                 }
                 segments.push(Segment::Param(name.to_owned()));
             } else if part.contains(['*', ':']) {
-                return Err(fail("`*` and `:` must stand alone as a whole segment (`/files/*`, `/users/:id`)"));
+                return Err(fail(
+                    "`*` and `:` must stand alone as a whole segment (`/files/*`, `/users/:id`)",
+                ));
             } else {
                 segments.push(Segment::Literal(part.to_owned()));
             }
@@ -146,11 +152,14 @@ impl TryFrom<String> for Method {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let upper = s.to_ascii_uppercase();
-        let ok = !upper.is_empty() && upper.len() <= 16 && upper.bytes().all(|b| b.is_ascii_uppercase());
+        let ok =
+            !upper.is_empty() && upper.len() <= 16 && upper.bytes().all(|b| b.is_ascii_uppercase());
         if ok {
             Ok(Self(upper))
         } else {
-            Err(format!("invalid HTTP method `{s}`: use a method name such as GET, POST, PUT, PATCH or DELETE"))
+            Err(format!(
+                "invalid HTTP method `{s}`: use a method name such as GET, POST, PUT, PATCH or DELETE"
+            ))
         }
     }
 }

@@ -47,19 +47,30 @@ impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> Self {
         let msg = e.to_string();
         match e {
-            ChangeError::Plan(crate::deploy::PlanError::BadDigest(_)) => Self(StatusCode::BAD_REQUEST, "bad_digest", msg),
+            ChangeError::Plan(crate::deploy::PlanError::BadDigest(_)) => {
+                Self(StatusCode::BAD_REQUEST, "bad_digest", msg)
+            }
             ChangeError::Plan(_) => Self(StatusCode::CONFLICT, "conflict", msg),
             ChangeError::NoSuchFunction(_) => Self::not_found(msg),
-            ChangeError::MissingComponent(_) => Self(StatusCode::BAD_REQUEST, "missing_component", msg),
-            ChangeError::NothingToRollBack { .. } => Self(StatusCode::CONFLICT, "no_earlier_version", msg),
+            ChangeError::MissingComponent(_) => {
+                Self(StatusCode::BAD_REQUEST, "missing_component", msg)
+            }
+            ChangeError::NothingToRollBack { .. } => {
+                Self(StatusCode::CONFLICT, "no_earlier_version", msg)
+            }
             ChangeError::Store(StoreError::NoSuchVersion { .. }) => Self::not_found(msg),
             ChangeError::Store(StoreError::NoSuchFunction(_)) => Self::not_found(msg),
-            ChangeError::Engine { source: EngineError::Component(_), .. } => {
-                Self(StatusCode::BAD_REQUEST, "invalid_component", msg)
-            }
+            ChangeError::Engine {
+                source: EngineError::Component(_),
+                ..
+            } => Self(StatusCode::BAD_REQUEST, "invalid_component", msg),
             other => {
                 tracing::error!(error = %other, "admin request failed");
-                Self(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string())
+                Self(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    other.to_string(),
+                )
             }
         }
     }
@@ -76,7 +87,11 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     if given.len() != expected.len() {
         return false;
     }
-    given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 fn authorized(state: &NodeState, req: &hyper::Request<Incoming>) -> bool {
@@ -100,8 +115,10 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
             "missing or wrong bearer token: send `Authorization: Bearer <token>` with the token from the node's data directory (admin-token)",
             None,
         );
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
         return resp;
     }
     let segments: Vec<String> = path
@@ -118,7 +135,9 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
         (&Method::DELETE, ["v1", "functions", name]) => remove(&state, name).await,
         (&Method::POST, ["v1", "functions", name, "rollback"]) => rollback(&state, name, req).await,
         (&Method::POST, ["v1", "functions", name, "invoke"]) => invoke(&state, name, req).await,
-        (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => has_component(&state, digest),
+        (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
+            has_component(&state, digest)
+        }
         (&Method::PUT, ["v1", "components", digest]) => upload(&state, digest, req).await,
         (&Method::POST, ["v1", "deploy"]) => deploy(&state, req).await,
         (_, ["v1", ..]) => Err(ApiError(
@@ -126,7 +145,9 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
             "not_found",
             format!("no admin endpoint {method} {path}; see docs/openapi.yaml"),
         )),
-        _ => Err(ApiError::not_found(format!("no admin endpoint {method} {path}"))),
+        _ => Err(ApiError::not_found(format!(
+            "no admin endpoint {method} {path}"
+        ))),
     };
     result.unwrap_or_else(ApiError::into_response)
 }
@@ -134,7 +155,8 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
 async fn read_json<T: DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req, MAX_JSON_BYTES).await?;
     if bytes.is_empty() {
-        return serde_json::from_slice(b"{}").map_err(|e| ApiError::bad_request(format!("the request needs a JSON body: {e}")));
+        return serde_json::from_slice(b"{}")
+            .map_err(|e| ApiError::bad_request(format!("the request needs a JSON body: {e}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
@@ -164,7 +186,9 @@ async fn read_body(req: hyper::Request<Incoming>, limit: usize) -> Result<Bytes,
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body failed: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body failed: {e}"
+        ))),
     }
 }
 
@@ -182,7 +206,13 @@ fn summary(state: &NodeState, r: &FunctionRecord) -> FunctionSummary {
         app: r.app.clone(),
         version: r.active.version,
         digest: r.active.digest.clone(),
-        routes: r.active.config.routes.iter().map(ToString::to_string).collect(),
+        routes: r
+            .active
+            .config
+            .routes
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         config: r.active.config.clone(),
         updated_at: r.updated_at,
         in_flight: serving.map_or(0, |d| d.admission.in_flight()),
@@ -252,17 +282,28 @@ fn detail(state: &NodeState, name: &str) -> Result<Response, ApiError> {
 async fn remove(state: &NodeState, name: &str) -> Result<Response, ApiError> {
     let name = function_name(name)?;
     state.remove(&name).await?;
-    Ok(json_response(StatusCode::OK, &serde_json::json!({ "removed": name })))
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "removed": name }),
+    ))
 }
 
-async fn rollback(state: &NodeState, name: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+async fn rollback(
+    state: &NodeState,
+    name: &str,
+    req: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
     let name = function_name(name)?;
     let body: RollbackRequest = read_json(req).await?;
     let record = state.rollback(&name, body.to).await?;
     Ok(json_response(StatusCode::OK, &summary(state, &record)))
 }
 
-async fn invoke(state: &NodeState, name: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+async fn invoke(
+    state: &NodeState,
+    name: &str,
+    req: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
     let name = function_name(name)?;
     let body: InvokeRequest = read_json(req).await?;
     let table = state.gateway.table();
@@ -271,12 +312,17 @@ async fn invoke(state: &NodeState, name: &str, req: hyper::Request<Incoming>) ->
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("function `{name}` is not deployed")))?;
     drop(table);
-    let method = body.method.as_deref().unwrap_or(if body.body.is_some() { "POST" } else { "GET" });
+    let method = body
+        .method
+        .as_deref()
+        .unwrap_or(if body.body.is_some() { "POST" } else { "GET" });
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| ApiError::bad_request(format!("invalid method `{method}`")))?;
     let path = body.path.as_deref().unwrap_or("/");
     if !path.starts_with('/') {
-        return Err(ApiError::bad_request(format!("path `{path}` must start with `/`")));
+        return Err(ApiError::bad_request(format!(
+            "path `{path}` must start with `/`"
+        )));
     }
     let mut builder = hyper::Request::builder().method(method).uri(path);
     let mut has_host = false;
@@ -297,12 +343,21 @@ async fn invoke(state: &NodeState, name: &str, req: hyper::Request<Incoming>) ->
         )
         .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;
     let started = Instant::now();
-    let response = state.gateway.invoke(&deployed, request, RouteInfo::default()).await;
+    let response = state
+        .gateway
+        .invoke(&deployed, request, RouteInfo::default())
+        .await;
     let (parts, body) = response.into_parts();
     let bytes = Limited::new(body, MAX_INVOKE_RESPONSE_BYTES)
         .collect()
         .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, "response_failed", format!("reading the function's response failed: {e}")))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::BAD_GATEWAY,
+                "response_failed",
+                format!("reading the function's response failed: {e}"),
+            )
+        })?
         .to_bytes();
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let invocation_id = parts
@@ -323,7 +378,12 @@ async fn invoke(state: &NodeState, name: &str, req: hyper::Request<Incoming>) ->
             headers: parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
             body: text,
             binary,
@@ -337,7 +397,9 @@ fn parse_digest(digest: &str) -> Result<ComponentDigest, ApiError> {
         ApiError(
             StatusCode::BAD_REQUEST,
             "bad_digest",
-            format!("`{digest}` is not a component digest: expected 64 lowercase hex digits (sha256)"),
+            format!(
+                "`{digest}` is not a component digest: expected 64 lowercase hex digits (sha256)"
+            ),
         )
     })
 }
@@ -345,13 +407,22 @@ fn parse_digest(digest: &str) -> Result<ComponentDigest, ApiError> {
 fn has_component(state: &NodeState, digest: &str) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
     if state.engine.has_component(&digest) {
-        Ok(json_response(StatusCode::OK, &serde_json::json!({ "digest": digest.as_str() })))
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "digest": digest.as_str() }),
+        ))
     } else {
-        Err(ApiError::not_found(format!("component {digest} was not uploaded")))
+        Err(ApiError::not_found(format!(
+            "component {digest} was not uploaded"
+        )))
     }
 }
 
-async fn upload(state: &NodeState, digest: &str, req: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+async fn upload(
+    state: &NodeState,
+    digest: &str,
+    req: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
     let bytes = read_body(req, MAX_COMPONENT_BYTES).await?;
     let actual = hex::encode(Sha256::digest(&bytes));
@@ -359,15 +430,19 @@ async fn upload(state: &NodeState, digest: &str, req: hyper::Request<Incoming>) 
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "digest_mismatch",
-            format!("the uploaded bytes have sha256 {actual}, not {digest}: upload the file whose digest is in the URL"),
+            format!(
+                "the uploaded bytes have sha256 {actual}, not {digest}: upload the file whose digest is in the URL"
+            ),
         ));
     }
     let size = bytes.len() as u64;
-    let _permit = state
-        .compiles
-        .acquire()
-        .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()))?;
+    let _permit = state.compiles.acquire().await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        )
+    })?;
     let engine = state.engine.clone();
     let compiled = tokio::task::spawn_blocking(move || engine.compile(&bytes))
         .await
@@ -380,10 +455,18 @@ async fn upload(state: &NodeState, digest: &str, req: hyper::Request<Incoming>) 
                 size,
             },
         )),
-        Err(EngineError::Component(e)) => Err(ApiError(StatusCode::BAD_REQUEST, "invalid_component", e.to_string())),
+        Err(EngineError::Component(e)) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_component",
+            e.to_string(),
+        )),
         Err(e) => {
             tracing::error!(error = %e, "storing a component failed");
-            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ))
         }
     }
 }

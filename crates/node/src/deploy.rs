@@ -9,9 +9,13 @@ use nimbus_store::FunctionRecord;
 /// Why a deploy was refused before anything changed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("function `{name}` belongs to app `{owner}`; rename it or remove it from `{owner}` first")]
+    #[error(
+        "function `{name}` belongs to app `{owner}`; rename it or remove it from `{owner}` first"
+    )]
     NameTaken { name: String, owner: String },
-    #[error("route `{route}` of function `{name}` conflicts with route `{other_route}` of function `{other}`: a request could match both; change one path or give them different methods")]
+    #[error(
+        "route `{route}` of function `{name}` conflicts with route `{other_route}` of function `{other}`: a request could match both; change one path or give them different methods"
+    )]
     RouteConflict {
         name: String,
         route: String,
@@ -40,14 +44,13 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
             return Err(PlanError::BadDigest(f.component.clone()));
         }
         let existing = current.iter().find(|r| &r.name == name);
-        if let Some(r) = existing {
-            if r.app != request.app {
+        if let Some(r) = existing
+            && r.app != request.app {
                 return Err(PlanError::NameTaken {
                     name: name.to_string(),
                     owner: r.app.to_string(),
                 });
             }
-        }
         let change = match existing {
             None => Change::Created,
             Some(r) if r.active.digest == f.component && r.active.config == f.config => {
@@ -67,7 +70,13 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
     let others = current
         .iter()
         .filter(|r| r.app != request.app)
-        .flat_map(|r| r.active.config.routes.iter().map(move |route| (&r.name, route)));
+        .flat_map(|r| {
+            r.active
+                .config
+                .routes
+                .iter()
+                .map(move |route| (&r.name, route))
+        });
     let mut seen: Vec<(&FunctionName, &Route)> = others.collect();
     for step in &steps {
         for route in &step.config.routes {
@@ -149,13 +158,24 @@ mod tests {
     }
 
     fn changes(steps: &[Step]) -> Vec<(String, Change)> {
-        steps.iter().map(|s| (s.name.to_string(), s.change)).collect()
+        steps
+            .iter()
+            .map(|s| (s.name.to_string(), s.change))
+            .collect()
     }
 
     #[test]
     fn unchanged_functions_stay_and_missing_ones_go() {
-        let current = [record("a", "f", D1, "/f"), record("a", "g", D1, "/g"), record("a", "h", D1, "/h")];
-        let steps = plan(&current, &request("a", &[("f", D1, "/f"), ("g", D2, "/g"), ("new", D1, "/n")])).unwrap();
+        let current = [
+            record("a", "f", D1, "/f"),
+            record("a", "g", D1, "/g"),
+            record("a", "h", D1, "/h"),
+        ];
+        let steps = plan(
+            &current,
+            &request("a", &[("f", D1, "/f"), ("g", D2, "/g"), ("new", D1, "/n")]),
+        )
+        .unwrap();
         assert_eq!(
             changes(&steps),
             vec![

@@ -66,7 +66,10 @@ impl RunningNode {
 /// Opens state, loads functions, binds and serves.
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!("cannot create the data directory {}", config.data_dir.display())
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
     })?;
     let data_dir = config
         .data_dir
@@ -79,11 +82,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let gateway = Arc::new(Gateway::new());
 
     let gateway_listener = TcpListener::bind(config.listen).await.with_context(|| {
-        format!("cannot listen on {} (is another node running? use --listen to pick another address)", config.listen)
+        format!(
+            "cannot listen on {} (is another node running? use --listen to pick another address)",
+            config.listen
+        )
     })?;
-    let admin_listener = TcpListener::bind(config.admin_listen).await.with_context(|| {
-        format!("cannot listen on {} (use --admin-listen to pick another address)", config.admin_listen)
-    })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (use --admin-listen to pick another address)",
+                config.admin_listen
+            )
+        })?;
     let gateway_addr = gateway_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let info = NodeInfo {

@@ -59,7 +59,12 @@ pub struct NodeState {
 /// Compiles that may run at once (each uses all cores while it lasts).
 const MAX_CONCURRENT_COMPILES: usize = 2;
 
-fn spec_of(name: &FunctionName, version: u64, digest: &ComponentDigest, config: &FunctionConfig) -> FunctionSpec {
+fn spec_of(
+    name: &FunctionName,
+    version: u64,
+    digest: &ComponentDigest,
+    config: &FunctionConfig,
+) -> FunctionSpec {
     FunctionSpec {
         name: name.to_string(),
         version,
@@ -130,7 +135,10 @@ impl NodeState {
         if !self.engine.has_component(&digest) {
             // A stored component can still be recompiled (engine upgrade);
             // only a digest never uploaded is refused here.
-            let stored = self.data_dir.join("artifacts/components").join(format!("{digest}.wasm"));
+            let stored = self
+                .data_dir
+                .join("artifacts/components")
+                .join(format!("{digest}.wasm"));
             if !stored.exists() {
                 return Err(ChangeError::MissingComponent(digest.to_string()));
             }
@@ -166,7 +174,13 @@ impl NodeState {
         let mut failed = BTreeMap::new();
         for r in &records {
             match self
-                .prepare(&r.name, r.active.version, &r.active.digest, &r.active.config, None)
+                .prepare(
+                    &r.name,
+                    r.active.version,
+                    &r.active.digest,
+                    &r.active.config,
+                    None,
+                )
                 .await
             {
                 Ok(d) => deployed.push(d),
@@ -199,11 +213,10 @@ impl NodeState {
         for r in records {
             if let Some(d) = fresh.remove(&r.name) {
                 serving.push(d);
-            } else if let Some(d) = table.function(r.name.as_str()) {
-                if d.version == r.active.version {
+            } else if let Some(d) = table.function(r.name.as_str())
+                && d.version == r.active.version {
                     serving.push(d.clone());
                 }
-            }
         }
         if let Ok(mut failed) = self.failed.lock() {
             failed.retain(|name, _| {
@@ -219,7 +232,11 @@ impl NodeState {
     }
 
     fn next_version(&self, name: &FunctionName) -> Result<u64, ChangeError> {
-        Ok(self.registry.versions(name)?.last().map_or(1, |v| v.version + 1))
+        Ok(self
+            .registry
+            .versions(name)?
+            .last()
+            .map_or(1, |v| v.version + 1))
     }
 
     /// Applies the desired state of one app.
@@ -231,9 +248,14 @@ impl NodeState {
 
         let mut fresh = HashMap::new();
         let mut upserts = Vec::new();
-        for step in steps.iter().filter(|s| matches!(s.change, Change::Created | Change::Updated)) {
+        for step in steps
+            .iter()
+            .filter(|s| matches!(s.change, Change::Created | Change::Updated))
+        {
             let version = self.next_version(&step.name)?;
-            let admission = table.function(step.name.as_str()).map(|d| d.admission.clone());
+            let admission = table
+                .function(step.name.as_str())
+                .map(|d| d.admission.clone());
             let d = self
                 .prepare(&step.name, version, &step.digest, &step.config, admission)
                 .await?;
@@ -247,10 +269,19 @@ impl NodeState {
         // A function that failed to load at start is loaded again even when
         // its configuration did not change.
         let failed = self.failed();
-        for step in steps.iter().filter(|s| s.change == Change::Unchanged && failed.contains_key(&s.name)) {
+        for step in steps
+            .iter()
+            .filter(|s| s.change == Change::Unchanged && failed.contains_key(&s.name))
+        {
             if let Some(r) = current.iter().find(|r| r.name == step.name) {
                 let d = self
-                    .prepare(&r.name, r.active.version, &r.active.digest, &r.active.config, None)
+                    .prepare(
+                        &r.name,
+                        r.active.version,
+                        &r.active.digest,
+                        &r.active.config,
+                        None,
+                    )
                     .await?;
                 fresh.insert(step.name.clone(), d);
             }
@@ -267,14 +298,13 @@ impl NodeState {
             self.registry.apply(&request.app, &upserts, &removals)?
         };
         for d in fresh.values() {
-            if let Some(r) = records.iter().find(|r| r.name == d.name) {
-                if r.active.version != d.version {
+            if let Some(r) = records.iter().find(|r| r.name == d.name)
+                && r.active.version != d.version {
                     return Err(ChangeError::Internal(format!(
                         "version of `{}` changed during the deploy",
                         d.name
                     )));
                 }
-            }
         }
         self.publish(&records, fresh);
 
@@ -305,7 +335,11 @@ impl NodeState {
     }
 
     /// Activates an earlier version.
-    pub async fn rollback(&self, name: &FunctionName, to: Option<u64>) -> Result<FunctionRecord, ChangeError> {
+    pub async fn rollback(
+        &self,
+        name: &FunctionName,
+        to: Option<u64>,
+    ) -> Result<FunctionRecord, ChangeError> {
         let _guard = self.changes.lock().await;
         let record = self
             .registry
@@ -314,13 +348,15 @@ impl NodeState {
         let versions = self.registry.versions(name)?;
         let active = record.active.version;
         let target = match to {
-            Some(v) => versions
-                .iter()
-                .find(|x| x.version == v)
-                .ok_or(StoreError::NoSuchVersion {
-                    function: name.to_string(),
-                    version: v,
-                })?,
+            Some(v) => {
+                versions
+                    .iter()
+                    .find(|x| x.version == v)
+                    .ok_or(StoreError::NoSuchVersion {
+                        function: name.to_string(),
+                        version: v,
+                    })?
+            }
             None => versions
                 .iter()
                 .rev()
@@ -330,9 +366,19 @@ impl NodeState {
                     active,
                 })?,
         };
-        let admission = self.gateway.table().function(name.as_str()).map(|d| d.admission.clone());
+        let admission = self
+            .gateway
+            .table()
+            .function(name.as_str())
+            .map(|d| d.admission.clone());
         let d = self
-            .prepare(name, target.version, &target.digest, &target.config, admission)
+            .prepare(
+                name,
+                target.version,
+                &target.digest,
+                &target.config,
+                admission,
+            )
             .await?;
         // Routes of the target version must still be free.
         let others: Vec<FunctionRecord> = self
@@ -343,7 +389,13 @@ impl NodeState {
             .collect();
         for route in &target.config.routes {
             for other in &others {
-                if let Some(o) = other.active.config.routes.iter().find(|o| o.conflicts_with(route)) {
+                if let Some(o) = other
+                    .active
+                    .config
+                    .routes
+                    .iter()
+                    .find(|o| o.conflicts_with(route))
+                {
                     return Err(ChangeError::Plan(PlanError::RouteConflict {
                         name: name.to_string(),
                         route: route.to_string(),

@@ -141,7 +141,10 @@ fn parse_config(function: &str, version: u64, text: &str) -> Result<FunctionConf
     })
 }
 
-fn version_of(row: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<(u64, String, String, i64)> {
+fn version_of(
+    row: &rusqlite::Row<'_>,
+    offset: usize,
+) -> rusqlite::Result<(u64, String, String, i64)> {
     Ok((
         row.get::<_, i64>(offset)? as u64,
         row.get(offset + 1)?,
@@ -176,25 +179,28 @@ fn read_functions(
         None => stmt.query_map([], map)?.collect::<Result<_, _>>()?,
     };
     rows.into_iter()
-        .map(|(name, app, updated_at, (version, digest, config, created_at))| {
-            let config = parse_config(&name, version, &config)?;
-            let corrupt = |what: String| StoreError::Corrupt {
-                function: name.clone(),
-                version,
-                source: serde_json::Error::io(std::io::Error::other(what)),
-            };
-            Ok(FunctionRecord {
-                name: FunctionName::try_from(name.clone()).map_err(|e| corrupt(e.to_string()))?,
-                app: AppName::try_from(app).map_err(|e| corrupt(e.to_string()))?,
-                active: FunctionVersion {
+        .map(
+            |(name, app, updated_at, (version, digest, config, created_at))| {
+                let config = parse_config(&name, version, &config)?;
+                let corrupt = |what: String| StoreError::Corrupt {
+                    function: name.clone(),
                     version,
-                    digest,
-                    config,
-                    created_at,
-                },
-                updated_at,
-            })
-        })
+                    source: serde_json::Error::io(std::io::Error::other(what)),
+                };
+                Ok(FunctionRecord {
+                    name: FunctionName::try_from(name.clone())
+                        .map_err(|e| corrupt(e.to_string()))?,
+                    app: AppName::try_from(app).map_err(|e| corrupt(e.to_string()))?,
+                    active: FunctionVersion {
+                        version,
+                        digest,
+                        config,
+                        created_at,
+                    },
+                    updated_at,
+                })
+            },
+        )
         .collect()
 }
 
@@ -331,7 +337,9 @@ mod tests {
 
     #[test]
     fn versions_accumulate_and_survive_reopen() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Database(rusqlite::Error::InvalidPath(e.to_string().into())))?;
+        let dir = tempfile::tempdir().map_err(|e| {
+            StoreError::Database(rusqlite::Error::InvalidPath(e.to_string().into()))
+        })?;
         let path = dir.path().join("state.db");
         let app: AppName = "shop".parse().unwrap();
         {

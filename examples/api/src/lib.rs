@@ -55,7 +55,9 @@ fn send_json(out: ResponseOutparam, status: u16, value: &serde_json::Value) {
 
 fn header(request: &IncomingRequest, name: &str) -> Option<String> {
     let values = request.headers().get(name);
-    values.first().map(|v| String::from_utf8_lossy(v).into_owned())
+    values
+        .first()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn read_body(request: &IncomingRequest, limit: usize) -> Result<Vec<u8>, String> {
@@ -78,7 +80,9 @@ fn read_body(request: &IncomingRequest, limit: usize) -> Result<Vec<u8>, String>
 
 fn price_of(item: &str) -> u64 {
     // A stable pseudo-price per item, in cents.
-    item.bytes().fold(100u64, |acc, b| (acc * 31 + u64::from(b)) % 5000) + 100
+    item.bytes()
+        .fold(100u64, |acc, b| (acc * 31 + u64::from(b)) % 5000)
+        + 100
 }
 
 impl wasi::exports::http::incoming_handler::Guest for Api {
@@ -92,7 +96,8 @@ impl wasi::exports::http::incoming_handler::Guest for Api {
 
         match (&method, segments.as_slice()) {
             (Method::Get, ["api", "greet", name]) => {
-                let name = header(&request, "nimbus-param-name").unwrap_or_else(|| (*name).to_owned());
+                let name =
+                    header(&request, "nimbus-param-name").unwrap_or_else(|| (*name).to_owned());
                 let shout = query.split('&').any(|kv| kv == "shout=true");
                 let mut message = format!("Hello, {name}!");
                 if shout {
@@ -116,7 +121,11 @@ impl wasi::exports::http::incoming_handler::Guest for Api {
                     }
                 };
                 if order.quantity == 0 {
-                    return send_json(out, 422, &serde_json::json!({ "error": "quantity must be at least 1" }));
+                    return send_json(
+                        out,
+                        422,
+                        &serde_json::json!({ "error": "quantity must be at least 1" }),
+                    );
                 }
                 let unit = price_of(&order.item);
                 let created = Order {
@@ -127,7 +136,11 @@ impl wasi::exports::http::incoming_handler::Guest for Api {
                 };
                 send_json(out, 201, &serde_json::json!(created));
             }
-            _ => send_json(out, 404, &serde_json::json!({ "error": format!("no such endpoint: {path}") })),
+            _ => send_json(
+                out,
+                404,
+                &serde_json::json!({ "error": format!("no such endpoint: {path}") }),
+            ),
         }
     }
 }

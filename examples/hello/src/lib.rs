@@ -1,7 +1,9 @@
 //! The smallest useful function: answers every request with a greeting.
 //! `GREETING` (set in nimbus.toml) changes the words.
 
-use wasi::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasi::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 struct Hello;
 

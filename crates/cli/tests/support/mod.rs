@@ -12,7 +12,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Builds a guest workspace for wasm32-wasip2 (cargo caches between runs).
@@ -97,7 +100,15 @@ impl Node {
             .open(dir.path().join("node.log"))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
-            .args(["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .arg("--data-dir")
             .arg(&data)
             .env("NIMBUS_LOG", "info")
@@ -109,14 +120,16 @@ impl Node {
         let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(60);
         let info: NodeInfo = loop {
-            if let Ok(text) = std::fs::read_to_string(data.join(NODE_FILE)) {
-                if let Ok(info) = serde_json::from_str::<NodeInfo>(&text) {
-                    if info.pid == pid {
+            if let Ok(text) = std::fs::read_to_string(data.join(NODE_FILE))
+                && let Ok(info) = serde_json::from_str::<NodeInfo>(&text)
+                    && info.pid == pid {
                         break info;
                     }
-                }
-            }
-            assert!(Instant::now() < deadline, "node did not start:\n{}", std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "node did not start:\n{}",
+                std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         let admin = Admin::discover(Some(info.admin_url), None, &data).unwrap();
@@ -187,7 +200,10 @@ impl Node {
     }
 
     pub async fn status(&self) -> nimbus_api::NodeStatus {
-        self.admin.call(Method::GET, "/v1/status", None::<&()>).await.unwrap()
+        self.admin
+            .call(Method::GET, "/v1/status", None::<&()>)
+            .await
+            .unwrap()
     }
 }
 
@@ -199,7 +215,9 @@ impl Drop for Node {
 
 /// One request over a fresh connection, with a generous timeout.
 pub async fn request(method: Method, url: &str, body: Bytes) -> Reply {
-    client::send(method, url, &[], body, Duration::from_secs(60)).await.unwrap()
+    client::send(method, url, &[], body, Duration::from_secs(60))
+        .await
+        .unwrap()
 }
 
 /// A manifest of one app, with `functions` given as TOML tables.
