@@ -236,9 +236,10 @@ impl Gateway {
             headers.insert(INVOCATION_ID_HEADER, v);
         }
         if !info.route.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&info.route) {
-                headers.insert("nimbus-route", v);
-            }
+            && let Ok(v) = HeaderValue::from_str(&info.route)
+        {
+            headers.insert("nimbus-route", v);
+        }
         for (name, value) in &info.params {
             let name =
                 http::HeaderName::try_from(format!("nimbus-param-{}", name.to_ascii_lowercase()));
@@ -247,9 +248,10 @@ impl Gateway {
             }
         }
         if let Some(rest) = &info.rest
-            && let Ok(v) = HeaderValue::from_str(rest) {
-                headers.insert("nimbus-path-info", v);
-            }
+            && let Ok(v) = HeaderValue::from_str(rest)
+        {
+            headers.insert("nimbus-path-info", v);
+        }
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }

@@ -169,17 +169,19 @@ fn find<'a, 'p, T>(
         return pick(&node.wildcard, method, allowed).map(|e| (e, Some(String::new())));
     };
     if let Some(child) = node.literals.get(*first)
-        && let Some(found) = find(child, rest, method, values, allowed) {
+        && let Some(found) = find(child, rest, method, values, allowed)
+    {
+        return Some(found);
+    }
+    if let Some(child) = &node.param
+        && !first.is_empty()
+    {
+        values.push(first);
+        if let Some(found) = find(child, rest, method, values, allowed) {
             return Some(found);
         }
-    if let Some(child) = &node.param
-        && !first.is_empty() {
-            values.push(first);
-            if let Some(found) = find(child, rest, method, values, allowed) {
-                return Some(found);
-            }
-            values.pop();
-        }
+        values.pop();
+    }
     pick(&node.wildcard, method, allowed).map(|e| (e, Some(segments.join("/"))))
 }
 

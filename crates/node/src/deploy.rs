@@ -45,12 +45,13 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
         }
         let existing = current.iter().find(|r| &r.name == name);
         if let Some(r) = existing
-            && r.app != request.app {
-                return Err(PlanError::NameTaken {
-                    name: name.to_string(),
-                    owner: r.app.to_string(),
-                });
-            }
+            && r.app != request.app
+        {
+            return Err(PlanError::NameTaken {
+                name: name.to_string(),
+                owner: r.app.to_string(),
+            });
+        }
         let change = match existing {
             None => Change::Created,
             Some(r) if r.active.digest == f.component && r.active.config == f.config => {

@@ -214,9 +214,10 @@ impl NodeState {
             if let Some(d) = fresh.remove(&r.name) {
                 serving.push(d);
             } else if let Some(d) = table.function(r.name.as_str())
-                && d.version == r.active.version {
-                    serving.push(d.clone());
-                }
+                && d.version == r.active.version
+            {
+                serving.push(d.clone());
+            }
         }
         if let Ok(mut failed) = self.failed.lock() {
             failed.retain(|name, _| {
@@ -299,12 +300,13 @@ impl NodeState {
         };
         for d in fresh.values() {
             if let Some(r) = records.iter().find(|r| r.name == d.name)
-                && r.active.version != d.version {
-                    return Err(ChangeError::Internal(format!(
-                        "version of `{}` changed during the deploy",
-                        d.name
-                    )));
-                }
+                && r.active.version != d.version
+            {
+                return Err(ChangeError::Internal(format!(
+                    "version of `{}` changed during the deploy",
+                    d.name
+                )));
+            }
         }
         self.publish(&records, fresh);
 

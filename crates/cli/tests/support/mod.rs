@@ -122,9 +122,10 @@ impl Node {
         let info: NodeInfo = loop {
             if let Ok(text) = std::fs::read_to_string(data.join(NODE_FILE))
                 && let Ok(info) = serde_json::from_str::<NodeInfo>(&text)
-                    && info.pid == pid {
-                        break info;
-                    }
+                && info.pid == pid
+            {
+                break info;
+            }
             assert!(
                 Instant::now() < deadline,
                 "node did not start:\n{}",
