@@ -41,6 +41,8 @@ pub struct Deployed {
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
     pub routes: Vec<nimbus_manifest::Route>,
+    /// Set by the first invocation of this version: every later one is warm.
+    pub warm: std::sync::atomic::AtomicBool,
 }
 
 /// Routes and functions of one moment; replaced whole on every change.
@@ -267,6 +269,7 @@ impl Gateway {
             .boxed_unsync()
         });
 
+        let cold = !deployed.warm.swap(true, Ordering::Relaxed);
         let id_arc: Arc<str> = id.as_str().into();
         let result = deployed.runtime.invoke(req, id_arc).await;
         let elapsed = started.elapsed();
@@ -284,6 +287,7 @@ impl Gateway {
                     status = parts.status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     instantiate_us = outcome.instantiate.as_micros() as u64,
+                    "faas.coldstart" = cold,
                     "invocation"
                 );
                 let body = PermitBody {
@@ -313,6 +317,7 @@ impl Gateway {
                     path = %path,
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    "faas.coldstart" = cold,
                     error = %e,
                     "invocation failed"
                 );

@@ -164,6 +164,7 @@ impl NodeState {
             admission,
             max_body: config.limits.max_body.get() << 20,
             routes: config.routes.clone(),
+            warm: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
