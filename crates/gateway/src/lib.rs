@@ -232,7 +232,7 @@ impl Gateway {
 
         let headers = req.headers_mut();
         headers.remove("nimbus-route");
-        headers.retain_prefix_free("nimbus-param-");
+        remove_prefixed(headers, "nimbus-param-");
         headers.remove("nimbus-path-info");
         if let Ok(v) = HeaderValue::from_str(&id) {
             headers.insert(INVOCATION_ID_HEADER, v);
@@ -351,22 +351,16 @@ impl Gateway {
     }
 }
 
-trait RetainPrefixFree {
-    fn retain_prefix_free(&mut self, prefix: &str);
-}
-
-impl RetainPrefixFree for http::HeaderMap {
-    /// Removes every header whose name starts with `prefix`, so a caller
-    /// cannot forge the headers the gateway sets.
-    fn retain_prefix_free(&mut self, prefix: &str) {
-        let doomed: Vec<http::HeaderName> = self
-            .keys()
-            .filter(|k| k.as_str().starts_with(prefix))
-            .cloned()
-            .collect();
-        for name in doomed {
-            self.remove(name);
-        }
+/// Removes every header whose name starts with `prefix`, so a caller cannot
+/// forge the headers the gateway sets.
+fn remove_prefixed(headers: &mut http::HeaderMap, prefix: &str) {
+    let doomed: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(prefix))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
 }
 
