@@ -114,7 +114,7 @@ def hello_manifest(component=HELLO, trial=None):
 
 def wrk(port, connections, duration):
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", str(REPORT),
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "-s", str(REPORT),
          f"http://127.0.0.1:{port}/hello"],
         check=True, capture_output=True, text=True).stdout
     line = [l for l in out.splitlines() if l.startswith("{")][-1]

@@ -277,6 +277,7 @@ impl Gateway {
             _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
             Ok(outcome) => {
                 let (parts, body) = outcome.response.into_parts();
+                let body = ResponseStream::prefetch(body, permit).await;
                 tracing::info!(
                     target: "nimbus::invocation",
                     invocation_id = %id,
@@ -290,10 +291,6 @@ impl Gateway {
                     "faas.coldstart" = cold,
                     "invocation"
                 );
-                let body = PermitBody {
-                    inner: body,
-                    _permit: permit,
-                };
                 hyper::Response::from_parts(parts, body.boxed_unsync())
             }
             Err(e) => {
@@ -464,14 +461,64 @@ impl HttpBody for LimitedBody {
     }
 }
 
-/// A response body that holds its invocation's admission slot until the
-/// body has been sent, so streaming responses count against concurrency.
-struct PermitBody {
-    inner: nimbus_engine::ResponseBody,
+/// A function's response body on its way out. It holds the invocation's
+/// admission slot until the body has been sent, so a streaming response
+/// counts against concurrency.
+///
+/// Before the response head is handed to hyper, the first frame the guest
+/// writes (and whatever follows at once) is gathered, so the head and the
+/// first bytes leave in one write; when the guest has already finished, the
+/// exact length is known and the response goes out with `Content-Length`
+/// instead of chunked framing.
+struct ResponseStream {
+    ready: std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>,
+    rest: Option<nimbus_engine::ResponseBody>,
     _permit: Permit,
 }
 
-impl HttpBody for PermitBody {
+impl ResponseStream {
+    async fn prefetch(mut body: nimbus_engine::ResponseBody, permit: Permit) -> Self {
+        use http_body_util::BodyExt as _;
+        let mut ready = std::collections::VecDeque::new();
+        let mut rest = None;
+        match body.frame().await {
+            None => {}
+            Some(first) => {
+                let failed = first.is_err();
+                ready.push_back(first);
+                if !failed {
+                    loop {
+                        let next = std::future::poll_fn(|cx| {
+                            Poll::Ready(Pin::new(&mut body).poll_frame(cx))
+                        })
+                        .await;
+                        match next {
+                            Poll::Ready(None) => break,
+                            Poll::Ready(Some(frame)) => {
+                                let failed = frame.is_err();
+                                ready.push_back(frame);
+                                if failed {
+                                    break;
+                                }
+                            }
+                            Poll::Pending => {
+                                rest = Some(body);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            ready,
+            rest,
+            _permit: permit,
+        }
+    }
+}
+
+impl HttpBody for ResponseStream {
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -479,14 +526,43 @@ impl HttpBody for PermitBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if let Some(frame) = self.ready.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ready.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let buffered: u64 = self
+            .ready
+            .iter()
+            .filter_map(|f| f.as_ref().ok().and_then(Frame::data_ref))
+            .map(|d| d.len() as u64)
+            .sum();
+        match &self.rest {
+            None if self
+                .ready
+                .iter()
+                .all(|f| f.as_ref().is_ok_and(Frame::is_data)) =>
+            {
+                SizeHint::with_exact(buffered)
+            }
+            None => SizeHint::default(),
+            Some(rest) => {
+                let mut hint = rest.size_hint();
+                hint.set_lower(hint.lower() + buffered);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
+        }
     }
 }
