@@ -168,22 +168,25 @@ impl NodeState {
         }))
     }
 
+    /// Builds a servable handle for a record's active version.
+    async fn prepare_active(&self, r: &FunctionRecord) -> Result<Arc<Deployed>, ChangeError> {
+        self.prepare(
+            &r.name,
+            r.active.version,
+            &r.active.digest,
+            &r.active.config,
+            None,
+        )
+        .await
+    }
+
     /// Loads every function in the registry (at start).
     pub async fn load_all(&self) -> Result<(), ChangeError> {
         let records = self.registry.functions()?;
         let mut deployed = Vec::new();
         let mut failed = BTreeMap::new();
         for r in &records {
-            match self
-                .prepare(
-                    &r.name,
-                    r.active.version,
-                    &r.active.digest,
-                    &r.active.config,
-                    None,
-                )
-                .await
-            {
+            match self.prepare_active(r).await {
                 Ok(d) => deployed.push(d),
                 Err(e) => {
                     tracing::error!(function = %r.name, version = r.active.version, error = %e, "cannot load function");
@@ -276,15 +279,7 @@ impl NodeState {
             .filter(|s| s.change == Change::Unchanged && failed.contains_key(&s.name))
         {
             if let Some(r) = current.iter().find(|r| r.name == step.name) {
-                let d = self
-                    .prepare(
-                        &r.name,
-                        r.active.version,
-                        &r.active.digest,
-                        &r.active.config,
-                        None,
-                    )
-                    .await?;
+                let d = self.prepare_active(r).await?;
                 fresh.insert(step.name.clone(), d);
             }
         }
