@@ -424,6 +424,15 @@ async fn upload(
     req: hyper::Request<Incoming>,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
+    // The permit is taken before the body is read, so at most
+    // MAX_CONCURRENT_COMPILES uploads are held in memory at once.
+    let _permit = state.compiles.acquire().await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        )
+    })?;
     let bytes = read_body(req, MAX_COMPONENT_BYTES).await?;
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != digest.as_str() {
@@ -436,13 +445,6 @@ async fn upload(
         ));
     }
     let size = bytes.len() as u64;
-    let _permit = state.compiles.acquire().await.map_err(|e| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            e.to_string(),
-        )
-    })?;
     let engine = state.engine.clone();
     let compiled = tokio::task::spawn_blocking(move || engine.compile(&bytes))
         .await
