@@ -237,7 +237,8 @@ pub(crate) async fn send_to(
             Err(_) => rustls::pki_types::ServerName::try_from(host.to_owned())
                 .map_err(|_| HttpError::HttpRequestUriInvalid)?,
         };
-        let connector = tokio_rustls::TlsConnector::from(tls_config());
+        let config = tls_config().ok_or(HttpError::TlsProtocolError)?;
+        let connector = tokio_rustls::TlsConnector::from(config);
         let tls = tokio::time::timeout(
             OUTBOUND_CONNECT_TIMEOUT,
             connector.connect(server_name, tcp),
@@ -286,36 +287,24 @@ where
     Ok((response, io))
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+/// The TLS client configuration (webpki roots, ring), built once. `None`
+/// only if the crypto provider supports no safe protocol version.
+fn tls_config() -> Option<Arc<rustls::ClientConfig>> {
+    static CONFIG: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> =
+        std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let roots = rustls::RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.into(),
             };
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .unwrap_or_else(|_| {
-                    rustls::ClientConfig::builder_with_provider(Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_protocol_versions(&[&rustls::version::TLS13])
-                    .unwrap_or_else(|_| unreachable_config())
-                })
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-            )
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .ok()
+            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
         })
         .clone()
-}
-
-#[allow(clippy::panic)]
-fn unreachable_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
-    // The ring provider supports TLS 1.3 in every build of rustls.
-    panic!("the ring crypto provider supports no TLS version")
 }
 
 /// Parses the destination of an outgoing request.
