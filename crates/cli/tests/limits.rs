@@ -100,6 +100,40 @@ async fn misbehaving_functions_fail_alone() {
     // And keeps serving.
     assert_eq!(node.get("/ok/ok").await.text(), "ok fine");
     assert_eq!(node.get("/bomb/ok").await.status, StatusCode::OK);
+
+    // Every outcome is counted in the Prometheus metrics (token required).
+    let r = node
+        .admin
+        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
+        .await
+        .unwrap();
+    assert_status(&r, StatusCode::OK);
+    let text = r.text();
+    for line in [
+        r#"faas_invocations_total{function="ok",version="1"} 9"#,
+        r#"faas_errors_total{function="ok",version="1",kind="trap"} 2"#,
+        r#"faas_errors_total{function="ok",version="1",kind="other"} 1"#,
+        r#"faas_timeouts_total{function="spin",version="1"} 2"#,
+        r#"faas_errors_total{function="bomb",version="1",kind="trap"} 1"#,
+        r#"faas_coldstarts_total{function="ok",version="1"} 1"#,
+        r#"faas_invoke_duration_seconds_count{function="ok",version="1"} 9"#,
+        r#"nimbus_in_flight{function="ok",version="1"} 0"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    let anonymous = nimbus_cli::client::send(
+        Method::GET,
+        &format!("{}/metrics", node.admin.url),
+        &[],
+        Bytes::new(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use nimbus_api::{ErrorBody, ErrorResponse, INVOCATION_ID_HEADER};
 use nimbus_engine::{FunctionRuntime, InvokeError};
 use nimbus_manifest::FunctionName;
+use nimbus_telemetry::ErrorKind;
 use router::{Lookup, Router};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -43,6 +44,7 @@ pub struct Deployed {
     pub routes: Vec<nimbus_manifest::Route>,
     /// Set by the first invocation of this version: every later one is warm.
     pub warm: std::sync::atomic::AtomicBool,
+    pub metrics: nimbus_telemetry::FunctionMetrics,
 }
 
 /// Routes and functions of one moment; replaced whole on every change.
@@ -195,6 +197,7 @@ impl Gateway {
     ) -> hyper::Response<Body> {
         let started = Instant::now();
         let id = self.next_invocation_id();
+        deployed.metrics.invoked();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
 
@@ -210,6 +213,7 @@ impl Gateway {
         let permit = match deployed.admission.acquire().await {
             Ok(permit) => permit,
             Err(throttled) => {
+                deployed.metrics.failed(ErrorKind::Throttled);
                 tracing::info!(
                     target: "nimbus::invocation",
                     invocation_id = %id,
@@ -270,6 +274,9 @@ impl Gateway {
         });
 
         let cold = !deployed.warm.swap(true, Ordering::Relaxed);
+        if cold {
+            deployed.metrics.coldstart();
+        }
         let id_arc: Arc<str> = id.as_str().into();
         let result = deployed.runtime.invoke(req, id_arc).await;
         let elapsed = started.elapsed();
@@ -277,7 +284,11 @@ impl Gateway {
             _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
             Ok(outcome) => {
                 let (parts, body) = outcome.response.into_parts();
-                let body = ResponseStream::prefetch(body, permit).await;
+                deployed.metrics.instantiated(outcome.instantiate);
+                if parts.status.is_server_error() {
+                    deployed.metrics.failed(ErrorKind::Status5xx);
+                }
+                let body = ResponseStream::prefetch(body, permit, deployed.clone(), started).await;
                 tracing::info!(
                     target: "nimbus::invocation",
                     invocation_id = %id,
@@ -294,6 +305,13 @@ impl Gateway {
                 hyper::Response::from_parts(parts, body.boxed_unsync())
             }
             Err(e) => {
+                deployed.metrics.failed(match &e {
+                    InvokeError::Timeout(_) => ErrorKind::Timeout,
+                    InvokeError::MemoryLimit(_) | InvokeError::Trap(_) => ErrorKind::Trap,
+                    InvokeError::Capacity(_) => ErrorKind::Throttled,
+                    _ => ErrorKind::Other,
+                });
+                deployed.metrics.finished(elapsed);
                 let (status, code) = match &e {
                     InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
                     InvokeError::MemoryLimit(_) => {
@@ -474,10 +492,25 @@ struct ResponseStream {
     ready: std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>,
     rest: Option<nimbus_engine::ResponseBody>,
     _permit: Permit,
+    /// Whose invocation this is and when it started: its duration is
+    /// recorded when the body is done (sent, or abandoned by the client).
+    deployed: Arc<Deployed>,
+    started: Instant,
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        self.deployed.metrics.finished(self.started.elapsed());
+    }
 }
 
 impl ResponseStream {
-    async fn prefetch(mut body: nimbus_engine::ResponseBody, permit: Permit) -> Self {
+    async fn prefetch(
+        mut body: nimbus_engine::ResponseBody,
+        permit: Permit,
+        deployed: Arc<Deployed>,
+        started: Instant,
+    ) -> Self {
         use http_body_util::BodyExt as _;
         let mut ready = std::collections::VecDeque::new();
         let mut rest = None;
@@ -514,6 +547,8 @@ impl ResponseStream {
             ready,
             rest,
             _permit: permit,
+            deployed,
+            started,
         }
     }
 }

@@ -130,6 +130,7 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
     let method = req.method().clone();
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(status(&state)),
+        (&Method::GET, ["metrics"]) => Ok(metrics(&state)),
         (&Method::GET, ["v1", "functions"]) => list(&state),
         (&Method::GET, ["v1", "functions", name]) => detail(&state, name),
         (&Method::DELETE, ["v1", "functions", name]) => remove(&state, name).await,
@@ -245,6 +246,32 @@ fn status(state: &NodeState) -> Response {
             engine_fingerprint: state.engine.fingerprint().to_owned(),
         },
     )
+}
+
+/// Prometheus text: per function version and for the process.
+fn metrics(state: &NodeState) -> Response {
+    let table = state.gateway.table();
+    let mut functions: Vec<_> = table.functions().collect();
+    functions.sort_by(|a, b| a.name.cmp(&b.name));
+    let samples: Vec<nimbus_telemetry::FunctionSample<'_>> = functions
+        .iter()
+        .map(|d| nimbus_telemetry::FunctionSample {
+            function: d.name.as_str(),
+            version: d.version,
+            metrics: &d.metrics,
+            in_flight: d.admission.in_flight(),
+            queued: d.admission.queued() as u64,
+        })
+        .collect();
+    let process = nimbus_telemetry::ProcessSample::read(state.started_unix);
+    let mut resp = hyper::Response::new(nimbus_gateway::full(nimbus_telemetry::render(
+        &samples, &process,
+    )));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 fn list(state: &NodeState) -> Result<Response, ApiError> {

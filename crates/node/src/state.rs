@@ -48,6 +48,8 @@ pub struct NodeState {
     pub info: NodeInfo,
     pub data_dir: PathBuf,
     pub started: Instant,
+    /// Start time in seconds since the Unix epoch.
+    pub started_unix: f64,
     /// Functions the node could not load, with the reason.
     failed: Mutex<BTreeMap<FunctionName, String>>,
     /// Serialises deploys, rollbacks and removals.
@@ -99,6 +101,10 @@ impl NodeState {
             info,
             data_dir,
             started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default(),
             failed: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             compiles: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMPILES),
@@ -165,6 +171,7 @@ impl NodeState {
             max_body: config.limits.max_body.get() << 20,
             routes: config.routes.clone(),
             warm: std::sync::atomic::AtomicBool::new(false),
+            metrics: Default::default(),
         }))
     }
 
