@@ -384,6 +384,7 @@ impl FunctionRuntime {
             version: f.spec.version,
             invocation: invocation_id,
         };
+        let invocation = tag.invocation.clone();
         let stdout = FunctionOutput::new(tag.clone(), "stdout");
         let stderr = FunctionOutput::new(tag, "stderr");
         let mut wasi = WasiCtx::builder();
@@ -447,7 +448,15 @@ impl FunctionRuntime {
             stdout.flush_pending();
             stderr.flush_pending();
             if let Err(e) = &result {
-                tracing::warn!(function = &*name, version, error = %e, "invocation failed");
+                // Also after the response head was sent (a failure while
+                // streaming), so the reason is always tied to the invocation.
+                tracing::warn!(
+                    invocation_id = &*invocation,
+                    function = &*name,
+                    version,
+                    error = %e,
+                    "guest failed"
+                );
             }
             result
         });
