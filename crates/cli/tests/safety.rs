@@ -216,6 +216,26 @@ async fn bad_components_and_requests_get_clear_4xx() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
+    // The CLI reaches a node elsewhere through NIMBUS_URL and NIMBUS_TOKEN.
+    let run = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["status", "--output", "json"])
+            .env("NIMBUS_DATA_DIR", "/nonexistent")
+            .env("NIMBUS_URL", &node.admin.url)
+            .env("NIMBUS_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = run(&node.admin.token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("wrong");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
     // After all that, the node still deploys and serves.
     node.deploy(&manifest(
         "good",
