@@ -147,9 +147,8 @@ impl Gateway {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<Body> {
         let table = self.table();
-        let path = req.uri().path().to_owned();
-        let method = req.method().as_str().to_owned();
-        let (deployed, info) = match table.router.lookup(&method, &path) {
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        let (deployed, info) = match table.router.lookup(method, path) {
             Lookup::Found(m) => (
                 m.target.clone(),
                 RouteInfo {
