@@ -109,7 +109,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .parent()
         .ok_or_else(|| io::Error::other("artifact path has no parent directory"))?;
     let mut suffix = [0u8; 8];
-    getrandom_fill(&mut suffix);
+    temp_suffix(&mut suffix);
     let tmp = dir.join(format!(".tmp-{}", hex::encode(suffix)));
     let result = (|| {
         let mut file = fs::File::create(&tmp)?;
@@ -137,7 +137,7 @@ fn remove_stale_temporaries(dir: &Path) {
 
 /// Unique-enough suffix for temporary files: the process id and a clock
 /// reading, mixed through sha256 (no secrecy is needed here).
-fn getrandom_fill(out: &mut [u8; 8]) {
+fn temp_suffix(out: &mut [u8; 8]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

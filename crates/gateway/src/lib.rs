@@ -136,9 +136,9 @@ impl Gateway {
         self.invocations.load(Ordering::Relaxed)
     }
 
-    fn next_invocation_id(&self) -> String {
+    fn next_invocation_id(&self) -> Arc<str> {
         let n = self.invocations.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{:08x}", self.id_prefix, n)
+        format!("{:016x}{:08x}", self.id_prefix, n).into()
     }
 
     /// Serves one gateway request: route, admit, invoke.
@@ -225,7 +225,7 @@ impl Gateway {
                     StatusCode::TOO_MANY_REQUESTS,
                     "throttled",
                     throttled.to_string(),
-                    Some(&id),
+                    Some(&*id),
                 );
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -237,8 +237,10 @@ impl Gateway {
         headers.remove("nimbus-route");
         remove_prefixed(headers, "nimbus-param-");
         headers.remove("nimbus-path-info");
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            headers.insert(INVOCATION_ID_HEADER, v);
+        // Hex digits only: always a valid header value.
+        let id_header = HeaderValue::from_str(&id).ok();
+        if let Some(v) = &id_header {
+            headers.insert(INVOCATION_ID_HEADER, v.clone());
         }
         if !info.route.is_empty()
             && let Ok(v) = HeaderValue::from_str(&info.route)
@@ -276,8 +278,7 @@ impl Gateway {
         if cold {
             deployed.metrics.coldstart();
         }
-        let id_arc: Arc<str> = id.as_str().into();
-        let result = deployed.runtime.invoke(req, id_arc).await;
+        let result = deployed.runtime.invoke(req, id.clone()).await;
         let elapsed = started.elapsed();
         let mut response = match result {
             _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
@@ -345,7 +346,7 @@ impl Gateway {
                         "the function failed ({code}); see the node log for invocation {id}"
                     ),
                 };
-                let mut resp = json_error(status, code, message, Some(&id));
+                let mut resp = json_error(status, code, message, Some(&*id));
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -353,7 +354,7 @@ impl Gateway {
                 resp
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&id) {
+        if let Some(v) = id_header {
             response.headers_mut().insert(INVOCATION_ID_HEADER, v);
         }
         if method == Method::HEAD {
