@@ -212,6 +212,7 @@ mod tests {
 
     fn route(path: &str, methods: &[&str]) -> Route {
         Route {
+            webhook: None,
             path: path.parse().unwrap(),
             methods: methods
                 .iter()

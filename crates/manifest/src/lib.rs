@@ -7,6 +7,7 @@
 //! The same types describe a function on the admin API's wire, so the node
 //! validates what it receives with exactly the rules the CLI applied.
 
+pub mod invocation;
 pub mod limits;
 pub mod names;
 pub mod outbound;
@@ -18,6 +19,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use invocation::{
+    CatchUp, Destination, Destinations, Period, RetryPolicy, Schedule, SignatureEncoding, Webhook,
+    WebhookPreset,
+};
 pub use limits::{Limits, Timeout};
 pub use names::{AppName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
@@ -26,7 +31,7 @@ pub use route::{Method, Route, RoutePattern};
 /// What a function is, apart from its code: the part of a function that the
 /// node stores and serves from. Sent on the admin API with the component's
 /// digest.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
     #[serde(default)]
@@ -37,6 +42,15 @@ pub struct FunctionConfig {
     pub limits: Limits,
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<OutboundRule>,
+    /// How asynchronous invocations are retried.
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
+    pub retry: RetryPolicy,
+    /// Where asynchronous results go.
+    #[serde(default, skip_serializing_if = "Destinations::is_empty")]
+    pub destinations: Destinations,
+    /// Cron schedules that invoke the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
 }
 
 /// A parsed `nimbus.toml`.
@@ -160,6 +174,12 @@ struct RawFunction {
     limits: Limits,
     #[serde(default)]
     allowed_outbound_hosts: Vec<OutboundRule>,
+    #[serde(default)]
+    retry: RetryPolicy,
+    #[serde(default)]
+    destinations: Destinations,
+    #[serde(default)]
+    schedules: Vec<toml::Spanned<Schedule>>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +204,7 @@ impl<'de> Deserialize<'de> for RouteEntry {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RouteEntry, E> {
                 let path = v.parse::<RoutePattern>().map_err(E::custom)?;
                 Ok(RouteEntry(Route {
+                    webhook: None,
                     path,
                     methods: Vec::new(),
                 }))
@@ -243,6 +264,19 @@ impl Manifest {
                 }
                 seen.push((name, route));
             }
+            for (i, spanned) in f.schedules.iter().enumerate() {
+                let key = spanned.get_ref().key();
+                if f.schedules[..i].iter().any(|o| o.get_ref().key() == key) {
+                    return Err(ManifestError::at(
+                        path,
+                        text,
+                        Some(spanned.span().start),
+                        format!(
+                            "function `{name}` has the schedule `{key}` twice: remove one (it would fire twice per tick)"
+                        ),
+                    ));
+                }
+            }
         }
 
         let functions = raw
@@ -258,6 +292,9 @@ impl Manifest {
                     env: f.env,
                     limits: f.limits,
                     allowed_outbound_hosts: f.allowed_outbound_hosts,
+                    retry: f.retry,
+                    destinations: f.destinations,
+                    schedules: f.schedules.into_iter().map(toml::Spanned::into_inner).collect(),
                 };
                 let component = base.join(f.component);
                 (
@@ -299,7 +336,14 @@ build = { command = "cargo build", workdir = "hello" }
 routes = ["/hello", { path = "/users/:id", methods = ["get", "POST"] }]
 env = { GREETING = "hi" }
 allowed_outbound_hosts = ["https://api.example.com"]
-limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1 }
+limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1, async_concurrency = 2 }
+retry = { attempts = 5, initial_backoff = "200ms" }
+destinations = { on_failure = { url = "https://hooks.example.com/failed" } }
+schedules = [{ cron = "0 3 * * *", timezone = "Europe/Berlin", payload = "{}" }]
+
+[functions.github]
+component = "gh.wasm"
+routes = [{ path = "/hooks/github", methods = ["POST"], webhook = { preset = "github", secret_env = "GH_SECRET" } }]
 "#,
         )
         .unwrap();
@@ -313,6 +357,12 @@ limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1 }
         assert_eq!(f.config.routes[1].methods[0].as_str(), "GET");
         assert_eq!(f.config.limits.memory.get(), 64);
         assert_eq!(f.config.limits.timeout.get().as_secs(), 5);
+        assert_eq!(f.config.retry.attempts, 5);
+        assert_eq!(f.config.schedules[0].timezone.name(), "Europe/Berlin");
+        let gh = &m.functions["github"].config;
+        assert!(gh.routes[0].webhook.is_some());
+        let json = serde_json::to_string(gh).unwrap();
+        assert_eq!(serde_json::from_str::<FunctionConfig>(&json).unwrap(), *gh);
         // The wire form round-trips through JSON.
         let json = serde_json::to_string(&f.config).unwrap();
         let back: FunctionConfig = serde_json::from_str(&json).unwrap();
@@ -363,6 +413,16 @@ limits = { memory = 64, timeout = "5s", max_concurrency = 4, max_body = 1 }
         .unwrap_err();
         assert_eq!((e.line, e.column), (5, 11), "{e}");
         assert!(e.to_string().contains("dir/nimbus.toml:5:11"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_schedules_are_refused() {
+        let e = parse(
+            "[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\n[[functions.f.schedules]]\ncron = \"* * * * *\"\n[[functions.f.schedules]]\ncron = \"* * * * *\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("twice"), "{e}");
     }
 
     #[test]

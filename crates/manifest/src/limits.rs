@@ -30,6 +30,20 @@ pub struct Limits {
     /// Largest request body in MiB (default 32); larger requests get 413.
     #[serde(default = "default_body")]
     pub max_body: BodyMib,
+    /// Asynchronous invocations running at once (default: half of
+    /// `max_concurrency`, so queued work never starves HTTP traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_concurrency: Option<Concurrency>,
+}
+
+impl Limits {
+    /// The async concurrency in effect.
+    pub fn async_concurrency(&self) -> u32 {
+        self.async_concurrency
+            .map(Concurrency::get)
+            .unwrap_or((self.max_concurrency.get() / 2).max(1))
+            .min(self.max_concurrency.get())
+    }
 }
 
 impl Default for Limits {
@@ -39,6 +53,7 @@ impl Default for Limits {
             timeout: Timeout::default(),
             max_concurrency: default_concurrency(),
             max_body: default_body(),
+            async_concurrency: None,
         }
     }
 }
@@ -100,6 +115,34 @@ bounded_int!(
     BodyMib(u64), 0u64, MAX_BODY_MIB, "max_body (MiB)"
 );
 
+/// Parses `500ms`, `30s`, `2m`, `1h`, `7d` or bare seconds; `what` names
+/// the setting in the error.
+pub fn parse_duration(text: &str, what: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid {what} `{text}`: write a number with a unit, e.g. \"500ms\", \"30s\" or \"2m\"")
+    })?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("invalid {what} `{text}`: too long"))
+    };
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        other => Err(format!(
+            "invalid {what} `{text}`: unknown unit `{other}`; use ms, s, m, h or d"
+        )),
+    }
+}
+
 /// A timeout: `"30s"`, `"500ms"`, `"2m"`, or a number of seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Timeout(Duration);
@@ -112,26 +155,7 @@ impl Timeout {
 
     /// Parses `30s`, `500ms`, `2m`, `1h` or bare seconds.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (digits, unit) = text.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid timeout `{text}`: write a number with a unit, e.g. \"500ms\", \"30s\" or \"2m\""))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            other => {
-                return Err(format!(
-                    "invalid timeout `{text}`: unknown unit `{other}`; use ms, s, m or h"
-                ));
-            }
-        };
-        Self::new(d)
+        Self::new(parse_duration(text, "timeout")?)
     }
 
     fn new(d: Duration) -> Result<Self, String> {

@@ -178,6 +178,10 @@ pub struct Route {
     pub path: RoutePattern,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<Method>,
+    /// Signature verification: a webhook route answers 202 to a verified
+    /// request and runs the function asynchronously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::Webhook>,
 }
 
 impl Route {
@@ -216,6 +220,7 @@ mod tests {
 
     fn route(path: &str, methods: &[&str]) -> Route {
         Route {
+            webhook: None,
             path: path.parse().unwrap(),
             methods: methods
                 .iter()

@@ -117,12 +117,11 @@ mod tests {
     fn config(route: &str) -> FunctionConfig {
         FunctionConfig {
             routes: vec![Route {
+                webhook: None,
                 path: route.parse().unwrap(),
                 methods: vec![],
             }],
-            env: Default::default(),
-            limits: Default::default(),
-            allowed_outbound_hosts: vec![],
+            ..Default::default()
         }
     }
 

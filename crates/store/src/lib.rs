@@ -326,12 +326,7 @@ mod tests {
         Upsert {
             name: name(n),
             digest: digest.into(),
-            config: FunctionConfig {
-                routes: vec![],
-                env: Default::default(),
-                limits: Default::default(),
-                allowed_outbound_hosts: vec![],
-            },
+            config: FunctionConfig::default(),
         }
     }
 
