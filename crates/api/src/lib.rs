@@ -168,8 +168,54 @@ pub struct NodeStatus {
     pub functions_failed: u64,
     pub in_flight: u64,
     pub invocations: u64,
+    /// Asynchronous invocations waiting, running, and dead-lettered.
+    #[serde(default)]
+    pub async_queued: u64,
+    #[serde(default)]
+    pub async_running: u64,
+    #[serde(default)]
+    pub dead_lettered: u64,
     pub engine: EngineCounters,
     pub engine_fingerprint: String,
+}
+
+/// The answer to an accepted asynchronous invocation (202).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AsyncAccepted {
+    pub invocation_id: String,
+    pub status: String,
+    /// The same Idempotency-Key was seen before: this is the earlier
+    /// invocation and nothing new was queued.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// Where to poll the invocation (admin API, needs the token).
+    pub location: String,
+}
+
+/// A request to redrive dead-lettered invocations.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    /// These invocations; every dead-lettered one of the function when
+    /// empty and `all` is set.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// One schedule and its next fire times.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScheduleInfo {
+    pub function: String,
+    pub cron: String,
+    pub timezone: String,
+    pub catch_up: String,
+    /// Last fired tick, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick: Option<String>,
+    /// The next fire times, RFC 3339.
+    pub next: Vec<String>,
 }
 
 /// Every error of the admin API and the gateway: `{"error": {...}}`.

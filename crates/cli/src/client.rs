@@ -45,7 +45,13 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
     } else {
         format!("{authority}:80")
     };
-    Ok((authority, path.trim_end_matches('/').to_owned()))
+    // A base URL's trailing slash goes; a query is kept as written.
+    let path = if path.contains('?') {
+        path
+    } else {
+        path.trim_end_matches('/')
+    };
+    Ok((authority, path.to_owned()))
 }
 
 /// Sends one request to `url` (`http://host:port/path`).
@@ -172,6 +178,28 @@ impl Admin {
             method,
             &format!("{}{path}", self.url),
             &[("authorization", &auth), ("content-type", content_type)],
+            body,
+            self.timeout,
+        )
+        .await
+        .with_context(|| format!("cannot reach the admin API at {}", self.url))
+    }
+
+    /// Sends a request with the token and extra headers.
+    pub async fn raw_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<Reply> {
+        let auth = format!("Bearer {}", self.token);
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        send(
+            method,
+            &format!("{}{path}", self.url),
+            &all,
             body,
             self.timeout,
         )

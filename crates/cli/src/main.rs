@@ -91,7 +91,31 @@ enum Command {
         /// Request body; `@file` reads it from a file, `@-` from stdin.
         #[arg(long, short = 'd')]
         data: Option<String>,
+        /// Queue the invocation and print its id instead of waiting.
+        #[arg(long = "async")]
+        asynchronous: bool,
+        /// With --async: submissions with the same key run once.
+        #[arg(long, requires = "asynchronous")]
+        idempotency_key: Option<String>,
     },
+    /// List a function's asynchronous invocations, newest first.
+    Invocations {
+        name: String,
+        /// Only those in this state: queued, running, succeeded or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Show one asynchronous invocation with its attempts and result.
+    Invocation { id: String },
+    /// The dead-letter queue of a function.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// List cron schedules with their next fire times.
+    Schedules,
     /// Remove a function.
     Rm { name: String },
     /// Activate an earlier version of a function.
@@ -101,6 +125,28 @@ enum Command {
         #[arg(long)]
         to: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead-lettered invocations.
+    Ls {
+        name: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Queue dead-lettered invocations again with a fresh attempt budget.
+    Redrive {
+        name: String,
+        /// An invocation to redrive; repeatable.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Redrive every dead-lettered invocation of the function.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete every dead-lettered invocation of the function.
+    Purge { name: String },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -269,6 +315,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.in_flight, s.invocations
             );
             println!(
+                "async       {} queued, {} running, {} dead-lettered",
+                s.async_queued, s.async_running, s.dead_lettered
+            );
+            println!(
                 "engine      {} compiled, {} loaded from the artifact cache (fingerprint {})",
                 s.engine.compiled, s.engine.loaded_from_cache, s.engine_fingerprint
             );
@@ -330,6 +380,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             headers,
             data,
+            asynchronous,
+            idempotency_key,
         } => {
             let headers = headers
                 .iter()
@@ -352,6 +404,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(d) => Some(d.to_owned()),
                 None => None,
             };
+            if *asynchronous {
+                let mut headers = headers;
+                if let Some(key) = idempotency_key {
+                    headers.push(("idempotency-key".into(), key.clone()));
+                }
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "text/plain".into()));
+                }
+                let body = bytes::Bytes::from(body.unwrap_or_default());
+                return nimbus_cli::invocations::submit(
+                    &admin()?,
+                    name,
+                    path,
+                    &headers,
+                    body,
+                    cli.output,
+                )
+                .await;
+            }
             let request = InvokeRequest {
                 method: method.clone(),
                 path: Some(path.clone()),
@@ -381,6 +455,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Invocations { name, state, limit } => {
+            nimbus_cli::invocations::list(
+                &admin()?,
+                name,
+                state.as_deref(),
+                *limit,
+                false,
+                cli.output,
+            )
+            .await
+        }
+        Command::Invocation { id } => {
+            nimbus_cli::invocations::show(&admin()?, id, cli.output).await
+        }
+        Command::Dlq { command } => match command {
+            DlqCommand::Ls { name, limit } => {
+                nimbus_cli::invocations::list(&admin()?, name, None, *limit, true, cli.output).await
+            }
+            DlqCommand::Redrive { name, ids, all } => {
+                nimbus_cli::invocations::redrive(&admin()?, name, ids, *all, cli.output).await
+            }
+            DlqCommand::Purge { name } => {
+                nimbus_cli::invocations::purge(&admin()?, name, cli.output).await
+            }
+        },
+        Command::Schedules => nimbus_cli::invocations::schedules(&admin()?, cli.output).await,
         Command::Rm { name } => {
             let _: serde_json::Value = admin()?
                 .call(

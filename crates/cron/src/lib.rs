@@ -97,11 +97,7 @@ const DAY_OF_WEEK: FieldSpec = FieldSpec {
 
 impl FieldSpec {
     fn value(&self, text: &str) -> Result<u8, String> {
-        if let Some(i) = self
-            .names
-            .iter()
-            .position(|n| n.eq_ignore_ascii_case(text))
-        {
+        if let Some(i) = self.names.iter().position(|n| n.eq_ignore_ascii_case(text)) {
             return Ok(i as u8 + if self.min == 1 { 1 } else { 0 });
         }
         let v: u8 = text.parse().map_err(|_| {
@@ -220,7 +216,11 @@ impl Cron {
         let limit = after.date().checked_add(8.years()).ok()?;
         while dt.date() <= limit {
             if !self.day_matches(dt.date()) {
-                dt = dt.date().tomorrow().ok()?.to_datetime(jiff::civil::Time::midnight());
+                dt = dt
+                    .date()
+                    .tomorrow()
+                    .ok()?
+                    .to_datetime(jiff::civil::Time::midnight());
                 continue;
             }
             if !self.hours.has(dt.hour() as u8) {
@@ -305,7 +305,8 @@ impl Cron {
             t = if self.minutes.has(local.minute() as u8) {
                 t.checked_add(1.second()).ok()?
             } else {
-                t.checked_add(i64::from(60 - local.second()).seconds()).ok()?
+                t.checked_add(i64::from(60 - local.second()).seconds())
+                    .ok()?
             };
         }
         None
@@ -536,7 +537,12 @@ mod tests {
 
     #[test]
     fn every_hour_follows_real_time_across_fall_back() {
-        let got = fires("0,30 * * * *", "America/New_York", "2026-11-01T04:50:00Z", 5);
+        let got = fires(
+            "0,30 * * * *",
+            "America/New_York",
+            "2026-11-01T04:50:00Z",
+            5,
+        );
         assert_eq!(
             got,
             [

@@ -197,6 +197,88 @@ fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// What a delivery to a URL returned.
+#[derive(Debug)]
+pub struct Delivered {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// At most `max_body` bytes of the response body.
+    pub body: bytes::Bytes,
+    pub truncated: bool,
+}
+
+/// POSTs `body` to `url`, an address the operator configured (a result
+/// destination), so no guest policy applies. Gives up after `timeout`.
+pub async fn deliver(
+    url: &str,
+    headers: &[(String, String)],
+    body: bytes::Bytes,
+    timeout: std::time::Duration,
+    max_body: usize,
+) -> Result<Delivered, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid url `{url}`: {e}"))?;
+    let dest =
+        destination(&uri).ok_or_else(|| format!("`{url}` is not an absolute http(s) URL"))?;
+    let work = async {
+        let host = dest.host.trim_start_matches('[').trim_end_matches(']');
+        let addr = tokio::net::lookup_host((host, dest.port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let mut builder = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(uri.clone());
+        for (k, v) in headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let authority = uri.authority().map_or(host, |a| a.as_str()).to_owned();
+        let request = builder
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(
+                http_body_util::Full::new(body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| format!("cannot build the request: {e}"))?;
+        let (response, conn) = send_to(addr, &dest, request)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        tokio::spawn(Box::into_pin(conn));
+        let (parts, body) = response.into_parts();
+        let mut body = body;
+        let mut kept = Vec::new();
+        let mut truncated = false;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("reading the response of {url}: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                let room = max_body.saturating_sub(kept.len());
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+                if data.len() > room {
+                    truncated = true;
+                    break;
+                }
+            }
+        }
+        Ok(Delivered {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+                .collect(),
+            body: kept.into(),
+            truncated,
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
+}
+
 /// Sends `request` to `addr` (already checked), speaking TLS to `host` when
 /// the scheme is https. Returns the response and the future driving the
 /// connection, as `WasiHttpHooks::send_request` expects.

@@ -5,8 +5,10 @@
 //! node builds tables from the registry and hands them over.
 
 pub mod admission;
+pub mod intake;
 pub mod router;
 pub mod server;
+pub mod webhook;
 
 use admission::{Admission, Permit, RETRY_AFTER_SECS};
 use bytes::Bytes;
@@ -27,6 +29,10 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 use wasmtime_wasi_http::Error as HttpError;
 
+/// Set on answers the node made in place of the function's (timeout, trap,
+/// throttling...): the failure's code.
+pub const ERROR_HEADER: &str = "nimbus-error";
+
 /// Body of every response the node sends.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -41,7 +47,11 @@ pub struct Deployed {
     pub admission: Arc<Admission>,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
-    pub routes: Vec<nimbus_manifest::Route>,
+    /// The version's configuration (routes, retry policy, destinations,
+    /// schedules).
+    pub config: nimbus_manifest::FunctionConfig,
+    /// Signature checks of the webhook routes, by route path.
+    pub webhooks: HashMap<String, Arc<webhook::Verifier>>,
     /// Set by the first invocation of this version: every later one is warm.
     pub warm: std::sync::atomic::AtomicBool,
     pub metrics: nimbus_telemetry::FunctionMetrics,
@@ -59,7 +69,7 @@ impl RouteTable {
     pub fn new(functions: impl IntoIterator<Item = Arc<Deployed>>) -> Self {
         let mut table = Self::default();
         for f in functions {
-            for route in &f.routes {
+            for route in &f.config.routes {
                 table.router.insert(route.clone(), f.clone());
             }
             table.functions.insert(f.name.clone(), f);
@@ -82,25 +92,33 @@ impl RouteTable {
 pub struct Gateway {
     table: RwLock<Arc<RouteTable>>,
     invocations: AtomicU64,
+    next_id: AtomicU64,
     id_prefix: u64,
+    intake: Option<Arc<dyn intake::Intake>>,
 }
 
 impl Default for Gateway {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
-/// Where a request was routed, passed to the function as headers.
+/// Where a request was routed, passed to the function as headers, and what
+/// started it.
 #[derive(Default)]
 pub struct RouteInfo {
     pub route: String,
     pub params: Vec<(String, String)>,
     pub rest: Option<String>,
+    /// `http` unless set.
+    pub trigger: Option<&'static str>,
+    /// The attempt number of an asynchronous invocation.
+    pub attempt: Option<u32>,
 }
 
 impl Gateway {
-    pub fn new() -> Self {
+    /// A gateway; `intake` takes asynchronous invocations.
+    pub fn new(intake: Option<Arc<dyn intake::Intake>>) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -109,7 +127,9 @@ impl Gateway {
         Self {
             table: RwLock::new(Arc::new(RouteTable::default())),
             invocations: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
             id_prefix: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            intake,
         }
     }
 
@@ -137,7 +157,7 @@ impl Gateway {
     }
 
     fn next_invocation_id(&self) -> Arc<str> {
-        let n = self.invocations.fetch_add(1, Ordering::Relaxed);
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}{:08x}", self.id_prefix, n).into()
     }
 
@@ -149,14 +169,38 @@ impl Gateway {
         let table = self.table();
         let (method, path) = (req.method().as_str(), req.uri().path());
         let (deployed, info) = match table.router.lookup(method, path) {
-            Lookup::Found(m) => (
-                m.target.clone(),
-                RouteInfo {
-                    route: m.route.path.to_string(),
-                    params: m.params,
-                    rest: m.rest,
-                },
-            ),
+            Lookup::Found(m) => {
+                let route = m.route.path.to_string();
+                if m.route.webhook.is_some() {
+                    let deployed = m.target.clone();
+                    drop(table);
+                    let Some(verifier) = deployed.webhooks.get(&route).cloned() else {
+                        return json_error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "webhook_unconfigured",
+                            "this webhook route has no secret loaded",
+                            None,
+                        );
+                    };
+                    return self
+                        .accept_async(&deployed, req, &route, Some(&verifier))
+                        .await;
+                }
+                if intake::wants_async(req.headers()) {
+                    let deployed = m.target.clone();
+                    drop(table);
+                    return self.accept_async(&deployed, req, &route, None).await;
+                }
+                (
+                    m.target.clone(),
+                    RouteInfo {
+                        route,
+                        params: m.params,
+                        rest: m.rest,
+                        ..RouteInfo::default()
+                    },
+                )
+            }
             Lookup::MethodNotAllowed(allowed) => {
                 let mut resp = json_error(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -191,11 +235,26 @@ impl Gateway {
     pub async fn invoke(
         &self,
         deployed: &Arc<Deployed>,
-        mut req: hyper::Request<RequestBody>,
+        req: hyper::Request<RequestBody>,
         info: RouteInfo,
     ) -> hyper::Response<Body> {
-        let started = Instant::now();
         let id = self.next_invocation_id();
+        self.invoke_as(deployed, req, info, id).await
+    }
+
+    /// [`Gateway::invoke`] under a given invocation id (an asynchronous
+    /// invocation keeps its id across attempts).
+    pub async fn invoke_as(
+        &self,
+        deployed: &Arc<Deployed>,
+        mut req: hyper::Request<RequestBody>,
+        info: RouteInfo,
+        id: Arc<str>,
+    ) -> hyper::Response<Body> {
+        let started = Instant::now();
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let trigger = info.trigger.unwrap_or("http");
+        let attempt = info.attempt;
         deployed.metrics.invoked();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -218,6 +277,8 @@ impl Gateway {
                     invocation_id = %id,
                     function = %deployed.name,
                     version = deployed.version,
+                    trigger,
+                    attempt,
                     status = 429,
                     "throttled: {throttled}"
                 );
@@ -227,6 +288,8 @@ impl Gateway {
                     throttled.to_string(),
                     Some(&*id),
                 );
+                resp.headers_mut()
+                    .insert(ERROR_HEADER, HeaderValue::from_static("throttled"));
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
                 return resp;
@@ -296,6 +359,8 @@ impl Gateway {
                     version = deployed.version,
                     method = %method,
                     path = %path,
+                    trigger,
+                    attempt,
                     status = parts.status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     instantiate_us = outcome.instantiate.as_micros() as u64,
@@ -330,6 +395,8 @@ impl Gateway {
                     version = deployed.version,
                     method = %method,
                     path = %path,
+                    trigger,
+                    attempt,
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     "faas.coldstart" = cold,
@@ -347,6 +414,8 @@ impl Gateway {
                     ),
                 };
                 let mut resp = json_error(status, code, message, Some(&*id));
+                resp.headers_mut()
+                    .insert(ERROR_HEADER, HeaderValue::from_static(code));
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

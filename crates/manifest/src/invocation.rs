@@ -482,9 +482,7 @@ mod tests {
             max_backoff: Period::from_millis(1000),
             ..RetryPolicy::default()
         };
-        let ceilings: Vec<u128> = (1..=6)
-            .map(|a| p.backoff_ceiling(a).as_millis())
-            .collect();
+        let ceilings: Vec<u128> = (1..=6).map(|a| p.backoff_ceiling(a).as_millis()).collect();
         assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(p.backoff(3, 0.0).as_millis(), 200);
         assert_eq!(p.backoff(3, 0.999_999).as_millis(), 399);
@@ -516,10 +514,9 @@ mod tests {
             (w.header.as_str(), w.prefix.as_str()),
             ("x-hub-signature-256", "sha256=")
         );
-        let w: Webhook = toml::from_str(
-            "secret_env = \"S\"\nheader = \"X-Signature\"\nencoding = \"base64\"",
-        )
-        .unwrap();
+        let w: Webhook =
+            toml::from_str("secret_env = \"S\"\nheader = \"X-Signature\"\nencoding = \"base64\"")
+                .unwrap();
         assert_eq!(w.encoding, SignatureEncoding::Base64);
         assert!(toml::from_str::<Webhook>("secret_env = \"S\"").is_err());
         assert!(

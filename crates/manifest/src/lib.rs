@@ -294,7 +294,11 @@ impl Manifest {
                     allowed_outbound_hosts: f.allowed_outbound_hosts,
                     retry: f.retry,
                     destinations: f.destinations,
-                    schedules: f.schedules.into_iter().map(toml::Spanned::into_inner).collect(),
+                    schedules: f
+                        .schedules
+                        .into_iter()
+                        .map(toml::Spanned::into_inner)
+                        .collect(),
                 };
                 let component = base.join(f.component);
                 (

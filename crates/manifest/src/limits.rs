@@ -124,7 +124,9 @@ pub fn parse_duration(text: &str, what: &str) -> Result<Duration, String> {
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits.parse().map_err(|_| {
-        format!("invalid {what} `{text}`: write a number with a unit, e.g. \"500ms\", \"30s\" or \"2m\"")
+        format!(
+            "invalid {what} `{text}`: write a number with a unit, e.g. \"500ms\", \"30s\" or \"2m\""
+        )
     })?;
     let secs = |mult: u64| {
         n.checked_mul(mult)

@@ -16,6 +16,7 @@ use nimbus_manifest::FunctionName;
 use nimbus_store::{FunctionRecord, StoreError};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +60,12 @@ impl From<ChangeError> for ApiError {
                 Self(StatusCode::CONFLICT, "no_earlier_version", msg)
             }
             ChangeError::Store(StoreError::NoSuchVersion { .. }) => Self::not_found(msg),
+            ChangeError::MissingSecret { .. } => {
+                Self(StatusCode::BAD_REQUEST, "missing_secret", msg)
+            }
+            ChangeError::NoSuchDestination { .. } => {
+                Self(StatusCode::BAD_REQUEST, "no_such_destination", msg)
+            }
             ChangeError::Store(StoreError::NoSuchFunction(_)) => Self::not_found(msg),
             ChangeError::Engine {
                 source: EngineError::Component(_),
@@ -129,13 +136,28 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => Ok(status(&state)),
-        (&Method::GET, ["metrics"]) => Ok(metrics(&state)),
+        (&Method::GET, ["v1", "status"]) => Ok(status(&state).await),
+        (&Method::GET, ["metrics"]) => Ok(metrics(&state).await),
         (&Method::GET, ["v1", "functions"]) => list(&state),
         (&Method::GET, ["v1", "functions", name]) => detail(&state, name),
         (&Method::DELETE, ["v1", "functions", name]) => remove(&state, name).await,
         (&Method::POST, ["v1", "functions", name, "rollback"]) => rollback(&state, name, req).await,
         (&Method::POST, ["v1", "functions", name, "invoke"]) => invoke(&state, name, req).await,
+        (&Method::POST, ["v1", "functions", name, "invocations"]) => {
+            submit(&state, name, req).await
+        }
+        (&Method::GET, ["v1", "functions", name, "invocations"]) => {
+            invocations(&state, name, &req, None).await
+        }
+        (&Method::GET, ["v1", "functions", name, "dlq"]) => {
+            invocations(&state, name, &req, Some(nimbus_queue::State::Failed)).await
+        }
+        (&Method::POST, ["v1", "functions", name, "dlq", "redrive"]) => {
+            redrive(&state, name, req).await
+        }
+        (&Method::DELETE, ["v1", "functions", name, "dlq"]) => purge(&state, name).await,
+        (&Method::GET, ["v1", "invocations", id]) => invocation(&state, id).await,
+        (&Method::GET, ["v1", "schedules"]) => schedules(&state).await,
         (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
             has_component(&state, digest)
         }
@@ -222,7 +244,11 @@ fn summary(state: &NodeState, r: &FunctionRecord) -> FunctionSummary {
     }
 }
 
-fn status(state: &NodeState) -> Response {
+async fn status(state: &NodeState) -> Response {
+    let queue = state.queue().stats().await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read queue counts");
+        Vec::new()
+    });
     let table = state.gateway.table();
     let stats = state.engine.stats();
     let failed = state.failed();
@@ -239,6 +265,9 @@ fn status(state: &NodeState) -> Response {
             functions_failed: failed.len() as u64,
             in_flight: table.functions().map(|d| d.admission.in_flight()).sum(),
             invocations: state.gateway.invocations(),
+            async_queued: queue.iter().map(|q| q.queued).sum(),
+            async_running: queue.iter().map(|q| q.running).sum(),
+            dead_lettered: queue.iter().map(|q| q.failed).sum(),
             engine: EngineCounters {
                 compiled: stats.compiled,
                 loaded_from_cache: stats.loaded_from_cache,
@@ -249,18 +278,36 @@ fn status(state: &NodeState) -> Response {
 }
 
 /// Prometheus text: per function version and for the process.
-fn metrics(state: &NodeState) -> Response {
+async fn metrics(state: &NodeState) -> Response {
+    let queue: HashMap<String, nimbus_queue::QueueStats> = state
+        .queue()
+        .stats()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|q| (q.function.clone(), q))
+        .collect();
+    let now = nimbus_queue::now_ms();
     let table = state.gateway.table();
     let mut functions: Vec<_> = table.functions().collect();
     functions.sort_by(|a, b| a.name.cmp(&b.name));
     let samples: Vec<nimbus_telemetry::FunctionSample<'_>> = functions
         .iter()
-        .map(|d| nimbus_telemetry::FunctionSample {
-            function: d.name.as_str(),
-            version: d.version,
-            metrics: &d.metrics,
-            in_flight: d.admission.in_flight(),
-            queued: d.admission.queued() as u64,
+        .map(|d| {
+            let q = queue.get(d.name.as_str());
+            nimbus_telemetry::FunctionSample {
+                function: d.name.as_str(),
+                version: d.version,
+                metrics: &d.metrics,
+                in_flight: d.admission.in_flight(),
+                queued: d.admission.queued() as u64,
+                async_queued: q.map_or(0, |q| q.queued),
+                async_running: q.map_or(0, |q| q.running),
+                dead_lettered: q.map_or(0, |q| q.failed),
+                oldest_queued_age: q
+                    .and_then(|q| q.oldest_queued_at)
+                    .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+            }
         })
         .collect();
     let process = nimbus_telemetry::ProcessSample::read(state.started_unix);
@@ -417,6 +464,256 @@ async fn invoke(
             duration_ms,
         },
     ))
+}
+
+impl From<nimbus_queue::QueueError> for ApiError {
+    fn from(e: nimbus_queue::QueueError) -> Self {
+        tracing::error!(error = %e, "queue request failed");
+        Self(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_unavailable",
+            e.to_string(),
+        )
+    }
+}
+
+fn query_param<'a>(req: &'a hyper::Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// Decodes `%XX` escapes of a query value (invalid ones stay as written).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `POST /v1/functions/{name}/invocations`: the body is the event. Runs
+/// synchronously unless `Nimbus-Invocation-Type: async` (or `?type=async`)
+/// asks to queue it.
+async fn submit(
+    state: &NodeState,
+    name: &str,
+    req: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let deployed = state
+        .gateway
+        .table()
+        .function(name.as_str())
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("function `{name}` is not deployed")))?;
+    let asynchronous = nimbus_gateway::intake::wants_async(req.headers())
+        || query_param(&req, "type").is_some_and(|t| t.eq_ignore_ascii_case("async"));
+    let path = percent_decode(query_param(&req, "path").unwrap_or("/"));
+    if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
+        return Err(ApiError::bad_request(format!(
+            "path `{path}` must be an absolute path such as /orders"
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let limit = deployed
+        .max_body
+        .min(nimbus_gateway::intake::MAX_ASYNC_BODY);
+    let body = nimbus_gateway::intake::read_limited(&parts.headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            nimbus_gateway::intake::ReadError::TooLarge(limit) => ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the event body may be at most {limit} bytes"),
+            ),
+            nimbus_gateway::intake::ReadError::Failed(e) => {
+                ApiError::bad_request(format!("reading the request body failed: {e}"))
+            }
+        })?;
+    if !asynchronous {
+        let mut builder = hyper::Request::builder()
+            .method(parts.method.clone())
+            .uri(path.as_str());
+        for (k, v) in &parts.headers {
+            if !matches!(k.as_str(), "authorization" | "host" | "content-length") {
+                builder = builder.header(k, v);
+            }
+        }
+        let request = builder
+            .header(header::HOST, "localhost")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(
+                http_body_util::Full::new(body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;
+        let info = RouteInfo {
+            trigger: Some("api"),
+            ..RouteInfo::default()
+        };
+        return Ok(state.gateway.invoke(&deployed, request, info).await);
+    }
+    let mut headers = parts.headers.clone();
+    // The admin token is for the node, never for the function.
+    headers.remove(header::AUTHORIZATION);
+    let new = nimbus_gateway::intake::new_invocation(
+        name.as_str(),
+        nimbus_queue::Trigger::Api,
+        &parts.method,
+        &path,
+        &headers,
+        body,
+        deployed.config.retry.idempotency_window.get(),
+        format!("/nimbus/api/{name}"),
+        "nimbus.invocation",
+    )
+    .map_err(ApiError::bad_request)?;
+    let intake = &state.intake;
+    match nimbus_gateway::intake::Intake::accept(intake.as_ref(), new).await {
+        Ok(e) => Ok(nimbus_gateway::intake::accepted(intake.as_ref(), &e)),
+        Err(e) => Ok(nimbus_gateway::intake::unavailable(&e)),
+    }
+}
+
+/// Largest page of invocations.
+const MAX_LIST: usize = 1000;
+
+async fn invocations(
+    state: &NodeState,
+    name: &str,
+    req: &hyper::Request<Incoming>,
+    forced: Option<nimbus_queue::State>,
+) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let wanted = match (forced, query_param(req, "state")) {
+        (Some(s), _) => Some(s),
+        (None, None | Some("")) => None,
+        (None, Some(s)) => Some(nimbus_queue::State::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown state `{s}`: use queued, running, succeeded or failed"
+            ))
+        })?),
+    };
+    let limit = match query_param(req, "limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=MAX_LIST).contains(&n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be a number from 1 to {MAX_LIST}"))
+            })?,
+    };
+    let list = state.queue().list(name.as_str(), wanted, limit).await?;
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+async fn invocation(state: &NodeState, id: &str) -> Result<Response, ApiError> {
+    match state.queue().get(id).await? {
+        Some(r) => Ok(json_response(StatusCode::OK, &r)),
+        None => Err(ApiError::not_found(format!(
+            "no asynchronous invocation `{id}` (finished ones are kept for 24h)"
+        ))),
+    }
+}
+
+async fn redrive(
+    state: &NodeState,
+    name: &str,
+    req: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let body: nimbus_api::RedriveRequest = read_json(req).await?;
+    let ids = match (body.all, body.ids.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(body.ids),
+        _ => {
+            return Err(ApiError::bad_request(
+                "send {\"ids\": [...]} to redrive some invocations or {\"all\": true} for all of them",
+            ));
+        }
+    };
+    let n = state.queue().redrive(name.as_str(), ids).await?;
+    state.intake.signal.wake(name.as_str(), 0);
+    tracing::info!(function = %name, invocations = n, "redrove dead-lettered invocations");
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "redriven": n }),
+    ))
+}
+
+async fn purge(state: &NodeState, name: &str) -> Result<Response, ApiError> {
+    let name = function_name(name)?;
+    let n = state.queue().purge(name.as_str()).await?;
+    tracing::info!(function = %name, invocations = n, "purged the dead-letter queue");
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "purged": n }),
+    ))
+}
+
+/// Fire times listed per schedule.
+const NEXT_FIRES: usize = 3;
+
+async fn schedules(state: &NodeState) -> Result<Response, ApiError> {
+    let marks: HashMap<(String, String), i64> = state
+        .queue()
+        .schedule_marks()
+        .await?
+        .into_iter()
+        .map(|(f, k, t)| ((f, k), t))
+        .collect();
+    let records = state.registry.functions()?;
+    let now = jiff::Timestamp::now();
+    let mut out = Vec::new();
+    for r in &records {
+        for s in &r.active.config.schedules {
+            let mut next = Vec::new();
+            let mut t = now;
+            while next.len() < NEXT_FIRES {
+                match s.cron.next_after(t, s.timezone.tz()) {
+                    Some(n) => {
+                        next.push(n.to_zoned(s.timezone.tz().clone()).to_string());
+                        t = n;
+                    }
+                    None => break,
+                }
+            }
+            out.push(nimbus_api::ScheduleInfo {
+                function: r.name.to_string(),
+                cron: s.cron.to_string(),
+                timezone: s.timezone.to_string(),
+                catch_up: format!("{:?}", s.catch_up).to_ascii_lowercase(),
+                last_tick: marks
+                    .get(&(r.name.to_string(), s.key()))
+                    .map(|&t| crate::dispatch::rfc3339(t)),
+                next,
+            });
+        }
+    }
+    Ok(json_response(StatusCode::OK, &out))
 }
 
 fn parse_digest(digest: &str) -> Result<ComponentDigest, ApiError> {

@@ -10,6 +10,8 @@
 
 mod admin;
 mod deploy;
+pub mod dispatch;
+pub mod schedule;
 pub mod state;
 
 use anyhow::Context as _;
@@ -79,7 +81,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let registry = SqliteRegistry::open(&data_dir.join("state.db"))
         .with_context(|| format!("cannot open {}", data_dir.join("state.db").display()))?;
     let engine = Engine::new(&data_dir.join("artifacts")).context("cannot start the engine")?;
-    let gateway = Arc::new(Gateway::new());
+    let queue: Arc<dyn nimbus_queue::Queue> = Arc::new(
+        nimbus_queue::SqliteQueue::open(&data_dir.join("queue.db"))
+            .with_context(|| format!("cannot open {}", data_dir.join("queue.db").display()))?,
+    );
 
     let gateway_listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
@@ -102,6 +107,23 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         admin_url: format!("http://{admin_addr}"),
         pid: std::process::id(),
     };
+    let signal = Arc::new(dispatch::Signal::default());
+    let intake = Arc::new(dispatch::NodeIntake {
+        queue: queue.clone(),
+        signal: signal.clone(),
+        admin_url: info.admin_url.clone(),
+    });
+    let gateway = Arc::new(Gateway::new(Some(intake.clone())));
+    let dispatcher = Arc::new(dispatch::Dispatcher::new(
+        queue.clone(),
+        gateway.clone(),
+        signal,
+    ));
+    let scheduler = Arc::new(schedule::Scheduler {
+        intake: intake.clone(),
+        gateway: gateway.clone(),
+        changed: tokio::sync::Notify::new(),
+    });
 
     let state = Arc::new(NodeState::new(
         Arc::new(engine),
@@ -110,6 +132,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         token,
         info.clone(),
         data_dir.clone(),
+        intake,
+        scheduler.clone(),
     ));
     state.load_all().await?;
 
@@ -125,6 +149,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         },
         rx.clone(),
     ));
+    let dispatch_task = tokio::spawn(dispatcher.run(rx.clone()));
+    let schedule_task = tokio::spawn(scheduler.run(rx.clone()));
     let admin_state = state.clone();
     let admin_task = tokio::spawn(nimbus_gateway::server::serve(
         admin_listener,
@@ -145,7 +171,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         gateway_addr,
         admin_addr,
         shutdown,
-        tasks: vec![gateway_task, admin_task],
+        tasks: vec![gateway_task, admin_task, dispatch_task, schedule_task],
         state,
     })
 }

@@ -2,13 +2,17 @@
 //! kept consistent by serialising every change behind one lock.
 
 use crate::deploy::{self, PlanError, Step};
+use crate::dispatch::NodeIntake;
+use crate::schedule::Scheduler;
 use nimbus_api::{Change, DeployRequest, DeployResponse, DeployedFunction, NodeInfo};
 use nimbus_engine::{
     ComponentDigest, Engine, EngineError, FunctionLimits, FunctionSpec, OutboundPolicy,
 };
 use nimbus_gateway::admission::Admission;
 use nimbus_gateway::{Deployed, Gateway, RouteTable};
+use nimbus_manifest::Destination;
 use nimbus_manifest::{FunctionConfig, FunctionName};
+use nimbus_queue::Queue;
 use nimbus_store::{FunctionRecord, Registry, StoreError, Upsert};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -35,6 +39,20 @@ pub enum ChangeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "function `{function}`: the webhook route {route} reads its secret from the environment variable {var}, which is not set on the node; set it where `nimbus up` runs"
+    )]
+    MissingSecret {
+        function: String,
+        route: String,
+        var: String,
+    },
+    #[error(
+        "function `{function}` sends its results to function `{target}`, which is not deployed: deploy it too or change destinations"
+    )]
+    NoSuchDestination { function: String, target: String },
+    #[error("queue: {0}")]
+    Queue(#[from] nimbus_queue::QueueError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +74,9 @@ pub struct NodeState {
     changes: tokio::sync::Mutex<()>,
     /// Concurrent compiles of uploaded components.
     pub compiles: tokio::sync::Semaphore,
+    /// Asynchronous work: the queue and what wakes its consumers.
+    pub intake: Arc<NodeIntake>,
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -85,6 +106,7 @@ fn spec_of(
 }
 
 impl NodeState {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: Arc<Engine>,
         registry: Arc<dyn Registry>,
@@ -92,6 +114,8 @@ impl NodeState {
         token: String,
         info: NodeInfo,
         data_dir: PathBuf,
+        intake: Arc<NodeIntake>,
+        scheduler: Arc<Scheduler>,
     ) -> Self {
         Self {
             engine,
@@ -108,7 +132,38 @@ impl NodeState {
             failed: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             compiles: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMPILES),
+            intake,
+            scheduler,
         }
+    }
+
+    /// The queue of asynchronous work.
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.intake.queue
+    }
+
+    /// After the serving set changed: records which schedules exist (new
+    /// ones start now), and wakes the scheduler and the dispatcher so work
+    /// queued for a function that just became servable runs.
+    async fn settle(&self, records: &[FunctionRecord]) -> Result<(), ChangeError> {
+        let schedules = records
+            .iter()
+            .flat_map(|r| {
+                r.active
+                    .config
+                    .schedules
+                    .iter()
+                    .map(|s| (r.name.to_string(), s.key()))
+            })
+            .collect();
+        self.queue()
+            .sync_schedules(schedules, nimbus_queue::now_ms())
+            .await?;
+        self.scheduler.changed.notify_one();
+        for r in records {
+            self.intake.signal.wake(r.name.as_str(), 0);
+        }
+        Ok(())
     }
 
     /// Functions that failed to load, with the reason.
@@ -159,6 +214,27 @@ impl NodeState {
                 version,
                 source,
             })?;
+        let mut webhooks = HashMap::new();
+        for route in &config.routes {
+            if let Some(spec) = &route.webhook {
+                let var = spec.secret_env.as_str();
+                let secret = std::env::var(var)
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| ChangeError::MissingSecret {
+                        function: name.to_string(),
+                        route: route.path.to_string(),
+                        var: var.to_owned(),
+                    })?;
+                webhooks.insert(
+                    route.path.to_string(),
+                    Arc::new(nimbus_gateway::webhook::Verifier::new(
+                        spec.clone(),
+                        secret.as_bytes(),
+                    )),
+                );
+            }
+        }
         let limit = config.limits.max_concurrency.get();
         let admission = admission
             .filter(|a| a.limit() == limit)
@@ -169,7 +245,8 @@ impl NodeState {
             runtime,
             admission,
             max_body: config.limits.max_body.get() << 20,
-            routes: config.routes.clone(),
+            config: config.clone(),
+            webhooks,
             warm: std::sync::atomic::AtomicBool::new(false),
             metrics: Default::default(),
         }))
@@ -213,7 +290,7 @@ impl NodeState {
             *f = failed;
         }
         self.gateway.swap(RouteTable::new(deployed));
-        Ok(())
+        self.settle(&records).await
     }
 
     /// Builds and swaps in the table for `records`, reusing what serves
@@ -256,6 +333,7 @@ impl NodeState {
         let _guard = self.changes.lock().await;
         let current = self.registry.functions()?;
         let steps = deploy::plan(&current, &request)?;
+        check_destinations(&current, &request)?;
         let table = self.gateway.table();
 
         let mut fresh = HashMap::new();
@@ -312,6 +390,7 @@ impl NodeState {
             }
         }
         self.publish(&records, fresh);
+        self.settle(&records).await?;
 
         let functions = steps
             .iter()
@@ -413,6 +492,7 @@ impl NodeState {
         let updated = self.registry.activate(name, target.version)?;
         let records = self.registry.functions()?;
         self.publish(&records, HashMap::from([(name.clone(), d)]));
+        self.settle(&records).await?;
         tracing::info!(function = %name, from = active, to = target.version, "rolled back");
         Ok(updated)
     }
@@ -425,7 +505,36 @@ impl NodeState {
         }
         let records = self.registry.functions()?;
         self.publish(&records, HashMap::new());
+        self.settle(&records).await?;
         tracing::info!(function = %name, "removed");
         Ok(())
     }
+}
+
+/// Every destination function of the request must exist once it applies:
+/// in the request itself or deployed by another app.
+fn check_destinations(
+    current: &[FunctionRecord],
+    request: &DeployRequest,
+) -> Result<(), ChangeError> {
+    let exists = |name: &FunctionName| {
+        request.functions.contains_key(name)
+            || current
+                .iter()
+                .any(|r| &r.name == name && r.app != request.app)
+    };
+    for (name, f) in &request.functions {
+        let d = &f.config.destinations;
+        for dest in [&d.on_success, &d.on_failure].into_iter().flatten() {
+            if let Destination::Function(target) = dest
+                && !exists(target)
+            {
+                return Err(ChangeError::NoSuchDestination {
+                    function: name.to_string(),
+                    target: target.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -296,12 +296,13 @@ pub trait Queue: Send + Sync {
         now: i64,
     ) -> BoxFuture<'_, Result<Vec<Claimed>, QueueError>>;
 
-    /// Records an attempt and its outcome; `follow_up` (a destination
-    /// delivery) is queued in the same transaction.
+    /// Records an attempt (`None` when the event expired before one ran)
+    /// and its outcome; `follow_up` (a destination delivery) is queued in
+    /// the same transaction.
     fn finish(
         &self,
         id: &str,
-        attempt: Attempt,
+        attempt: Option<Attempt>,
         outcome: Outcome,
         follow_up: Option<NewInvocation>,
     ) -> BoxFuture<'_, Result<(), QueueError>>;
@@ -341,12 +342,21 @@ pub trait Queue: Send + Sync {
     /// Last fired tick (ms) of every schedule, by function and key.
     fn schedule_marks(&self) -> BoxFuture<'_, Result<Vec<(String, String, i64)>, QueueError>>;
 
-    /// Sets a schedule's mark unless it has one; drops a function's marks
-    /// whose keys are not in `keep`.
+    /// Makes the set of schedules `(function, key)`: new ones start marked
+    /// at `start` (no catch-up before they existed), vanished ones are
+    /// forgotten.
     fn sync_schedules(
         &self,
-        function: &str,
-        keep: Vec<String>,
+        schedules: Vec<(String, String)>,
         start: i64,
+    ) -> BoxFuture<'_, Result<(), QueueError>>;
+
+    /// Advances a schedule's mark without firing (missed ticks skipped by
+    /// its catch-up policy).
+    fn mark_schedule(
+        &self,
+        function: &str,
+        key: &str,
+        at: i64,
     ) -> BoxFuture<'_, Result<(), QueueError>>;
 }

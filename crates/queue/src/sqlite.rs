@@ -115,10 +115,7 @@ impl SqliteQueue {
             })
         });
         Box::pin(async move {
-            self.jobs
-                .send(job)
-                .await
-                .map_err(|_| QueueError::Stopped)?;
+            self.jobs.send(job).await.map_err(|_| QueueError::Stopped)?;
             rx.await.map_err(|_| QueueError::Stopped)?
         })
     }
@@ -258,7 +255,9 @@ fn enqueue(conn: &Connection, new: NewInvocation) -> Result<Enqueued, QueueError
     }
     if let Some(tick) = &new.tick {
         let last: Option<i64> = conn
-            .prepare_cached("SELECT last_tick FROM schedule_marks WHERE function = ?1 AND key = ?2")?
+            .prepare_cached(
+                "SELECT last_tick FROM schedule_marks WHERE function = ?1 AND key = ?2",
+            )?
             .query_row(params![new.function, tick.schedule], |r| r.get(0))
             .optional()?;
         if last.is_some_and(|l| l >= tick.at) {
@@ -357,23 +356,30 @@ fn claim(
 fn finish(
     conn: &Connection,
     id: &str,
-    attempt: &Attempt,
+    attempt: Option<&Attempt>,
     outcome: &Outcome,
     follow_up: Option<&NewInvocation>,
 ) -> Result<(), QueueError> {
     let now = now_ms();
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO attempts (invocation, n, started_at, duration_ms, status, error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        id,
-        attempt.n,
-        attempt.started_at,
-        attempt.duration_ms,
-        attempt.status,
-        attempt.error
-    ])?;
+    if let Some(attempt) = attempt {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO attempts (invocation, n, started_at, duration_ms, status, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            id,
+            attempt.n,
+            attempt.started_at,
+            attempt.duration_ms,
+            attempt.status,
+            attempt.error
+        ])?;
+    }
+    // Counters move only when an attempt ran.
+    let (counted, total) = match attempt {
+        Some(a) => (1, Some(a.n)),
+        None => (0, None),
+    };
     let to_json = |r: &Option<StoredResponse>| -> Result<Option<String>, QueueError> {
         r.as_ref()
             .map(|r| serde_json::to_string(r).map_err(|e| corrupt(id, e)))
@@ -384,26 +390,29 @@ fn finish(
             let result = to_json(&Some(response.clone()))?;
             conn.prepare_cached(
                 "UPDATE invocations SET state = 'succeeded', updated_at = ?2, result = ?3,
-                   error = NULL, attempt = attempt + 1, attempts_total = ?4
+                   error = NULL, attempt = attempt + ?4,
+                   attempts_total = COALESCE(?5, attempts_total)
                  WHERE id = ?1",
             )?
-            .execute(params![id, now, result, attempt.n])?;
+            .execute(params![id, now, result, counted, total])?;
         }
         Outcome::Retry { at, response } => {
             conn.prepare_cached(
                 "UPDATE invocations SET state = 'queued', updated_at = ?2, due_at = ?3,
-                   result = ?4, attempt = attempt + 1, attempts_total = ?5
+                   result = ?4, attempt = attempt + ?5,
+                   attempts_total = COALESCE(?6, attempts_total)
                  WHERE id = ?1",
             )?
-            .execute(params![id, now, at, to_json(response)?, attempt.n])?;
+            .execute(params![id, now, at, to_json(response)?, counted, total])?;
         }
         Outcome::Failed { reason, response } => {
             conn.prepare_cached(
                 "UPDATE invocations SET state = 'failed', updated_at = ?2, result = ?3,
-                   error = ?4, attempt = attempt + 1, attempts_total = ?5
+                   error = ?4, attempt = attempt + ?5,
+                   attempts_total = COALESCE(?6, attempts_total)
                  WHERE id = ?1",
             )?
-            .execute(params![id, now, to_json(response)?, reason, attempt.n])?;
+            .execute(params![id, now, to_json(response)?, reason, counted, total])?;
         }
     }
     if let Some(next) = follow_up {
@@ -467,8 +476,9 @@ fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<Attempt>, QueueError> 
 }
 
 fn get(conn: &Connection, id: &str) -> Result<Option<InvocationRecord>, QueueError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM invocations WHERE id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM invocations WHERE id = ?1"
+    ))?;
     let mut rows = stmt.query(params![id])?;
     let Some(row) = rows.next()? else {
         return Ok(None);
@@ -518,12 +528,12 @@ impl Queue for SqliteQueue {
     fn finish(
         &self,
         id: &str,
-        attempt: Attempt,
+        attempt: Option<Attempt>,
         outcome: Outcome,
         follow_up: Option<NewInvocation>,
     ) -> BoxFuture<'_, Result<(), QueueError>> {
         let id = id.to_owned();
-        self.call(move |conn| finish(conn, &id, &attempt, &outcome, follow_up.as_ref()))
+        self.call(move |conn| finish(conn, &id, attempt.as_ref(), &outcome, follow_up.as_ref()))
     }
 
     fn recover(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
@@ -633,28 +643,43 @@ impl Queue for SqliteQueue {
 
     fn sync_schedules(
         &self,
-        function: &str,
-        keep: Vec<String>,
+        schedules: Vec<(String, String)>,
         start: i64,
     ) -> BoxFuture<'_, Result<(), QueueError>> {
-        let function = function.to_owned();
         self.call(move |conn| {
-            let existing: Vec<String> = conn
-                .prepare_cached("SELECT key FROM schedule_marks WHERE function = ?1")?
-                .query_map(params![function], |r| r.get(0))?
+            let existing: Vec<(String, String)> = conn
+                .prepare_cached("SELECT function, key FROM schedule_marks")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            for key in existing.iter().filter(|k| !keep.contains(k)) {
+            for (function, key) in existing.iter().filter(|s| !schedules.contains(s)) {
                 conn.execute(
                     "DELETE FROM schedule_marks WHERE function = ?1 AND key = ?2",
                     params![function, key],
                 )?;
             }
-            for key in keep.iter().filter(|k| !existing.contains(k)) {
+            for (function, key) in schedules.iter().filter(|s| !existing.contains(s)) {
                 conn.execute(
                     "INSERT INTO schedule_marks (function, key, last_tick) VALUES (?1, ?2, ?3)",
                     params![function, key, start],
                 )?;
             }
+            Ok(())
+        })
+    }
+
+    fn mark_schedule(
+        &self,
+        function: &str,
+        key: &str,
+        at: i64,
+    ) -> BoxFuture<'_, Result<(), QueueError>> {
+        let (function, key) = (function.to_owned(), key.to_owned());
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE schedule_marks SET last_tick = MAX(last_tick, ?3)
+                 WHERE function = ?1 AND key = ?2",
+                params![function, key, at],
+            )?;
             Ok(())
         })
     }
@@ -726,7 +751,7 @@ mod tests {
         assert_eq!(claimed[0].id, id);
         q.finish(
             &id,
-            attempt(1),
+            Some(attempt(1)),
             Outcome::Retry {
                 at: now_ms() + 60_000,
                 response: None,
@@ -738,7 +763,7 @@ mod tests {
         assert!(q.claim("f", 10, now_ms()).await.unwrap().is_empty());
         let later = q.claim("f", 10, now_ms() + 61_000).await.unwrap();
         assert_eq!(later[0].attempt, 1);
-        q.finish(&id, attempt(2), Outcome::Succeeded(ok()), None)
+        q.finish(&id, Some(attempt(2)), Outcome::Succeeded(ok()), None)
             .await
             .unwrap();
         let r = q.get(&id).await.unwrap().unwrap();
@@ -757,7 +782,7 @@ mod tests {
         for id in [&a, &b] {
             q.finish(
                 id,
-                attempt(1),
+                Some(attempt(1)),
                 Outcome::Failed {
                     reason: "boom".into(),
                     response: None,
@@ -807,7 +832,10 @@ mod tests {
         assert_eq!(q.schedule_marks().await.unwrap()[0].2, 2000);
     }
 
-    async fn futures_join(q: std::sync::Arc<SqliteQueue>, news: Vec<NewInvocation>) -> Vec<Enqueued> {
+    async fn futures_join(
+        q: std::sync::Arc<SqliteQueue>,
+        news: Vec<NewInvocation>,
+    ) -> Vec<Enqueued> {
         let handles: Vec<_> = news
             .into_iter()
             .map(|n| {

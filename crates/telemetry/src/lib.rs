@@ -134,6 +134,14 @@ pub struct FunctionSample<'a> {
     pub metrics: &'a FunctionMetrics,
     pub in_flight: u64,
     pub queued: u64,
+    /// Asynchronous invocations waiting in the durable queue.
+    pub async_queued: u64,
+    /// Asynchronous invocations running.
+    pub async_running: u64,
+    /// Dead-lettered invocations.
+    pub dead_lettered: u64,
+    /// Age of the oldest queued asynchronous invocation, in seconds.
+    pub oldest_queued_age: f64,
 }
 
 /// Renders Prometheus text exposition format (version 0.0.4).
@@ -226,11 +234,34 @@ pub fn render(functions: &[FunctionSample<'_>], process: &ProcessSample) -> Stri
         ("nimbus_queued", "Requests waiting for a slot now.", |f| {
             f.queued
         }),
+        (
+            "nimbus_async_queued",
+            "Asynchronous invocations waiting in the durable queue.",
+            |f| f.async_queued,
+        ),
+        (
+            "nimbus_async_running",
+            "Asynchronous invocations running or claimed.",
+            |f| f.async_running,
+        ),
+        (
+            "nimbus_dlq_size",
+            "Invocations in the dead-letter queue.",
+            |f| f.dead_lettered,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for f in functions {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(f), value(f));
         }
+    }
+    let name = "nimbus_async_oldest_age_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Age of the oldest queued asynchronous invocation.\n# TYPE {name} gauge"
+    );
+    for f in functions {
+        let _ = writeln!(out, "{name}{{{}}} {}", labels(f), f.oldest_queued_age);
     }
     process.render(&mut out);
     out
@@ -337,6 +368,10 @@ mod tests {
                 metrics: &m,
                 in_flight: 1,
                 queued: 0,
+                async_queued: 0,
+                async_running: 0,
+                dead_lettered: 0,
+                oldest_queued_age: 0.0,
             }],
             &ProcessSample::read(0.0),
         );
