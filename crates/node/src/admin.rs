@@ -683,7 +683,7 @@ async fn schedules(state: &NodeState) -> Result<Response, ApiError> {
         .schedule_marks()
         .await?
         .into_iter()
-        .map(|(f, k, t)| ((f, k), t))
+        .map(|m| ((m.function, m.key), m.last_tick))
         .collect();
     let records = state.registry.functions()?;
     let now = jiff::Timestamp::now();

@@ -267,6 +267,9 @@ impl Dispatcher {
                 while heap.peek().is_some_and(|Reverse(t)| *t <= now) {
                     heap.pop();
                 }
+                if let Some(&Reverse(later)) = heap.peek() {
+                    next_wake = next_wake.min(later);
+                }
                 let free = (limit - running) as usize;
                 claims.push((deployed.clone(), free));
             }

@@ -101,7 +101,7 @@ impl Scheduler {
             .schedule_marks()
             .await?
             .into_iter()
-            .map(|(f, k, t)| ((f, k), t))
+            .map(|m| ((m.function, m.key), m.last_tick))
             .collect();
         let table = self.gateway.table();
         let now = now_ms();

@@ -283,6 +283,16 @@ pub struct QueueStats {
     pub oldest_queued_at: Option<i64>,
 }
 
+/// The last fired tick of a schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleMark {
+    pub function: String,
+    /// The schedule's key (expression and zone).
+    pub key: String,
+    /// ms since the epoch.
+    pub last_tick: i64,
+}
+
 /// Durable storage of asynchronous work.
 pub trait Queue: Send + Sync {
     /// Stores an invocation durably (fsync'd) and returns its id.
@@ -340,7 +350,7 @@ pub trait Queue: Send + Sync {
     fn stats(&self) -> BoxFuture<'_, Result<Vec<QueueStats>, QueueError>>;
 
     /// Last fired tick (ms) of every schedule, by function and key.
-    fn schedule_marks(&self) -> BoxFuture<'_, Result<Vec<(String, String, i64)>, QueueError>>;
+    fn schedule_marks(&self) -> BoxFuture<'_, Result<Vec<ScheduleMark>, QueueError>>;
 
     /// Makes the set of schedules `(function, key)`: new ones start marked
     /// at `start` (no catch-up before they existed), vanished ones are

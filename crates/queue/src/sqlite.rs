@@ -3,7 +3,7 @@
 
 use crate::{
     Attempt, BoxFuture, Claimed, Enqueued, InvocationRecord, NewInvocation, Outcome, Queue,
-    QueueError, QueueStats, State, StoredResponse, Trigger, now_ms,
+    QueueError, QueueStats, ScheduleMark, State, StoredResponse, Trigger, now_ms,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
@@ -632,11 +632,17 @@ impl Queue for SqliteQueue {
         })
     }
 
-    fn schedule_marks(&self) -> BoxFuture<'_, Result<Vec<(String, String, i64)>, QueueError>> {
+    fn schedule_marks(&self) -> BoxFuture<'_, Result<Vec<ScheduleMark>, QueueError>> {
         self.call(|conn| {
             let mut stmt =
                 conn.prepare_cached("SELECT function, key, last_tick FROM schedule_marks")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows = stmt.query_map([], |r| {
+                Ok(ScheduleMark {
+                    function: r.get(0)?,
+                    key: r.get(1)?,
+                    last_tick: r.get(2)?,
+                })
+            })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -829,7 +835,7 @@ mod tests {
         assert!(!q.enqueue(tick(1000)).await.unwrap().duplicate);
         assert!(q.enqueue(tick(1000)).await.unwrap().duplicate);
         assert!(!q.enqueue(tick(2000)).await.unwrap().duplicate);
-        assert_eq!(q.schedule_marks().await.unwrap()[0].2, 2000);
+        assert_eq!(q.schedule_marks().await.unwrap()[0].last_tick, 2000);
     }
 
     async fn futures_join(

@@ -92,6 +92,11 @@ impl Node {
 
     /// Starts a node whose data directory is `dir/data`.
     pub fn start_in(dir: tempfile::TempDir) -> Node {
+        Self::start_with_env(dir, &[])
+    }
+
+    /// Starts a node with extra environment variables.
+    pub fn start_with_env(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Node {
         let data = dir.path().join("data");
         let _ = std::fs::remove_file(data.join(NODE_FILE));
         let log = std::fs::OpenOptions::new()
@@ -112,6 +117,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&data)
             .env("NIMBUS_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -245,4 +251,148 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// One request the recorder received.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub path: String,
+    pub query: std::collections::HashMap<String, String>,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Hit {
+    pub fn get(&self, key: &str) -> &str {
+        self.query.get(key).map_or("", String::as_str)
+    }
+}
+
+fn unescape(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An HTTP server outside the node that functions report to, so tests see
+/// every execution (including duplicates) whatever the node believes.
+/// `GET /record?ce-id=..&fail=N&status=S` answers S (default 500) to the
+/// first N hits of that ce-id and 200 after; anything else answers 200.
+pub struct Recorder {
+    pub url: String,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<Hit>>>,
+}
+
+impl Recorder {
+    pub async fn start() -> Recorder {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits: std::sync::Arc<std::sync::Mutex<Vec<Hit>>> = Default::default();
+        let shared = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let hits = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let hits = hits.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let path = req.uri().path().to_owned();
+                            let query: std::collections::HashMap<String, String> = req
+                                .uri()
+                                .query()
+                                .unwrap_or("")
+                                .split('&')
+                                .filter(|kv| !kv.is_empty())
+                                .map(|kv| {
+                                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                                    (unescape(k), unescape(v))
+                                })
+                                .collect();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let hit = Hit {
+                                path,
+                                query,
+                                body,
+                                at: Instant::now(),
+                            };
+                            let status = {
+                                let mut hits = hits.lock().unwrap();
+                                let id = hit.get("ce-id").to_owned();
+                                let nth = hits
+                                    .iter()
+                                    .filter(|h| !id.is_empty() && h.get("ce-id") == id)
+                                    .count();
+                                let fail: usize = hit.get("fail").parse().unwrap_or(0);
+                                let status: u16 = hit.get("status").parse().unwrap_or(500);
+                                hits.push(hit);
+                                if nth < fail { status } else { 200 }
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(Bytes::from(format!(
+                                        "recorded {status}"
+                                    ))))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Recorder { url, hits }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// Executions per ce-id.
+    pub fn executions(&self) -> std::collections::HashMap<String, usize> {
+        let mut out = std::collections::HashMap::new();
+        for h in self.hits.lock().unwrap().iter() {
+            *out.entry(h.get("ce-id").to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after
+/// `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
