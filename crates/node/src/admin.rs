@@ -708,7 +708,7 @@ async fn schedules(state: &NodeState) -> Result<Response, ApiError> {
                 catch_up: format!("{:?}", s.catch_up).to_ascii_lowercase(),
                 last_tick: marks
                     .get(&(r.name.to_string(), s.key()))
-                    .map(|&t| crate::dispatch::rfc3339(t)),
+                    .map(|&t| nimbus_dispatch::rfc3339(t)),
                 next,
             });
         }

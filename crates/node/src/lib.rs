@@ -10,8 +10,6 @@
 
 mod admin;
 mod deploy;
-pub mod dispatch;
-pub mod schedule;
 pub mod state;
 
 use anyhow::Context as _;
@@ -107,19 +105,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         admin_url: format!("http://{admin_addr}"),
         pid: std::process::id(),
     };
-    let signal = Arc::new(dispatch::Signal::default());
-    let intake = Arc::new(dispatch::NodeIntake {
+    let signal = Arc::new(nimbus_dispatch::Signal::default());
+    let intake = Arc::new(nimbus_dispatch::NodeIntake {
         queue: queue.clone(),
         signal: signal.clone(),
         admin_url: info.admin_url.clone(),
     });
     let gateway = Arc::new(Gateway::new(Some(intake.clone())));
-    let dispatcher = Arc::new(dispatch::Dispatcher::new(
+    let dispatcher = Arc::new(nimbus_dispatch::Dispatcher::new(
         queue.clone(),
         gateway.clone(),
         signal,
     ));
-    let scheduler = Arc::new(schedule::Scheduler {
+    let scheduler = Arc::new(nimbus_dispatch::Scheduler {
         intake: intake.clone(),
         gateway: gateway.clone(),
         changed: tokio::sync::Notify::new(),

@@ -2,9 +2,8 @@
 //! kept consistent by serialising every change behind one lock.
 
 use crate::deploy::{self, PlanError, Step};
-use crate::dispatch::NodeIntake;
-use crate::schedule::Scheduler;
 use nimbus_api::{Change, DeployRequest, DeployResponse, DeployedFunction, NodeInfo};
+use nimbus_dispatch::{NodeIntake, Scheduler};
 use nimbus_engine::{
     ComponentDigest, Engine, EngineError, FunctionLimits, FunctionSpec, OutboundPolicy,
 };

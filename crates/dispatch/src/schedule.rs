@@ -5,7 +5,7 @@
 //! even across crashes and restarts. Ticks missed while the node was down
 //! follow the schedule's `catch_up` policy.
 
-use crate::dispatch::{NodeIntake, rfc3339};
+use crate::dispatcher::{NodeIntake, rfc3339};
 use jiff::Timestamp;
 use nimbus_gateway::Gateway;
 use nimbus_gateway::intake::Intake as _;

@@ -1,8 +1,6 @@
-//! Asynchronous execution: the intake that stores accepted work and wakes
-//! the dispatcher, and the dispatcher that claims due invocations per
-//! function within its async concurrency, runs them through the gateway
-//! (the same path as HTTP requests: admission, limits, metrics, logs),
-//! applies the retry policy, and sends outcomes to their destinations.
+//! The intake and the dispatcher. Attempts run through the gateway's own
+//! invoke path, so admission, limits, metrics and logs are the same as for
+//! HTTP requests.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
