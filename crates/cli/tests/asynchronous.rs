@@ -197,11 +197,11 @@ async fn one_idempotency_key_runs_once() {
         &[(
             "once",
             &g.testbed,
-            &relay(&recorder, "routes = [\"/once\"]"),
+            &relay(&recorder, "routes = [\"/once/:order\"]"),
         )],
     ));
     let submissions = (0..5).map(|_| {
-        let url = node.url("/once");
+        let url = node.url("/once/42");
         tokio::spawn(async move {
             let reply = client::send(
                 Method::POST,
@@ -229,11 +229,13 @@ async fn one_idempotency_key_runs_once() {
     let id = accepted[0].invocation_id.clone();
     settled(&node, &id).await;
     // A later resubmission within the window is the same invocation.
-    let again = submit(&node, "/once", &[("idempotency-key", "order-42")], "pay").await;
+    let again = submit(&node, "/once/42", &[("idempotency-key", "order-42")], "pay").await;
     assert_eq!(again.invocation_id, id);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(recorder.executions().get(&id), Some(&1));
     assert_eq!(recorder.hits().len(), 1);
+    // Replayed later, the request still carries its route.
+    assert_eq!(recorder.hits()[0].get("nimbus-route"), "/once/:order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

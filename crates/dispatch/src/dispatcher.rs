@@ -447,10 +447,14 @@ impl Dispatcher {
             Ok(r) => r,
             Err(e) => return (None, Some(e), None),
         };
+        let path = c.path.split('?').next().unwrap_or("/");
         let info = RouteInfo {
             trigger: Some(c.trigger.as_str()),
             attempt: Some(n),
-            ..RouteInfo::default()
+            ..self
+                .gateway
+                .table()
+                .route_info(&c.method, path, &c.function)
         };
         let response = self
             .gateway

@@ -86,6 +86,21 @@ impl RouteTable {
     pub fn functions(&self) -> impl Iterator<Item = &Arc<Deployed>> {
         self.functions.values()
     }
+
+    /// Where `method path` routes, when it routes to `function`: an
+    /// asynchronous invocation replayed later gets the same route headers as
+    /// the request that queued it.
+    pub fn route_info(&self, method: &str, path: &str, function: &str) -> RouteInfo {
+        match self.router.lookup(method, path) {
+            Lookup::Found(m) if m.target.name.as_str() == function => RouteInfo {
+                route: m.route.path.to_string(),
+                params: m.params,
+                rest: m.rest,
+                ..RouteInfo::default()
+            },
+            _ => RouteInfo::default(),
+        }
+    }
 }
 
 /// The gateway: the current route table and the invocation counters.
