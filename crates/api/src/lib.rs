@@ -175,8 +175,24 @@ pub struct NodeStatus {
     pub async_running: u64,
     #[serde(default)]
     pub dead_lettered: u64,
+    /// Event sources and their health.
+    #[serde(default)]
+    pub sources: Vec<SourceHealth>,
     pub engine: EngineCounters,
     pub engine_fingerprint: String,
+}
+
+/// Health of one event source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceHealth {
+    pub function: String,
+    /// Type, broker (without credentials) and stream.
+    pub source: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
 }
 
 /// The answer to an accepted asynchronous invocation (202).

@@ -318,6 +318,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "async       {} queued, {} running, {} dead-lettered",
                 s.async_queued, s.async_running, s.dead_lettered
             );
+            for src in &s.sources {
+                let health = if src.healthy { "healthy" } else { "UNHEALTHY" };
+                println!(
+                    "source      {} {} {health}: {} delivered, {} dead-lettered{}",
+                    src.function,
+                    src.source,
+                    src.delivered,
+                    src.dead_lettered,
+                    src.last_error
+                        .as_ref()
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                );
+            }
             println!(
                 "engine      {} compiled, {} loaded from the artifact cache (fingerprint {})",
                 s.engine.compiled, s.engine.loaded_from_cache, s.engine_fingerprint

@@ -154,6 +154,16 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// What became of a broker message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageOutcome {
+    Succeeded,
+    DeadLettered,
+    /// The function is not serving (or the dead-letter copy failed): the
+    /// broker should deliver it again.
+    NotServing,
+}
+
 /// Runs asynchronous invocations.
 pub struct Dispatcher {
     queue: Arc<dyn Queue>,
@@ -321,6 +331,89 @@ impl Dispatcher {
                     "stopping with asynchronous invocations still running; they run again at the next start"
                 );
                 break;
+            }
+        }
+    }
+
+    /// Runs a broker message through its function now, retrying in place
+    /// with the function's policy (the message stays unacknowledged in its
+    /// broker meanwhile, so a crash loses nothing). Out of attempts, or on a
+    /// final status, it is copied to the dead-letter queue.
+    pub async fn run_message(&self, id: &str, new: NewInvocation) -> MessageOutcome {
+        let first = now_ms();
+        let mut c = Claimed {
+            id: id.to_owned(),
+            function: new.function.clone(),
+            target: None,
+            trigger: new.trigger,
+            method: new.method.clone(),
+            path: new.path.clone(),
+            headers: new.headers.clone(),
+            body: new.body.clone(),
+            ce_source: new.ce_source.clone(),
+            ce_type: new.ce_type.clone(),
+            ce_time: new.ce_time.unwrap_or(first),
+            created_at: first,
+            age_from: first,
+            attempt: 0,
+            attempts_total: 0,
+            parent: None,
+        };
+        let mut attempts = Vec::new();
+        loop {
+            let Some(deployed) = self.gateway.table().function(&c.function).cloned() else {
+                return MessageOutcome::NotServing;
+            };
+            let n = c.attempt + 1;
+            let started_at = now_ms();
+            let clock = std::time::Instant::now();
+            let (status, error, response) = self.invoke(&deployed, &c, n).await;
+            attempts.push(Attempt {
+                n,
+                started_at,
+                duration_ms: clock.elapsed().as_secs_f64() * 1000.0,
+                status,
+                error: error.clone(),
+            });
+            let decision = decide(
+                &deployed.config.retry,
+                n,
+                status,
+                error.as_deref(),
+                now_ms(),
+                c.age_from,
+                jitter(),
+            );
+            match decision {
+                Decision::Succeeded => return MessageOutcome::Succeeded,
+                Decision::Retry { at } => {
+                    c.attempt = n;
+                    c.attempts_total = n;
+                    let wait = (at - now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Decision::Failed { reason } => {
+                    tracing::warn!(
+                        target: "nimbus::invocation",
+                        invocation_id = %c.id,
+                        function = %c.function,
+                        source = %c.ce_source,
+                        attempts = n,
+                        reason = %reason,
+                        "dead-lettered"
+                    );
+                    return match self
+                        .queue
+                        .dead_letter(new, attempts, reason, response)
+                        .await
+                    {
+                        Ok(_) => MessageOutcome::DeadLettered,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot dead-letter a message; the broker redelivers it");
+                            MessageOutcome::NotServing
+                        }
+                    };
+                }
             }
         }
     }

@@ -12,5 +12,5 @@
 mod dispatcher;
 mod schedule;
 
-pub use dispatcher::{Dispatcher, MAX_RESULT_BYTES, NodeIntake, Signal, rfc3339};
+pub use dispatcher::{Dispatcher, MAX_RESULT_BYTES, MessageOutcome, NodeIntake, Signal, rfc3339};
 pub use schedule::Scheduler;

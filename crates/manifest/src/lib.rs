@@ -12,6 +12,7 @@ pub mod limits;
 pub mod names;
 pub mod outbound;
 pub mod route;
+pub mod source;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -27,6 +28,7 @@ pub use limits::{Limits, Timeout};
 pub use names::{AppName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
+pub use source::{BrokerUrl, RedisStream, Source, SourceKind};
 
 /// What a function is, apart from its code: the part of a function that the
 /// node stores and serves from. Sent on the admin API with the component's
@@ -51,6 +53,9 @@ pub struct FunctionConfig {
     /// Cron schedules that invoke the function.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<Schedule>,
+    /// Brokers whose messages invoke the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
 }
 
 /// A parsed `nimbus.toml`.
@@ -180,6 +185,8 @@ struct RawFunction {
     destinations: Destinations,
     #[serde(default)]
     schedules: Vec<toml::Spanned<Schedule>>,
+    #[serde(default)]
+    sources: Vec<toml::Spanned<Source>>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +222,17 @@ impl<'de> Deserialize<'de> for RouteEntry {
         }
         d.deserialize_any(V)
     }
+}
+
+/// The position and key of the first item whose key repeats an earlier one.
+fn first_repeat<T>(
+    items: &[toml::Spanned<T>],
+    key: impl Fn(&T) -> String,
+) -> Option<(usize, String)> {
+    let keys: Vec<String> = items.iter().map(|i| key(i.get_ref())).collect();
+    (1..keys.len())
+        .find(|&i| keys[..i].contains(&keys[i]))
+        .map(|i| (items[i].span().start, keys[i].clone()))
 }
 
 impl Manifest {
@@ -264,18 +282,20 @@ impl Manifest {
                 }
                 seen.push((name, route));
             }
-            for (i, spanned) in f.schedules.iter().enumerate() {
-                let key = spanned.get_ref().key();
-                if f.schedules[..i].iter().any(|o| o.get_ref().key() == key) {
-                    return Err(ManifestError::at(
-                        path,
-                        text,
-                        Some(spanned.span().start),
-                        format!(
-                            "function `{name}` has the schedule `{key}` twice: remove one (it would fire twice per tick)"
-                        ),
-                    ));
-                }
+            let twice = first_repeat(&f.schedules, Schedule::key)
+                .map(|(at, key)| (at, format!("the schedule `{key}` twice: remove one (it would fire twice per tick)")))
+                .or_else(|| {
+                    first_repeat(&f.sources, Source::key).map(|(at, key)| {
+                        (at, format!("the source `{key}` twice: remove one (every message would run twice)"))
+                    })
+                });
+            if let Some((at, what)) = twice {
+                return Err(ManifestError::at(
+                    path,
+                    text,
+                    Some(at),
+                    format!("function `{name}` has {what}"),
+                ));
             }
         }
 
@@ -296,6 +316,11 @@ impl Manifest {
                     destinations: f.destinations,
                     schedules: f
                         .schedules
+                        .into_iter()
+                        .map(toml::Spanned::into_inner)
+                        .collect(),
+                    sources: f
+                        .sources
                         .into_iter()
                         .map(toml::Spanned::into_inner)
                         .collect(),

@@ -63,6 +63,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::MissingSecret { .. } => {
                 Self(StatusCode::BAD_REQUEST, "missing_secret", msg)
             }
+            ChangeError::Source { .. } => Self(StatusCode::BAD_REQUEST, "bad_source", msg),
             ChangeError::NoSuchDestination { .. } => {
                 Self(StatusCode::BAD_REQUEST, "no_such_destination", msg)
             }
@@ -268,6 +269,19 @@ async fn status(state: &NodeState) -> Response {
             async_queued: queue.iter().map(|q| q.queued).sum(),
             async_running: queue.iter().map(|q| q.running).sum(),
             dead_lettered: queue.iter().map(|q| q.failed).sum(),
+            sources: state
+                .sources
+                .statuses()
+                .into_iter()
+                .map(|s| nimbus_api::SourceHealth {
+                    function: s.function,
+                    source: s.source,
+                    healthy: s.healthy,
+                    last_error: s.last_error,
+                    delivered: s.delivered,
+                    dead_lettered: s.dead_lettered,
+                })
+                .collect(),
             engine: EngineCounters {
                 compiled: stats.compiled,
                 loaded_from_cache: stats.loaded_from_cache,

@@ -9,6 +9,7 @@
 //! registry and swaps the gateway's route table atomically.
 
 mod admin;
+mod deliver;
 mod deploy;
 pub mod state;
 
@@ -50,6 +51,9 @@ impl RunningNode {
     /// Asks the node to stop: listeners close, in-flight requests drain for
     /// up to the longest function timeout.
     pub fn shutdown(&self) {
+        // Sources stop pulling; what they hold unacknowledged comes back
+        // from the broker.
+        self.state.sources.stop();
         let _ = self.shutdown.send(Some(self.state.drain_timeout()));
     }
 
@@ -117,6 +121,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         gateway.clone(),
         signal,
     ));
+    let sources = Arc::new(nimbus_sources::Supervisor::new(Arc::new(
+        deliver::NodeDeliver {
+            dispatcher: dispatcher.clone(),
+        },
+    )));
     let scheduler = Arc::new(nimbus_dispatch::Scheduler {
         intake: intake.clone(),
         gateway: gateway.clone(),
@@ -132,6 +141,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         data_dir.clone(),
         intake,
         scheduler.clone(),
+        sources,
     ));
     state.load_all().await?;
 

@@ -50,6 +50,12 @@ pub enum ChangeError {
         "function `{function}` sends its results to function `{target}`, which is not deployed: deploy it too or change destinations"
     )]
     NoSuchDestination { function: String, target: String },
+    #[error("function `{function}`: source {source_key} cannot be used: {reason}")]
+    Source {
+        function: String,
+        source_key: String,
+        reason: String,
+    },
     #[error("queue: {0}")]
     Queue(#[from] nimbus_queue::QueueError),
     #[error("internal error: {0}")]
@@ -76,6 +82,7 @@ pub struct NodeState {
     /// Asynchronous work: the queue and what wakes its consumers.
     pub intake: Arc<NodeIntake>,
     pub scheduler: Arc<Scheduler>,
+    pub sources: Arc<nimbus_sources::Supervisor>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -115,6 +122,7 @@ impl NodeState {
         data_dir: PathBuf,
         intake: Arc<NodeIntake>,
         scheduler: Arc<Scheduler>,
+        sources: Arc<nimbus_sources::Supervisor>,
     ) -> Self {
         Self {
             engine,
@@ -133,6 +141,7 @@ impl NodeState {
             compiles: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMPILES),
             intake,
             scheduler,
+            sources,
         }
     }
 
@@ -159,6 +168,18 @@ impl NodeState {
             .sync_schedules(schedules, nimbus_queue::now_ms())
             .await?;
         self.scheduler.changed.notify_one();
+        let sources = self
+            .gateway
+            .table()
+            .functions()
+            .flat_map(|d| {
+                d.config
+                    .sources
+                    .iter()
+                    .map(|s| (d.name.to_string(), s.clone()))
+            })
+            .collect();
+        self.sources.sync(sources);
         for r in records {
             self.intake.signal.wake(r.name.as_str(), 0);
         }
@@ -341,6 +362,7 @@ impl NodeState {
             .iter()
             .filter(|s| matches!(s.change, Change::Created | Change::Updated))
         {
+            check_sources(&step.name, &step.config).await?;
             let version = self.next_version(&step.name)?;
             let admission = table
                 .function(step.name.as_str())
@@ -532,6 +554,32 @@ fn check_destinations(
                     function: name.to_string(),
                     target: target.to_string(),
                 });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Longest a deploy waits for one source's broker to answer.
+const SOURCE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every source of a new version must be usable before it is deployed.
+async fn check_sources(name: &FunctionName, config: &FunctionConfig) -> Result<(), ChangeError> {
+    for source in &config.sources {
+        let failed = |reason: String| ChangeError::Source {
+            function: name.to_string(),
+            source_key: source.key(),
+            reason,
+        };
+        let consumer =
+            nimbus_sources::build(name.as_str(), source).map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(SOURCE_CHECK_TIMEOUT, consumer.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => {
+                return Err(failed(format!(
+                    "the broker did not answer within {SOURCE_CHECK_TIMEOUT:?}"
+                )));
             }
         }
     }

@@ -57,6 +57,8 @@ pub enum Trigger {
     Schedule,
     /// The outcome of another invocation sent to its destination.
     Destination,
+    /// A broker message (its source in `ce_source`).
+    Source,
 }
 
 impl Trigger {
@@ -67,6 +69,7 @@ impl Trigger {
             Self::Webhook => "webhook",
             Self::Schedule => "schedule",
             Self::Destination => "destination",
+            Self::Source => "source",
         }
     }
 
@@ -77,6 +80,7 @@ impl Trigger {
             "webhook" => Self::Webhook,
             "schedule" => Self::Schedule,
             "destination" => Self::Destination,
+            "source" => Self::Source,
             _ => return None,
         })
     }
@@ -316,6 +320,16 @@ pub trait Queue: Send + Sync {
         outcome: Outcome,
         follow_up: Option<NewInvocation>,
     ) -> BoxFuture<'_, Result<(), QueueError>>;
+
+    /// Stores an event that already failed (a broker message out of
+    /// attempts) straight into the dead-letter queue, with its attempts.
+    fn dead_letter(
+        &self,
+        new: NewInvocation,
+        attempts: Vec<Attempt>,
+        reason: String,
+        response: Option<StoredResponse>,
+    ) -> BoxFuture<'_, Result<String, QueueError>>;
 
     /// Puts invocations left running by a previous process back in the
     /// queue; returns how many. Called once at start.

@@ -536,6 +536,37 @@ impl Queue for SqliteQueue {
         self.call(move |conn| finish(conn, &id, attempt.as_ref(), &outcome, follow_up.as_ref()))
     }
 
+    fn dead_letter(
+        &self,
+        new: NewInvocation,
+        attempts: Vec<Attempt>,
+        reason: String,
+        response: Option<StoredResponse>,
+    ) -> BoxFuture<'_, Result<String, QueueError>> {
+        self.call(move |conn| {
+            let id = insert(conn, &new, now_ms())?;
+            let last = attempts.len();
+            for (i, attempt) in attempts.iter().enumerate() {
+                let outcome = if i + 1 == last {
+                    Outcome::Failed {
+                        reason: reason.clone(),
+                        response: response.clone(),
+                    }
+                } else {
+                    Outcome::Retry {
+                        at: attempt.started_at,
+                        response: None,
+                    }
+                };
+                finish(conn, &id, Some(attempt), &outcome, None)?;
+            }
+            if attempts.is_empty() {
+                finish(conn, &id, None, &Outcome::Failed { reason, response }, None)?;
+            }
+            Ok(id)
+        })
+    }
+
     fn recover(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
         self.call(|conn| {
             Ok(conn.execute(

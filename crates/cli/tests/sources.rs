@@ -1,0 +1,257 @@
+//! Event sources against the real brokers on this machine. A test whose
+//! broker is not running fails in CI and says so loudly elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::Method;
+use nimbus_queue::{InvocationRecord, State};
+use nimbus_sources::resp::{Conn, Target, Value};
+use std::time::Duration;
+use support::*;
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A connection to the machine's Redis, or `None` (after a loud warning)
+/// when it is not running outside CI.
+async fn redis() -> Option<Conn> {
+    match Conn::connect(&Target::parse(REDIS).unwrap()).await {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "\n!!!!! SKIPPED: Redis is not reachable at {REDIS} ({e}); start it with\n!!!!! redis-server --daemonize yes --port 6379 --save \"\" --appendonly no\n"
+            );
+            None
+        }
+        Err(e) => panic!("CI needs Redis at {REDIS}: {e}"),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+async fn xadd_many(conn: &mut Conn, stream: &str, n: usize, extra: &str) {
+    for i in 0..n {
+        conn.cmd(&[
+            b"XADD",
+            stream.as_bytes(),
+            b"*",
+            b"n",
+            i.to_string().as_bytes(),
+            b"extra",
+            extra.as_bytes(),
+        ])
+        .await
+        .unwrap();
+    }
+}
+
+async fn pending(conn: &mut Conn, stream: &str, group: &str) -> i64 {
+    let v = conn
+        .cmd(&[b"XPENDING", stream.as_bytes(), group.as_bytes()])
+        .await
+        .unwrap();
+    match v.into_array().into_iter().next() {
+        Some(Value::Int(n)) => n,
+        other => panic!("unexpected XPENDING answer {other:?}"),
+    }
+}
+
+fn consumer(recorder: &Recorder, stream: &str, relay_query: &str, extra: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
+         [[functions.consume.sources]]\ntype = \"redis-stream\"\nurl = \"{REDIS}\"\nstream = \"{stream}\"\nconcurrency = 8\nbatch = 32\nclaim_idle = \"2s\"\n",
+        url = recorder.url
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_messages_survive_kill_9() {
+    const N: usize = 10_000;
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let recorder = Recorder::start().await;
+    let stream = unique("nimbus-test-orders");
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, &stream, "", ""))],
+    ));
+    // Published while the node runs, dies and comes back.
+    let publisher = {
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            xadd_many(&mut c, &stream, N, "").await;
+        })
+    };
+    eventually(Duration::from_secs(120), "some messages to run", || async {
+        (recorder.hits().len() >= N / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(240), "every message to run", || async {
+        (recorder.executions().len() >= N).then_some(())
+    })
+    .await;
+    let executions = recorder.executions();
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "redis stream, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
+        executions.len()
+    );
+    assert_eq!(executions.len(), N, "every entry ran at least once");
+    let hit = recorder.hits().into_iter().next().unwrap();
+    assert_eq!(hit.get("ce-type"), "redis.stream.entry");
+    assert_eq!(
+        hit.get("ce-source"),
+        format!("redis://127.0.0.1:6379/0/{stream}")
+    );
+    assert_eq!(hit.get("nimbus-trigger"), "source");
+    // Everything acknowledged in the end.
+    let group = "nimbus-consume";
+    eventually(
+        Duration::from_secs(30),
+        "every entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            (pending(&mut c, &stream, group).await == 0).then_some(())
+        },
+    )
+    .await;
+    let status = node.status().await;
+    assert_eq!(status.sources.len(), 1);
+    assert!(status.sources[0].healthy, "{:?}", status.sources);
+    conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let recorder = Recorder::start().await;
+    let stream = unique("nimbus-test-failing");
+    let node = Node::start();
+    let g = guests();
+
+    // A broker that cannot be reached refuses the deploy, naming the source.
+    let unreachable = format!(
+        "[[functions.consume.sources]]\ntype = \"redis-stream\"\nurl = \"redis://127.0.0.1:1\"\nstream = \"{stream}\"\n"
+    );
+    let out = node.deploy_cli(&manifest(
+        "events",
+        &[("consume", &g.testbed, &unreachable)],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("redis-stream:redis://127.0.0.1:1") && err.contains("cannot reach"),
+        "{err}"
+    );
+
+    // The function always fails: each entry is tried twice, dead-lettered,
+    // and acknowledged, so the broker does not deliver it again.
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(
+                &recorder,
+                &stream,
+                "fail=99",
+                "retry = { attempts = 2, initial_backoff = \"50ms\" }",
+            ),
+        )],
+    ));
+    // The broker drops the source's connections: it reconnects.
+    let name = format!("nimbus:consume:{stream}");
+    let killed = eventually(Duration::from_secs(30), "the source to connect", || async {
+        let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+        let list = c
+            .cmd(&[b"CLIENT", b"LIST"])
+            .await
+            .unwrap()
+            .as_text()
+            .unwrap();
+        let ids: Vec<String> = list
+            .lines()
+            .filter(|l| l.contains(&format!(" name={name} ")))
+            .filter_map(|l| l.split(' ').next()?.strip_prefix("id=").map(str::to_owned))
+            .collect();
+        for id in &ids {
+            c.cmd(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()])
+                .await
+                .unwrap();
+        }
+        (!ids.is_empty()).then_some(ids.len())
+    })
+    .await;
+    assert_eq!(killed, 2, "a reader and an acknowledger");
+    for i in 0..20 {
+        conn.cmd(&[
+            b"XADD",
+            stream.as_bytes(),
+            b"*",
+            b"fail",
+            b"99",
+            b"n",
+            i.to_string().as_bytes(),
+        ])
+        .await
+        .unwrap();
+    }
+    let dlq: Vec<InvocationRecord> = eventually(
+        Duration::from_secs(60),
+        "20 dead-lettered messages",
+        || async {
+            let list: Vec<InvocationRecord> = node
+                .admin
+                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
+                .await
+                .unwrap();
+            (list.len() == 20).then_some(list)
+        },
+    )
+    .await;
+    for r in &dlq {
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.attempts.len(), 2, "{r:?}");
+        assert!(r.ce_source.ends_with(&stream));
+    }
+    eventually(
+        Duration::from_secs(30),
+        "every entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            (pending(&mut c, &stream, "nimbus-consume").await == 0).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        recorder.hits().len(),
+        40,
+        "two attempts each, no redelivery"
+    );
+    let status = node.status().await;
+    assert_eq!(status.sources[0].dead_lettered, 20);
+    let text = String::from_utf8_lossy(&node.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("source") && text.contains("healthy"),
+        "{text}"
+    );
+    conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
+}

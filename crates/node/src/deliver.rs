@@ -1,0 +1,40 @@
+//! Wires event sources to the dispatcher: a broker message becomes a
+//! CloudEvent request to its function, with the function's retry policy.
+
+use nimbus_dispatch::{Dispatcher, MessageOutcome};
+use nimbus_queue::{NewInvocation, Trigger};
+use nimbus_sources::{BoxFuture, Deliver, Message, Verdict};
+use std::sync::Arc;
+
+pub struct NodeDeliver {
+    pub dispatcher: Arc<Dispatcher>,
+}
+
+impl Deliver for NodeDeliver {
+    fn deliver(&self, m: Message) -> BoxFuture<'_, Verdict> {
+        Box::pin(async move {
+            let id = m.id.clone();
+            let new = NewInvocation {
+                function: m.function,
+                target: None,
+                trigger: Trigger::Source,
+                method: "POST".into(),
+                path: "/".into(),
+                headers: m.headers,
+                body: m.body,
+                ce_source: m.ce_source,
+                ce_type: m.ce_type,
+                ce_time: None,
+                not_before: None,
+                idempotency: None,
+                parent: None,
+                tick: None,
+            };
+            match self.dispatcher.run_message(&id, new).await {
+                MessageOutcome::Succeeded => Verdict::Succeeded,
+                MessageOutcome::DeadLettered => Verdict::DeadLettered,
+                MessageOutcome::NotServing => Verdict::Retry,
+            }
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! `nimbus-sources` owns event sources: consumers inside the node that read
+//! a broker and hand every message to a function as a CloudEvent over HTTP,
+//! acknowledging it only once the function succeeded or the message was
+//! copied to the dead-letter queue.
+//!
+//! Each broker implements [`EventSource`]; the [`Supervisor`] starts, stops
+//! and restarts exactly the consumers a deploy adds, removes or changes,
+//! reconnects with backoff when a broker is down, and reports each
+//! consumer's health. Delivery is behind [`Deliver`], so this crate knows
+//! nothing of how functions run (the node wires it to the dispatcher).
+//! A consumer pulls only as many messages as it has free slots
+//! (`concurrency`), so a slow function leaves its backlog in the broker, not
+//! in memory.
+
+pub mod redis;
+pub mod resp;
+
+use nimbus_manifest::{BrokerUrl, Source, SourceKind};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A boxed future, for trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a source failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the broker at {0}")]
+    Unreachable(String),
+    #[error("the broker refused the credentials: {0}")]
+    Auth(String),
+    #[error("the broker answered an error: {0}")]
+    Server(String),
+    #[error("the connection to the broker broke: {0}")]
+    Disconnected(String),
+    #[error("unexpected answer from the broker: {0}")]
+    Protocol(String),
+}
+
+/// A message on its way to a function.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub function: String,
+    /// CloudEvents `id`: unique within the source (e.g. a stream entry id).
+    pub id: String,
+    pub ce_source: String,
+    pub ce_type: String,
+    /// Extension attributes (`ce-…`) and other headers.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What became of a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The function succeeded: acknowledge.
+    Succeeded,
+    /// Out of attempts, or refused: copied to the dead-letter queue, so
+    /// acknowledge.
+    DeadLettered,
+    /// Not handled (the function is not serving, the node is stopping, the
+    /// dead-letter copy failed): leave it to the broker's redelivery.
+    Retry,
+}
+
+/// Runs a message through its function, with the function's retry policy.
+pub trait Deliver: Send + Sync {
+    fn deliver(&self, message: Message) -> BoxFuture<'_, Verdict>;
+}
+
+/// Health and counters of one running source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub function: String,
+    /// The source's key: type, broker (without credentials) and stream.
+    pub source: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+}
+
+/// Shared view of a running source's status.
+#[derive(Clone, Default)]
+pub struct StatusCell(Arc<Mutex<SourceStatus>>);
+
+impl StatusCell {
+    fn update(&self, f: impl FnOnce(&mut SourceStatus)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+    pub fn healthy(&self) {
+        self.update(|s| {
+            s.healthy = true;
+        });
+    }
+    pub fn failed(&self, e: &SourceError) {
+        self.update(|s| {
+            s.healthy = false;
+            s.last_error = Some(e.to_string());
+        });
+    }
+    pub fn counted(&self, verdict: &Verdict) {
+        self.update(|s| match verdict {
+            Verdict::Succeeded => s.delivered += 1,
+            Verdict::DeadLettered => s.dead_lettered += 1,
+            Verdict::Retry => {}
+        });
+    }
+    pub fn get(&self) -> SourceStatus {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A consumer of one broker for one function.
+pub trait EventSource: Send + Sync {
+    /// Checks the broker can be used (reachable, credentials, stream or
+    /// group can be created): run at deploy, so a bad source fails the
+    /// deploy with its cause.
+    fn check(&self) -> BoxFuture<'_, Result<(), SourceError>>;
+
+    /// Consumes until dropped, reconnecting with backoff.
+    fn run(
+        self: Arc<Self>,
+        deliver: Arc<dyn Deliver>,
+        status: StatusCell,
+    ) -> BoxFuture<'static, ()>;
+}
+
+/// Builds the consumer of `source` for `function`, resolving the broker URL
+/// from the node's environment when the manifest names a variable.
+pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, SourceError> {
+    let url = |u: &BrokerUrl| match u {
+        BrokerUrl::Literal(u) => Ok(u.clone()),
+        BrokerUrl::Env(var) => std::env::var(var.as_str())
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                SourceError::Config(format!(
+                    "the broker URL variable {} is not set on the node",
+                    var.as_str()
+                ))
+            }),
+    };
+    match &source.kind {
+        SourceKind::RedisStream(s) => Ok(Arc::new(redis::RedisStreamSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.concurrency,
+            source.batch,
+        )?)),
+    }
+}
+
+/// Backoff between reconnection attempts: doubles from the first to the
+/// last.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+struct Running {
+    status: StatusCell,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the sources of every deployed function.
+pub struct Supervisor {
+    deliver: Arc<dyn Deliver>,
+    running: Mutex<HashMap<(String, Source), Running>>,
+}
+
+impl Supervisor {
+    pub fn new(deliver: Arc<dyn Deliver>) -> Self {
+        Self {
+            deliver,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the running consumers exactly `desired`: stops the ones no
+    /// longer wanted (a changed source is a different one), starts the new.
+    /// A source that cannot be built is reported in its status.
+    pub fn sync(&self, desired: Vec<(String, Source)>) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        running.retain(|key, r| {
+            let keep = desired.contains(key);
+            if !keep {
+                r.task.abort();
+                tracing::info!(function = %key.0, source = %key.1, "source stopped");
+            }
+            keep
+        });
+        for (function, source) in desired {
+            if running.contains_key(&(function.clone(), source.clone())) {
+                continue;
+            }
+            let status = StatusCell::default();
+            status.update(|s| {
+                s.function = function.clone();
+                s.source = source.key();
+            });
+            let task = match build(&function, &source) {
+                Ok(consumer) => {
+                    tracing::info!(function = %function, source = %source, "source started");
+                    tokio::spawn(consumer.run(self.deliver.clone(), status.clone()))
+                }
+                Err(e) => {
+                    status.failed(&e);
+                    tokio::spawn(async {})
+                }
+            };
+            running.insert((function, source), Running { status, task });
+        }
+    }
+
+    /// Status of every source, by function.
+    pub fn statuses(&self) -> Vec<SourceStatus> {
+        let mut out: Vec<SourceStatus> = self
+            .running
+            .lock()
+            .map(|r| r.values().map(|r| r.status.get()).collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| (&a.function, &a.source).cmp(&(&b.function, &b.source)));
+        out
+    }
+
+    /// Stops every consumer: messages in flight are not acknowledged and
+    /// come back from the broker.
+    pub fn stop(&self) {
+        self.sync(Vec::new());
+    }
+}

@@ -1,0 +1,325 @@
+//! Redis Streams through a consumer group.
+//!
+//! Entries are read with XREADGROUP, each handed to the function, and
+//! acknowledged (XACK) once it succeeded or was dead-lettered. Entries left
+//! pending are never lost: at every (re)connection this consumer first reads
+//! its own pending entries again, and entries pending longer than
+//! `claim_idle` in any other consumer (one that crashed) are taken over with
+//! XAUTOCLAIM. Order: with `concurrency = 1` entries run one at a time in
+//! stream order (a retried entry is retried before the next one starts).
+
+use crate::resp::{Conn, Target, Value};
+use crate::{
+    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
+    StatusCell, Verdict,
+};
+use nimbus_manifest::RedisStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Semaphore};
+
+/// How long one XREADGROUP waits for new entries.
+const BLOCK_MS: &str = "2000";
+/// This node's consumer name within the group.
+const CONSUMER: &str = "nimbus";
+
+pub struct RedisStreamSource {
+    function: String,
+    target: Target,
+    stream: String,
+    group: String,
+    claim_idle: Duration,
+    concurrency: u32,
+    batch: u32,
+    ce_source: String,
+}
+
+/// One stream entry.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    id: String,
+    fields: Vec<(String, String)>,
+}
+
+fn entries(list: Value) -> Vec<Entry> {
+    list.into_array()
+        .into_iter()
+        .filter_map(|e| {
+            let mut parts = e.into_array().into_iter();
+            let id = parts.next()?.as_text()?;
+            let flat = parts.next().map(Value::into_array).unwrap_or_default();
+            let fields = flat
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?.as_text()?, kv.get(1)?.as_text()?)))
+                .collect();
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// Entries of an XREADGROUP reply (one stream).
+fn read_reply(v: Value) -> Vec<Entry> {
+    v.into_array()
+        .into_iter()
+        .next()
+        .map(|s| entries(s.into_array().into_iter().nth(1).unwrap_or(Value::Nil)))
+        .unwrap_or_default()
+}
+
+impl RedisStreamSource {
+    pub fn new(
+        function: &str,
+        url: &str,
+        config: &RedisStream,
+        concurrency: u32,
+        batch: u32,
+    ) -> Result<Self, SourceError> {
+        let target = Target::parse(url)?;
+        let ce_source = format!(
+            "redis://{}:{}/{}/{}",
+            target.host, target.port, target.db, config.stream
+        );
+        Ok(Self {
+            function: function.to_owned(),
+            group: config
+                .group
+                .clone()
+                .unwrap_or_else(|| format!("nimbus-{function}")),
+            stream: config.stream.clone(),
+            claim_idle: config.claim_idle.get(),
+            concurrency,
+            batch,
+            ce_source,
+            target,
+        })
+    }
+
+    /// Creates the group at the end of the stream unless it exists.
+    async fn ensure_group(&self, conn: &mut Conn) -> Result<(), SourceError> {
+        match conn
+            .cmd(&[
+                b"XGROUP",
+                b"CREATE",
+                self.stream.as_bytes(),
+                self.group.as_bytes(),
+                b"$",
+                b"MKSTREAM",
+            ])
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(SourceError::Server(e)) if e.starts_with("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn message(&self, entry: Entry) -> Message {
+        let fields: serde_json::Map<String, serde_json::Value> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let body = serde_json::to_vec(&fields).unwrap_or_default();
+        Message {
+            function: self.function.clone(),
+            id: entry.id.clone(),
+            ce_source: self.ce_source.clone(),
+            ce_type: "redis.stream.entry".into(),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("ce-redisstream".into(), self.stream.clone()),
+                ("ce-redisid".into(), entry.id),
+                ("ce-redisgroup".into(), self.group.clone()),
+            ],
+            body,
+        }
+    }
+
+    /// One connected session: returns only on a broker error.
+    async fn session(
+        self: &Arc<Self>,
+        deliver: &Arc<dyn Deliver>,
+        status: &StatusCell,
+        slots: &Arc<Semaphore>,
+    ) -> Result<(), SourceError> {
+        let mut reader = Conn::connect(&self.target).await?;
+        let mut acker = Conn::connect(&self.target).await?;
+        // Named, so operators see in CLIENT LIST whose connections these are.
+        let name = format!("nimbus:{}:{}", self.function, self.stream);
+        for conn in [&mut reader, &mut acker] {
+            conn.cmd(&[b"CLIENT", b"SETNAME", name.as_bytes()]).await?;
+        }
+        let acker = Arc::new(Mutex::new(acker));
+        self.ensure_group(&mut reader).await?;
+        status.healthy();
+        // Our own pending entries first: delivered before a crash or a
+        // broken connection, never acknowledged.
+        let mut own_cursor = Some("0".to_owned());
+        let mut claim_cursor = "0-0".to_owned();
+        let mut last_claim = Instant::now();
+        loop {
+            let first = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| SourceError::Disconnected("stopping".into()))?;
+            let mut held = vec![first];
+            while held.len() < self.batch as usize {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let count = held.len().to_string();
+            let batch = if let Some(cursor) = &own_cursor {
+                let got = read_reply(
+                    reader
+                        .cmd(&[
+                            b"XREADGROUP",
+                            b"GROUP",
+                            self.group.as_bytes(),
+                            CONSUMER.as_bytes(),
+                            b"COUNT",
+                            count.as_bytes(),
+                            b"STREAMS",
+                            self.stream.as_bytes(),
+                            cursor.as_bytes(),
+                        ])
+                        .await?,
+                );
+                own_cursor = got.last().map(|e| e.id.clone());
+                got
+            } else if last_claim.elapsed() >= self.claim_idle / 2 {
+                last_claim = Instant::now();
+                let idle = self.claim_idle.as_millis().to_string();
+                let reply = reader
+                    .cmd(&[
+                        b"XAUTOCLAIM",
+                        self.stream.as_bytes(),
+                        self.group.as_bytes(),
+                        CONSUMER.as_bytes(),
+                        idle.as_bytes(),
+                        claim_cursor.as_bytes(),
+                        b"COUNT",
+                        count.as_bytes(),
+                    ])
+                    .await?;
+                let mut parts = reply.into_array().into_iter();
+                claim_cursor = parts
+                    .next()
+                    .and_then(|c| c.as_text())
+                    .unwrap_or_else(|| "0-0".into());
+                let got = entries(parts.next().unwrap_or(Value::Nil));
+                if !got.is_empty() {
+                    tracing::info!(function = %self.function, stream = %self.stream, entries = got.len(), "claimed entries left pending by another consumer");
+                }
+                got
+            } else {
+                read_reply(
+                    reader
+                        .cmd(&[
+                            b"XREADGROUP",
+                            b"GROUP",
+                            self.group.as_bytes(),
+                            CONSUMER.as_bytes(),
+                            b"COUNT",
+                            count.as_bytes(),
+                            b"BLOCK",
+                            BLOCK_MS.as_bytes(),
+                            b"STREAMS",
+                            self.stream.as_bytes(),
+                            b">",
+                        ])
+                        .await?,
+                )
+            };
+            // Unused slots go back as `held` is dropped.
+            for (entry, permit) in batch.into_iter().zip(held) {
+                let this = self.clone();
+                let deliver = deliver.clone();
+                let acker = acker.clone();
+                let status = status.clone();
+                tokio::spawn(async move {
+                    let id = entry.id.clone();
+                    let verdict = deliver.deliver(this.message(entry)).await;
+                    status.counted(&verdict);
+                    if verdict != Verdict::Retry {
+                        let acked = acker
+                            .lock()
+                            .await
+                            .cmd(&[
+                                b"XACK",
+                                this.stream.as_bytes(),
+                                this.group.as_bytes(),
+                                id.as_bytes(),
+                            ])
+                            .await;
+                        if let Err(e) = acked {
+                            // Redelivered after reconnection: at least once.
+                            tracing::warn!(function = %this.function, entry = %id, error = %e, "could not acknowledge an entry");
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+impl EventSource for RedisStreamSource {
+    fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut conn = Conn::connect(&self.target).await?;
+            self.ensure_group(&mut conn).await
+        })
+    }
+
+    fn run(
+        self: Arc<Self>,
+        deliver: Arc<dyn Deliver>,
+        status: StatusCell,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let slots = Arc::new(Semaphore::new(self.concurrency as usize));
+            let mut backoff = RECONNECT_FIRST;
+            loop {
+                let started = Instant::now();
+                if let Err(e) = self.session(&deliver, &status, &slots).await {
+                    status.failed(&e);
+                    tracing::warn!(function = %self.function, stream = %self.stream, error = %e, retry_in = ?backoff, "redis source disconnected");
+                }
+                if started.elapsed() > RECONNECT_MAX {
+                    backoff = RECONNECT_FIRST;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_become_entries() {
+        let bulk = |s: &str| Value::Bulk(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("orders"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![bulk("sku"), bulk("tea"), bulk("qty"), bulk("3")]),
+            ])]),
+        ])]);
+        let got = read_reply(reply);
+        assert_eq!(
+            got,
+            [Entry {
+                id: "1-0".into(),
+                fields: vec![("sku".into(), "tea".into()), ("qty".into(), "3".into())]
+            }]
+        );
+        assert!(read_reply(Value::Nil).is_empty());
+    }
+}
