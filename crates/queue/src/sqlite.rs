@@ -149,12 +149,10 @@ fn writer(conn: Connection, mut rx: mpsc::Receiver<Job>) {
             }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for job in jobs {
-                // The job never ran: report the failure without running it.
-                drop(job);
-                tracing::error!(error = %msg, "the queue cannot begin a transaction");
-            }
+            // The jobs never ran; dropping them tells each caller the queue
+            // failed (QueueError::Stopped), and nothing was acknowledged.
+            tracing::error!(error = %e, jobs = jobs.len(), "the queue cannot begin a transaction");
+            drop(jobs);
             continue;
         }
         let done: Vec<Done> = jobs.into_iter().map(|job| job(&conn)).collect();

@@ -32,6 +32,10 @@ pub struct RedisStreamSource {
     concurrency: u32,
     batch: u32,
     ce_source: String,
+    /// Entries being delivered now. A claim or a re-read of pending entries
+    /// can return them again (their idle time grows while a slow function
+    /// runs); they are not delivered twice at once.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// One stream entry.
@@ -91,6 +95,7 @@ impl RedisStreamSource {
             batch,
             ce_source,
             target,
+            in_flight: Default::default(),
         })
     }
 
@@ -233,6 +238,13 @@ impl RedisStreamSource {
                         .await?,
                 )
             };
+            let batch: Vec<Entry> = match self.in_flight.lock() {
+                Ok(mut running) => batch
+                    .into_iter()
+                    .filter(|e| running.insert(e.id.clone()))
+                    .collect(),
+                Err(_) => batch,
+            };
             // Unused slots go back as `held` is dropped.
             for (entry, permit) in batch.into_iter().zip(held) {
                 let this = self.clone();
@@ -258,6 +270,9 @@ impl RedisStreamSource {
                             // Redelivered after reconnection: at least once.
                             tracing::warn!(function = %this.function, entry = %id, error = %e, "could not acknowledge an entry");
                         }
+                    }
+                    if let Ok(mut running) = this.in_flight.lock() {
+                        running.remove(&id);
                     }
                     drop(permit);
                 });
