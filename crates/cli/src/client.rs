@@ -54,6 +54,44 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
     Ok((authority, path.to_owned()))
 }
 
+/// Opens a request to `url` (`http://host:port/path`) and returns the
+/// response head with the body still to read.
+async fn open(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let (authority, path) = split_url(url)?;
+    let path = if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path
+    };
+    let stream = tokio::net::TcpStream::connect(&authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake failed")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path.as_str())
+        .header(header::HOST, authority.as_str());
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Full::new(body))
+        .context("invalid request")?;
+    sender.send_request(request).await.context("request failed")
+}
+
 /// Sends one request to `url` (`http://host:port/path`).
 pub async fn send(
     method: Method,
@@ -62,38 +100,8 @@ pub async fn send(
     body: Bytes,
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
-    let (authority, path) = split_url(url)?;
-    let path = if path.is_empty() {
-        "/".to_owned()
-    } else {
-        path
-    };
     let work = async {
-        let stream = tokio::net::TcpStream::connect(&authority)
-            .await
-            .with_context(|| format!("cannot connect to {authority}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP handshake failed")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut builder = hyper::Request::builder()
-            .method(method)
-            .uri(path.as_str())
-            .header(header::HOST, authority.as_str());
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let request = builder
-            .header(header::CONTENT_LENGTH, body.len())
-            .body(Full::new(body))
-            .context("invalid request")?;
-        let response = sender
-            .send_request(request)
-            .await
-            .context("request failed")?;
+        let response = open(method, url, headers, body).await?;
         let (parts, body) = response.into_parts();
         let body = body
             .collect()
@@ -108,7 +116,40 @@ pub async fn send(
     };
     tokio::time::timeout(timeout, work)
         .await
-        .with_context(|| format!("no answer from {authority} within {timeout:?}"))?
+        .with_context(|| format!("no answer from {url} within {timeout:?}"))?
+}
+
+/// Sends a GET and hands each line of the (streaming) answer to `each` as
+/// it arrives, until the server ends it. A non-2xx answer is an error.
+pub async fn stream_lines(
+    url: &str,
+    headers: &[(&str, &str)],
+    mut each: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let response = open(Method::GET, url, headers, Bytes::new()).await?;
+    let (parts, mut body) = response.into_parts();
+    if !parts.status.is_success() {
+        let bytes = body.collect().await?.to_bytes();
+        return decode::<serde_json::Value>(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: bytes,
+        })
+        .map(|_| ());
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the stream broke")?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            each(String::from_utf8_lossy(&line[..nl]).trim_end_matches('\r'));
+        }
+    }
+    Ok(())
 }
 
 /// Where the admin API is and how to authenticate.
@@ -205,6 +246,18 @@ impl Admin {
         )
         .await
         .with_context(|| format!("cannot reach the admin API at {}", self.url))
+    }
+
+    /// GETs `path` and hands each line of the streaming answer to `each`.
+    pub async fn stream(&self, path: &str, each: impl FnMut(&str)) -> anyhow::Result<()> {
+        let auth = format!("Bearer {}", self.token);
+        stream_lines(
+            &format!("{}{path}", self.url),
+            &[("authorization", &auth), ("accept", "text/event-stream")],
+            each,
+        )
+        .await
+        .with_context(|| format!("cannot follow {path} on {}", self.url))
     }
 
     /// Sends JSON (or nothing) and decodes the JSON answer, turning API

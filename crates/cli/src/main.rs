@@ -61,6 +61,31 @@ enum Command {
         /// Log format: JSON lines, or text; default text on a terminal.
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// How long function output is kept for `nimbus logs`.
+        #[arg(long, default_value = "7d")]
+        log_retention: String,
+        /// Most function output kept, in MiB; the oldest goes first.
+        #[arg(long, default_value_t = 256)]
+        log_max_mb: u64,
+    },
+    /// Show a function's output (stdout and stderr), oldest first.
+    Logs {
+        name: String,
+        /// Keep printing new lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines this recent: `10m`, `2h`, `1d`.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only lines of this invocation.
+        #[arg(long)]
+        invocation: Option<String>,
+        /// Only lines containing this text.
+        #[arg(long)]
+        grep: Option<String>,
+        /// At most this many past lines.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// Deploy the functions of a manifest.
     Deploy {
@@ -203,6 +228,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             deploy,
             build,
             log_format,
+            log_retention,
+            log_max_mb,
         } => {
             init_logging(*log_format);
             // Config errors surface before any port is bound.
@@ -220,6 +247,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen: *listen,
                 admin_listen: *admin_listen,
                 data_dir: cli.data_dir.clone(),
+                log_retention: nimbus_telemetry::logs::Retention {
+                    max_age: nimbus_manifest::limits::parse_duration(
+                        log_retention,
+                        "--log-retention",
+                    )
+                    .map_err(|e| anyhow::anyhow!(e))?,
+                    max_bytes: log_max_mb.saturating_mul(1 << 20),
+                },
             };
             let node = nimbus_node::start(config).await?;
             if let Some(m) = manifest {
@@ -495,6 +530,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Schedules => nimbus_cli::invocations::schedules(&admin()?, cli.output).await,
+        Command::Logs {
+            name,
+            follow,
+            since,
+            invocation,
+            grep,
+            limit,
+        } => {
+            let query = nimbus_cli::logs::Query {
+                since: since.clone(),
+                invocation: invocation.clone(),
+                grep: grep.clone(),
+                limit: *limit,
+            };
+            nimbus_cli::logs::show(&admin()?, name, &query, *follow, cli.output).await
+        }
         Command::Rm { name } => {
             let _: serde_json::Value = admin()?
                 .call(

@@ -10,8 +10,9 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 /// Identifies whose output a line is.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct OutputTag {
+    pub sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
     pub function: Arc<str>,
     pub version: u64,
     pub invocation: Arc<str>,
@@ -46,6 +47,7 @@ impl FunctionOutput {
 
     fn emit(&self, line: &[u8]) {
         let line = String::from_utf8_lossy(line);
+        let text = line.trim_end_matches('\r');
         tracing::info!(
             target: "nimbus::function",
             function = &*self.tag.function,
@@ -53,8 +55,22 @@ impl FunctionOutput {
             invocation_id = &*self.tag.invocation,
             stream = self.stream,
             "{}",
-            line.trim_end_matches('\r')
+            text
         );
+        if let Some(sink) = &self.tag.sink {
+            sink.line(nimbus_telemetry::logs::LogLine {
+                seq: 0,
+                at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or_default(),
+                function: self.tag.function.to_string(),
+                version: self.tag.version,
+                invocation: self.tag.invocation.to_string(),
+                stream: self.stream.to_owned(),
+                text: text.to_owned(),
+            });
+        }
     }
 
     fn accept(&self, data: &[u8]) {

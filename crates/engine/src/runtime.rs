@@ -115,6 +115,8 @@ pub struct Engine {
     compiled: AtomicU64,
     loaded: AtomicU64,
     ticker_stop: Arc<AtomicBool>,
+    /// Where function output is kept, besides the node log.
+    log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
 }
 
 impl Drop for Engine {
@@ -176,7 +178,14 @@ impl Engine {
             compiled: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             ticker_stop,
+            log_sink: None,
         })
+    }
+
+    /// Keeps function output in `sink` too (versions prepared afterwards).
+    pub fn with_log_sink(mut self, sink: Arc<dyn nimbus_telemetry::logs::LogSink>) -> Self {
+        self.log_sink = Some(sink);
+        self
     }
 
     /// Identifies the engine's code generation; part of every artifact name.
@@ -302,6 +311,7 @@ impl Engine {
         let pre = ProxyPre::new(pre).map_err(|e| ComponentError::Link(format!("{e:#}")))?;
         Ok(FunctionRuntime {
             inner: Arc::new(FunctionInner {
+                log_sink: self.log_sink.clone(),
                 name: spec.name.as_str().into(),
                 engine: self.inner.clone(),
                 pre,
@@ -343,6 +353,7 @@ pub struct FunctionRuntime {
 }
 
 struct FunctionInner {
+    log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
     name: Arc<str>,
     engine: wasmtime::Engine,
     pre: ProxyPre<Host>,
@@ -380,6 +391,7 @@ impl FunctionRuntime {
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
         let tag = OutputTag {
+            sink: f.log_sink.clone(),
             function: f.name.clone(),
             version: f.spec.version,
             invocation: invocation_id,

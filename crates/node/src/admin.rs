@@ -159,6 +159,7 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
         (&Method::DELETE, ["v1", "functions", name, "dlq"]) => purge(&state, name).await,
         (&Method::GET, ["v1", "invocations", id]) => invocation(&state, id).await,
         (&Method::GET, ["v1", "schedules"]) => schedules(&state).await,
+        (&Method::GET, ["v1", "functions", name, "logs"]) => logs(&state, name, &req),
         (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
             has_component(&state, digest)
         }
@@ -686,6 +687,138 @@ async fn purge(state: &NodeState, name: &str) -> Result<Response, ApiError> {
         StatusCode::OK,
         &serde_json::json!({ "purged": n }),
     ))
+}
+
+/// Most past lines one log request returns.
+const MAX_LOG_LINES: usize = 10_000;
+/// A comment line keeps idle live streams open through proxies.
+const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `GET /v1/functions/{name}/logs`: stored output as JSON, or with
+/// `follow=true` as Server-Sent Events (the past lines, then live ones).
+fn logs(
+    state: &NodeState,
+    name: &str,
+    req: &hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
+    use nimbus_telemetry::logs::LogQuery;
+    let name = function_name(name)?;
+    let since = match query_param(req, "since").map(percent_decode) {
+        None => None,
+        Some(s) if s.is_empty() => None,
+        Some(s) => {
+            let ago = nimbus_manifest::limits::parse_duration(&s, "since")
+                .map_err(ApiError::bad_request)?;
+            Some(nimbus_queue::now_ms() - ago.as_millis() as i64)
+        }
+    };
+    let limit = match query_param(req, "limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LOG_LINES).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be a number from 1 to {MAX_LOG_LINES}"))
+            })?,
+    };
+    let nonempty = |k: &str| {
+        query_param(req, k)
+            .map(percent_decode)
+            .filter(|v| !v.is_empty())
+    };
+    let query = LogQuery {
+        function: name.to_string(),
+        since,
+        invocation: nonempty("invocation"),
+        grep: nonempty("grep"),
+        after_seq: None,
+        limit,
+    };
+    let follow = query_param(req, "follow").is_some_and(|v| v == "true" || v == "1");
+    // Subscribe before reading the past, so no line falls between the two.
+    let live = follow.then(|| state.logs.follow());
+    let past = state.logs.query(&query).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot read the log store: {e}"),
+        )
+    })?;
+    let Some(live) = live else {
+        return Ok(json_response(StatusCode::OK, &past));
+    };
+    let last_seq = past.last().map_or(0, |l| l.seq);
+    let stopping = state.stopping.subscribe();
+    let events = sse_stream(past, live, query, last_seq, stopping);
+    let mut resp = hyper::Response::new(http_body_util::BodyExt::boxed_unsync(
+        http_body_util::StreamBody::new(events),
+    ));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    Ok(resp)
+}
+
+type SseFrame = Result<hyper::body::Frame<Bytes>, std::io::Error>;
+
+fn sse_event(line: &nimbus_telemetry::logs::LogLine) -> SseFrame {
+    let json = serde_json::to_string(line).unwrap_or_default();
+    Ok(hyper::body::Frame::data(Bytes::from(format!(
+        "id: {}\ndata: {json}\n\n",
+        line.seq
+    ))))
+}
+
+/// The past lines, then live lines matching `query`, until the node stops
+/// or the client goes away.
+fn sse_stream(
+    past: Vec<nimbus_telemetry::logs::LogLine>,
+    live: tokio::sync::broadcast::Receiver<nimbus_telemetry::logs::LogLine>,
+    query: nimbus_telemetry::logs::LogQuery,
+    last_seq: i64,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = SseFrame> + Send + 'static {
+    use tokio::sync::broadcast::error::RecvError;
+    let backlog = futures::stream::iter(past.iter().map(sse_event).collect::<Vec<_>>());
+    let tail = futures::stream::unfold(
+        (live, query, last_seq, stopping),
+        |(mut live, query, last_seq, mut stopping)| async move {
+            loop {
+                if *stopping.borrow() {
+                    return None;
+                }
+                let next = tokio::select! {
+                    r = live.recv() => r,
+                    _ = stopping.changed() => return None,
+                    _ = tokio::time::sleep(SSE_KEEPALIVE) => {
+                        let frame = Ok(hyper::body::Frame::data(Bytes::from_static(b": keep-alive\n\n")));
+                        return Some((frame, (live, query, last_seq, stopping)));
+                    }
+                };
+                match next {
+                    Ok(line) if line.seq > last_seq && query.matches(&line) => {
+                        let frame = sse_event(&line);
+                        return Some((frame, (live, query, line.seq, stopping)));
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => {
+                        let note = format!(": {n} lines skipped: the reader fell behind\n\n");
+                        let frame = Ok(hyper::body::Frame::data(Bytes::from(note)));
+                        return Some((frame, (live, query, last_seq, stopping)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    futures::StreamExt::chain(backlog, tail)
 }
 
 /// Fire times listed per schedule.

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub admin_listen: SocketAddr,
     /// Directory of the SQLite database, artifacts and token.
     pub data_dir: PathBuf,
+    /// How much function output is kept.
+    pub log_retention: nimbus_telemetry::logs::Retention,
 }
 
 /// A node whose listeners are bound.
@@ -54,6 +56,7 @@ impl RunningNode {
         // Sources stop pulling; what they hold unacknowledged comes back
         // from the broker.
         self.state.sources.stop();
+        let _ = self.state.stopping.send(true);
         let _ = self.shutdown.send(Some(self.state.drain_timeout()));
     }
 
@@ -82,7 +85,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let token = load_or_create_token(&data_dir)?;
     let registry = SqliteRegistry::open(&data_dir.join("state.db"))
         .with_context(|| format!("cannot open {}", data_dir.join("state.db").display()))?;
-    let engine = Engine::new(&data_dir.join("artifacts")).context("cannot start the engine")?;
+    let logs =
+        nimbus_telemetry::logs::LogStore::open(&data_dir.join("logs.db"), config.log_retention)
+            .with_context(|| format!("cannot open {}", data_dir.join("logs.db").display()))?;
+    let engine = Engine::new(&data_dir.join("artifacts"))
+        .context("cannot start the engine")?
+        .with_log_sink(logs.clone());
     let queue: Arc<dyn nimbus_queue::Queue> = Arc::new(
         nimbus_queue::SqliteQueue::open(&data_dir.join("queue.db"))
             .with_context(|| format!("cannot open {}", data_dir.join("queue.db").display()))?,
@@ -142,6 +150,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         intake,
         scheduler.clone(),
         sources,
+        logs,
     ));
     state.load_all().await?;
 

@@ -83,6 +83,10 @@ pub struct NodeState {
     pub intake: Arc<NodeIntake>,
     pub scheduler: Arc<Scheduler>,
     pub sources: Arc<nimbus_sources::Supervisor>,
+    /// Function output, kept for `nimbus logs`.
+    pub logs: Arc<nimbus_telemetry::logs::LogStore>,
+    /// Set when the node starts stopping: ends live log streams.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -123,6 +127,7 @@ impl NodeState {
         intake: Arc<NodeIntake>,
         scheduler: Arc<Scheduler>,
         sources: Arc<nimbus_sources::Supervisor>,
+        logs: Arc<nimbus_telemetry::logs::LogStore>,
     ) -> Self {
         Self {
             engine,
@@ -142,6 +147,8 @@ impl NodeState {
             intake,
             scheduler,
             sources,
+            logs,
+            stopping: tokio::sync::watch::Sender::new(false),
         }
     }
 

@@ -1,11 +1,14 @@
 //! `nimbus-telemetry` owns what the node measures about invocations and
-//! itself, and the Prometheus text rendering of it.
+//! itself, and the Prometheus text rendering of it, and the store of
+//! function output (`logs`).
 //!
 //! Recording is a handful of relaxed atomic increments per invocation, with
 //! no locks and no allocation, so it can stay on in production. Metric names
 //! follow OpenTelemetry's FaaS semantic conventions where they exist
 //! (`faas.invocations`, `faas.errors`, `faas.timeouts`, `faas.coldstarts`,
 //! `faas.invoke_duration`), written the Prometheus way (`faas_invocations_total`).
+
+pub mod logs;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};

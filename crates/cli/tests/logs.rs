@@ -1,0 +1,122 @@
+//! `nimbus logs`: function output is stored with its invocation id, read
+//! back with filters, and followed live.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::StatusCode;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn print(node: &Node, lines: u64) -> String {
+    let reply = node.get(&format!("/t/print?lines={lines}")).await;
+    assert_status(&reply, StatusCode::OK);
+    reply.headers[nimbus_api::INVOCATION_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `nimbus logs` until its output contains `want` (lines are stored
+/// asynchronously, a few milliseconds after the function wrote them).
+fn logs_until(node: &Node, args: &[&str], want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = stdout(&node.cli(args));
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{want}` never showed in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_stored_filtered_and_followed() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "logs",
+        &[("chatty", &g.testbed, "routes = [\"/t/*\"]")],
+    ));
+
+    let first = print(&node, 3).await;
+    let second = print(&node, 2).await;
+    let all = logs_until(&node, &["logs", "chatty"], &second);
+    let of_first: Vec<&str> = all.lines().filter(|l| l.contains(&first)).collect();
+    assert_eq!(of_first.len(), 3, "{all}");
+    assert!(of_first[2].ends_with("line 2 from the testbed"), "{all}");
+    assert!(of_first[0].contains(" v1 "), "{all}");
+
+    let only = stdout(&node.cli(&["logs", "chatty", "--invocation", &second]));
+    assert_eq!(only.lines().count(), 2, "{only}");
+    assert!(only.lines().all(|l| l.contains(&second)));
+    let grep = stdout(&node.cli(&["logs", "chatty", "--grep", "line 2"]));
+    assert_eq!(grep.lines().count(), 1, "{grep}");
+    let recent = stdout(&node.cli(&["logs", "chatty", "--since", "1m", "--limit", "2"]));
+    assert_eq!(recent.lines().count(), 2, "the newest 2: {recent}");
+    assert!(recent.lines().all(|l| l.contains(&second)), "{recent}");
+    let json = stdout(&node.cli(&["logs", "chatty", "-o", "json"]));
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["stream"], "stdout");
+
+    // Follow: lines written after `logs -f` started show up in it.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .args(["logs", "chatty", "-f", "--limit", "1"])
+        .env("NIMBUS_DATA_DIR", node.data_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The past line first.
+    let past = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(past.contains(&second), "{past}");
+    let third = print(&node, 1).await;
+    let live = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(
+        live.contains(&third) && live.ends_with("line 0 from the testbed"),
+        "{live}"
+    );
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+
+    // A function writing megabytes is cut at the cap, with a marker.
+    let flood = print(&node, 100_000).await;
+    let cut = logs_until(
+        &node,
+        &[
+            "logs",
+            "chatty",
+            "--invocation",
+            &flood,
+            "--grep",
+            "truncated",
+        ],
+        "output truncated",
+    );
+    assert_eq!(cut.lines().count(), 1, "{cut}");
+}
