@@ -555,3 +555,86 @@ async fn schedules_fire_each_tick_once_across_a_restart() {
         .unwrap();
     assert_eq!(hit.get("nimbus-trigger"), "schedule");
 }
+
+fn trace_of(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_id_follows_the_work() {
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "traced",
+        &[(
+            "traced",
+            &g.testbed,
+            &relay(&recorder, "routes = [\"/traced\"]"),
+        )],
+    ));
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+    // A request that carries a trace: the function sees the same trace with
+    // its own span, its outbound request continues it, the caller gets the
+    // trace id back.
+    let reply = client::send(
+        Method::GET,
+        &node.url("/traced?sync=1"),
+        &[("traceparent", caller)],
+        Bytes::new(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_status(&reply, StatusCode::OK);
+    assert_eq!(reply.headers["nimbus-trace-id"], trace);
+    let hit = recorder
+        .hits()
+        .into_iter()
+        .find(|h| h.get("sync") == "1")
+        .unwrap();
+    assert_eq!(trace_of(hit.get("traceparent")), trace);
+    assert_ne!(hit.get("traceparent"), caller, "the function is a new span");
+    assert_eq!(
+        trace_of(hit.get("h-traceparent")),
+        trace,
+        "outbound continues it"
+    );
+
+    // Asynchronous work keeps the caller's trace across the queue.
+    let queued = submit(&node, "/traced?async=1", &[("traceparent", caller)], "x").await;
+    settled(&node, &queued.invocation_id).await;
+    let hit = recorder
+        .hits()
+        .into_iter()
+        .find(|h| h.get("async") == "1")
+        .unwrap();
+    assert_eq!(trace_of(hit.get("traceparent")), trace);
+
+    // Without one, a trace starts and is answered.
+    let reply = node.get("/traced?fresh=1").await;
+    let started = reply.headers["nimbus-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(started.len(), 32);
+    let hit = recorder
+        .hits()
+        .into_iter()
+        .find(|h| h.get("fresh") == "1")
+        .unwrap();
+    assert_eq!(trace_of(hit.get("traceparent")), started);
+    // The node's log line of the invocation carries it too.
+    eventually(
+        Duration::from_secs(10),
+        "the trace id in the node log",
+        || async {
+            node.log()
+                .contains(&format!("\"trace_id\":\"{started}\""))
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -339,8 +339,21 @@ impl Dispatcher {
     /// with the function's policy (the message stays unacknowledged in its
     /// broker meanwhile, so a crash loses nothing). Out of attempts, or on a
     /// final status, it is copied to the dead-letter queue.
-    pub async fn run_message(&self, id: &str, new: NewInvocation) -> MessageOutcome {
+    pub async fn run_message(&self, id: &str, mut new: NewInvocation) -> MessageOutcome {
         let first = now_ms();
+        // Every attempt at a message belongs to one trace.
+        let traced = new.headers.iter().any(|(k, v)| {
+            k == nimbus_telemetry::trace::TRACEPARENT
+                && nimbus_telemetry::trace::TraceContext::parse(v).is_some()
+        });
+        if !traced {
+            new.headers
+                .retain(|(k, _)| k != nimbus_telemetry::trace::TRACEPARENT);
+            new.headers.push((
+                nimbus_telemetry::trace::TRACEPARENT.to_owned(),
+                nimbus_telemetry::trace::TraceContext::root().header(),
+            ));
+        }
         let mut c = Claimed {
             id: id.to_owned(),
             function: new.function.clone(),
@@ -708,6 +721,14 @@ fn destination_event(
         "response": response,
         "error": error,
     });
+    // The delivery continues the trace of the invocation it reports on.
+    let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+    headers.extend(
+        c.headers
+            .iter()
+            .filter(|(k, _)| k == nimbus_telemetry::trace::TRACEPARENT)
+            .cloned(),
+    );
     let (function, target) = match destination {
         Destination::Function(f) => (f.to_string(), None),
         Destination::Url(u) => (c.function.clone(), Some(u.clone())),
@@ -718,7 +739,7 @@ fn destination_event(
         trigger: Trigger::Destination,
         method: "POST".into(),
         path: "/".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
+        headers,
         body: serde_json::to_vec(&record).unwrap_or_default(),
         ce_source: format!("/nimbus/functions/{}", c.function),
         ce_type: format!("nimbus.invocation.{status}"),

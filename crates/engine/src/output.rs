@@ -13,6 +13,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 #[derive(Clone)]
 pub(crate) struct OutputTag {
     pub sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
+    pub trace_id: Option<Arc<str>>,
     pub function: Arc<str>,
     pub version: u64,
     pub invocation: Arc<str>,
@@ -53,6 +54,7 @@ impl FunctionOutput {
             function = &*self.tag.function,
             version = self.tag.version,
             invocation_id = &*self.tag.invocation,
+            trace_id = self.tag.trace_id.as_deref(),
             stream = self.stream,
             "{}",
             text

@@ -390,7 +390,14 @@ impl FunctionRuntime {
         let f = &self.inner;
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
+        // The gateway set the invocation's trace context on the request.
+        let trace = request
+            .headers()
+            .get(nimbus_telemetry::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(nimbus_telemetry::trace::TraceContext::parse);
         let tag = OutputTag {
+            trace_id: trace.map(|t| t.trace_id_hex().into()),
             sink: f.log_sink.clone(),
             function: f.name.clone(),
             version: f.spec.version,
@@ -410,6 +417,7 @@ impl FunctionRuntime {
             hooks: Hooks {
                 policy: f.policy.clone(),
                 function: f.name.clone(),
+                trace,
             },
             limiter: Limiter {
                 memory_bytes: usize::try_from(f.spec.limits.memory_bytes).unwrap_or(usize::MAX),
@@ -580,6 +588,8 @@ impl ResourceLimiter for Limiter {
 struct Hooks {
     policy: Arc<OutboundPolicy>,
     function: Arc<str>,
+    /// The invocation's trace context, continued by outbound requests.
+    trace: Option<nimbus_telemetry::trace::TraceContext>,
 }
 
 type SendResult = Result<
@@ -599,6 +609,19 @@ impl WasiHttpHooks for Hooks {
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         let policy = self.policy.clone();
         let function = self.function.clone();
+        let mut request = request;
+        // Outbound requests continue the invocation's trace unless the
+        // function set its own context.
+        if let Some(trace) = &self.trace
+            && !request
+                .headers()
+                .contains_key(nimbus_telemetry::trace::TRACEPARENT)
+            && let Ok(v) = http::HeaderValue::from_str(&trace.child().header())
+        {
+            request
+                .headers_mut()
+                .insert(nimbus_telemetry::trace::TRACEPARENT, v);
+        }
         Box::new(async move {
             let dest =
                 outbound::destination(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Limited};
 use nimbus_api::{AsyncAccepted, INVOCATION_ID_HEADER};
 use nimbus_manifest::WebhookPreset;
 use nimbus_queue::{BoxFuture, Enqueued, Idempotency, NewInvocation, QueueError, Trigger};
+use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
 use std::sync::Arc;
 
 /// Header asking for an asynchronous invocation.
@@ -126,12 +127,23 @@ pub fn new_invocation(
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
         .unwrap_or(ce_source);
-    let stored = headers
+    // Work queued now is part of the caller's trace, or starts one that
+    // every attempt and destination continues.
+    let has_trace = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .is_some();
+    let mut stored: Vec<(String, String)> = headers
         .iter()
         .filter(|(k, _)| stored_header(k.as_str()))
         .filter(|(k, _)| !matches!(k.as_str(), "ce-id" | "ce-specversion" | "ce-time"))
+        .filter(|(k, _)| has_trace || k.as_str() != TRACEPARENT)
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
+    if !has_trace {
+        stored.push((TRACEPARENT.to_owned(), TraceContext::root().header()));
+    }
     Ok(NewInvocation {
         function: function.to_owned(),
         target: None,

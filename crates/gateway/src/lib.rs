@@ -20,6 +20,7 @@ use nimbus_api::{ErrorBody, ErrorResponse, INVOCATION_ID_HEADER};
 use nimbus_engine::{FunctionRuntime, InvokeError};
 use nimbus_manifest::FunctionName;
 use nimbus_telemetry::ErrorKind;
+use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
 use router::{Lookup, Router};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,6 +33,9 @@ use wasmtime_wasi_http::Error as HttpError;
 /// Set on answers the node made in place of the function's (timeout, trap,
 /// throttling...): the failure's code.
 pub const ERROR_HEADER: &str = "nimbus-error";
+
+/// The trace id of an invocation, answered to the caller.
+pub const TRACE_ID_HEADER: &str = "nimbus-trace-id";
 
 /// Body of every response the node sends.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -312,6 +316,17 @@ impl Gateway {
         };
 
         let headers = req.headers_mut();
+        // The caller's trace continues (or one starts); the function sees
+        // this invocation as the parent of whatever it does next.
+        let trace = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse)
+            .map_or_else(TraceContext::root, |parent| parent.child());
+        let trace_id = trace.trace_id_hex();
+        if let Ok(v) = HeaderValue::from_str(&trace.header()) {
+            headers.insert(TRACEPARENT, v);
+        }
         headers.remove("nimbus-route");
         remove_prefixed(headers, "nimbus-param-");
         headers.remove("nimbus-path-info");
@@ -376,6 +391,8 @@ impl Gateway {
                     path = %path,
                     trigger,
                     attempt,
+                    trace_id = %trace_id,
+                    span_id = %trace.span_id_hex(),
                     status = parts.status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     instantiate_us = outcome.instantiate.as_micros() as u64,
@@ -412,6 +429,8 @@ impl Gateway {
                     path = %path,
                     trigger,
                     attempt,
+                    trace_id = %trace_id,
+                    span_id = %trace.span_id_hex(),
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     "faas.coldstart" = cold,
@@ -440,6 +459,9 @@ impl Gateway {
         };
         if let Some(v) = id_header {
             response.headers_mut().insert(INVOCATION_ID_HEADER, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&trace_id) {
+            response.headers_mut().insert(TRACE_ID_HEADER, v);
         }
         if method == Method::HEAD {
             // HEAD answers carry no body, whatever the function wrote.

@@ -317,7 +317,13 @@ impl Recorder {
                         async move {
                             use http_body_util::BodyExt;
                             let path = req.uri().path().to_owned();
-                            let query: std::collections::HashMap<String, String> = req
+                            let header_trace = req
+                                .headers()
+                                .get("traceparent")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            let mut query: std::collections::HashMap<String, String> = req
                                 .uri()
                                 .query()
                                 .unwrap_or("")
@@ -328,6 +334,7 @@ impl Recorder {
                                     (unescape(k), unescape(v))
                                 })
                                 .collect();
+                            query.insert("h-traceparent".into(), header_trace);
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let hit = Hit {
                                 path,
