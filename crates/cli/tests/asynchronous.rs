@@ -626,15 +626,17 @@ async fn one_trace_id_follows_the_work() {
         .find(|h| h.get("fresh") == "1")
         .unwrap();
     assert_eq!(trace_of(hit.get("traceparent")), started);
-    // The node's log line of the invocation carries it too.
-    eventually(
-        Duration::from_secs(10),
-        "the trace id in the node log",
-        || async {
-            node.log()
-                .contains(&format!("\"trace_id\":\"{started}\""))
-                .then_some(())
-        },
-    )
+    // The node's summary line of the invocation carries it too, with the
+    // billed duration and the instance's peak memory.
+    let line = eventually(Duration::from_secs(10), "the summary line", || async {
+        node.log()
+            .lines()
+            .find(|l| l.contains(&format!("\"trace_id\":\"{started}\"")))
+            .map(str::to_owned)
+    })
     .await;
+    let summary: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(summary["billed_ms"].as_u64().unwrap() >= 1, "{line}");
+    assert!(summary["peak_memory_bytes"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(summary["status"], 200);
 }

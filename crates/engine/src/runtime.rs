@@ -366,6 +366,9 @@ pub struct InvokeOutcome {
     pub response: http::Response<ResponseBody>,
     /// Time spent creating the instance.
     pub instantiate: Duration,
+    /// Largest linear memory of the instance in bytes; final once the body
+    /// has been read.
+    pub peak_memory: Arc<AtomicU64>,
 }
 
 impl FunctionRuntime {
@@ -390,6 +393,7 @@ impl FunctionRuntime {
         let f = &self.inner;
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
+        let peak_memory = Arc::new(AtomicU64::new(0));
         // The gateway set the invocation's trace context on the request.
         let trace = request
             .headers()
@@ -422,6 +426,7 @@ impl FunctionRuntime {
             limiter: Limiter {
                 memory_bytes: usize::try_from(f.spec.limits.memory_bytes).unwrap_or(usize::MAX),
                 denied: false,
+                peak: peak_memory.clone(),
             },
             deadline,
         };
@@ -482,6 +487,7 @@ impl FunctionRuntime {
         });
         match receiver.await {
             Ok(Ok(response)) => Ok(InvokeOutcome {
+                peak_memory,
                 response: response.map(|body| {
                     body.map_err(|e| std::io::Error::other(e.to_string()))
                         .boxed_unsync()
@@ -558,6 +564,8 @@ impl WasiHttpView for Host {
 struct Limiter {
     memory_bytes: usize,
     denied: bool,
+    /// Largest linear memory the instance had, for the invocation record.
+    peak: Arc<AtomicU64>,
 }
 
 impl ResourceLimiter for Limiter {
@@ -571,6 +579,7 @@ impl ResourceLimiter for Limiter {
             self.denied = true;
             return Ok(false);
         }
+        self.peak.fetch_max(desired as u64, Ordering::Relaxed);
         Ok(true)
     }
 

@@ -381,24 +381,25 @@ impl Gateway {
                 if parts.status.is_server_error() {
                     deployed.metrics.failed(ErrorKind::Status5xx);
                 }
-                let body = ResponseStream::prefetch(body, permit, deployed.clone(), started).await;
-                tracing::info!(
-                    target: "nimbus::invocation",
-                    invocation_id = %id,
-                    function = %deployed.name,
-                    version = deployed.version,
-                    method = %method,
-                    path = %path,
+                // The summary line is written when the body is done, with
+                // the whole duration and the instance's peak memory.
+                let summary = Summary {
+                    id: id.clone(),
+                    method: method.clone(),
+                    path: path.clone(),
                     trigger,
                     attempt,
-                    trace_id = %trace_id,
-                    span_id = %trace.span_id_hex(),
-                    status = parts.status.as_u16(),
-                    duration_ms = elapsed.as_secs_f64() * 1000.0,
-                    instantiate_us = outcome.instantiate.as_micros() as u64,
-                    "faas.coldstart" = cold,
-                    "invocation"
-                );
+                    trace_id: trace_id.clone(),
+                    span_id: trace.span_id_hex(),
+                    status: parts.status.as_u16(),
+                    to_head: elapsed,
+                    instantiate: outcome.instantiate,
+                    cold,
+                    peak_memory: outcome.peak_memory.clone(),
+                };
+                let body =
+                    ResponseStream::prefetch(body, permit, deployed.clone(), started, summary)
+                        .await;
                 hyper::Response::from_parts(parts, body.boxed_unsync())
             }
             Err(e) => {
@@ -433,6 +434,7 @@ impl Gateway {
                     span_id = %trace.span_id_hex(),
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    billed_ms = (elapsed.as_secs_f64() * 1000.0).ceil() as u64,
                     "faas.coldstart" = cold,
                     error = %e,
                     "invocation failed"
@@ -602,11 +604,53 @@ struct ResponseStream {
     /// recorded when the body is done (sent, or abandoned by the client).
     deployed: Arc<Deployed>,
     started: Instant,
+    summary: Summary,
+}
+
+/// What the invocation's summary line says.
+struct Summary {
+    id: Arc<str>,
+    method: Method,
+    path: String,
+    trigger: &'static str,
+    attempt: Option<u32>,
+    trace_id: String,
+    span_id: String,
+    status: u16,
+    /// Until the response head.
+    to_head: std::time::Duration,
+    instantiate: std::time::Duration,
+    cold: bool,
+    peak_memory: Arc<AtomicU64>,
 }
 
 impl Drop for ResponseStream {
     fn drop(&mut self) {
-        self.deployed.metrics.finished(self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.deployed.metrics.finished(elapsed);
+        let s = &self.summary;
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "nimbus::invocation",
+            invocation_id = %s.id,
+            function = %self.deployed.name,
+            version = self.deployed.version,
+            method = %s.method,
+            path = %s.path,
+            trigger = s.trigger,
+            attempt = s.attempt,
+            trace_id = %s.trace_id,
+            span_id = %s.span_id,
+            status = s.status,
+            duration_ms = ms,
+            // Metered by the started millisecond.
+            billed_ms = ms.ceil() as u64,
+            head_ms = s.to_head.as_secs_f64() * 1000.0,
+            instantiate_us = s.instantiate.as_micros() as u64,
+            peak_memory_bytes = s.peak_memory.load(Ordering::Relaxed),
+            "faas.coldstart" = s.cold,
+            "invocation"
+        );
     }
 }
 
@@ -616,6 +660,7 @@ impl ResponseStream {
         permit: Permit,
         deployed: Arc<Deployed>,
         started: Instant,
+        summary: Summary,
     ) -> Self {
         use http_body_util::BodyExt as _;
         let mut ready = std::collections::VecDeque::new();
@@ -655,6 +700,7 @@ impl ResponseStream {
             _permit: permit,
             deployed,
             started,
+            summary,
         }
     }
 }
