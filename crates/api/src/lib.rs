@@ -182,6 +182,19 @@ pub struct NodeStatus {
     pub engine_fingerprint: String,
 }
 
+/// Counters of one serving function version, for `nimbus top`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionStats {
+    pub function: String,
+    pub version: u64,
+    pub in_flight: u64,
+    pub queued: u64,
+    pub async_queued: u64,
+    /// ms since the epoch when read.
+    pub at: i64,
+    pub counters: nimbus_telemetry::Snapshot,
+}
+
 /// Health of one event source.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SourceHealth {

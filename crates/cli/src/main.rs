@@ -68,6 +68,16 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         log_max_mb: u64,
     },
+    /// A live view of every function: requests/s, errors, latency,
+    /// in-flight, queued, cold starts.
+    Top {
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one sample and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Show a function's output (stdout and stderr), oldest first.
     Logs {
         name: String,
@@ -530,6 +540,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Schedules => nimbus_cli::invocations::schedules(&admin()?, cli.output).await,
+        Command::Top { interval, once } => {
+            if !(0.1..=3600.0).contains(interval) {
+                anyhow::bail!("--interval must be between 0.1 and 3600 seconds");
+            }
+            nimbus_cli::top::run(
+                &admin()?,
+                std::time::Duration::from_secs_f64(*interval),
+                *once,
+                cli.output,
+            )
+            .await
+        }
         Command::Logs {
             name,
             follow,

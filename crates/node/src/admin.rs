@@ -139,6 +139,7 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(status(&state).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(&state).await),
+        (&Method::GET, ["v1", "stats"]) => Ok(stats(&state).await),
         (&Method::GET, ["v1", "functions"]) => list(&state),
         (&Method::GET, ["v1", "functions", name]) => detail(&state, name),
         (&Method::DELETE, ["v1", "functions", name]) => remove(&state, name).await,
@@ -290,6 +291,34 @@ async fn status(state: &NodeState) -> Response {
             engine_fingerprint: state.engine.fingerprint().to_owned(),
         },
     )
+}
+
+/// Counters of every serving function, for `nimbus top`.
+async fn stats(state: &NodeState) -> Response {
+    let queued: HashMap<String, u64> = state
+        .queue()
+        .stats()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|q| (q.function, q.queued))
+        .collect();
+    let at = nimbus_queue::now_ms();
+    let table = state.gateway.table();
+    let mut list: Vec<nimbus_api::FunctionStats> = table
+        .functions()
+        .map(|d| nimbus_api::FunctionStats {
+            function: d.name.to_string(),
+            version: d.version,
+            in_flight: d.admission.in_flight(),
+            queued: d.admission.queued() as u64,
+            async_queued: queued.get(d.name.as_str()).copied().unwrap_or(0),
+            at,
+            counters: d.metrics.snapshot(),
+        })
+        .collect();
+    list.sort_by(|a, b| a.function.cmp(&b.function));
+    json_response(StatusCode::OK, &list)
 }
 
 /// Prometheus text: per function version and for the process.

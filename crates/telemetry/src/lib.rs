@@ -55,6 +55,40 @@ impl ErrorKind {
     }
 }
 
+/// Counters of a function version at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub invocations: u64,
+    /// Failures of every kind.
+    pub errors: u64,
+    pub coldstarts: u64,
+    /// Durations per bucket of [`DURATION_BUCKETS`] (not cumulative); the
+    /// rest, longer than the last bound, is `duration_count` minus their sum.
+    pub duration_buckets: Vec<u64>,
+    pub duration_count: u64,
+}
+
+/// The `q` quantile (0..1) of the durations counted between `before` and
+/// `after`, as the upper bound of its bucket in seconds; `None` without
+/// observations. Past the last bucket it is that bucket's bound.
+pub fn quantile(before: &Snapshot, after: &Snapshot, q: f64) -> Option<f64> {
+    let total = after.duration_count.saturating_sub(before.duration_count);
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+        let a = after.duration_buckets.get(i).copied().unwrap_or(0);
+        let b = before.duration_buckets.get(i).copied().unwrap_or(0);
+        seen += a.saturating_sub(b);
+        if seen >= rank {
+            return Some(*bound);
+        }
+    }
+    DURATION_BUCKETS.last().copied()
+}
+
 /// A fixed-bucket histogram of durations.
 #[derive(Default)]
 pub struct Histogram {
@@ -116,6 +150,22 @@ impl FunctionMetrics {
     /// The invocation ended (its response fully sent, or failed) after `d`.
     pub fn finished(&self, d: Duration) {
         self.duration.observe(d);
+    }
+
+    /// The counters now, for rates computed by a reader (`nimbus top`).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            invocations: self.invocations(),
+            errors: self.errors.iter().map(|e| e.load(Ordering::Relaxed)).sum(),
+            coldstarts: self.coldstarts.load(Ordering::Relaxed),
+            duration_buckets: self
+                .duration
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            duration_count: self.duration.count(),
+        }
     }
 
     /// Invocations counted so far.
@@ -354,6 +404,21 @@ impl ProcessSample {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quantiles_come_from_bucket_deltas() {
+        let m = FunctionMetrics::default();
+        let before = m.snapshot();
+        for _ in 0..98 {
+            m.finished(Duration::from_micros(300));
+        }
+        m.finished(Duration::from_millis(20));
+        m.finished(Duration::from_millis(20));
+        let after = m.snapshot();
+        assert_eq!(quantile(&before, &after, 0.5), Some(0.0005));
+        assert_eq!(quantile(&before, &after, 0.99), Some(0.025));
+        assert_eq!(quantile(&after, &after, 0.5), None);
+    }
+
     use super::*;
 
     #[test]

@@ -1,5 +1,6 @@
-//! `nimbus logs`: function output is stored with its invocation id, read
-//! back with filters, and followed live.
+//! Observability from the command line: `nimbus logs` (function output
+//! stored with its invocation id, read back with filters, followed live) and
+//! `nimbus top` (live traffic per function).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -119,4 +120,55 @@ async fn output_is_stored_filtered_and_followed() {
         "output truncated",
     );
     assert_eq!(cut.lines().count(), 1, "{cut}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_live_traffic() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "top",
+        &[
+            ("busy", &g.testbed, "routes = [\"/busy/*\"]"),
+            ("idle", &g.testbed, "routes = [\"/idle/*\"]"),
+        ],
+    ));
+    let url = node.url("/busy/ok");
+    let traffic = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut n = 0;
+        while Instant::now() < until {
+            let r = request(http::Method::GET, &url, bytes::Bytes::new()).await;
+            assert_status(&r, StatusCode::OK);
+            n += 1;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = tokio::task::spawn_blocking({
+        let dir = node.data_dir();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_nimbus"))
+                .args(["top", "--once", "--interval", "1.5", "-o", "json"])
+                .env("NIMBUS_DATA_DIR", dir)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let sent = traffic.await.unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["function"], "busy", "busiest first: {rows:?}");
+    let rps = rows[0]["requests_per_s"].as_f64().unwrap();
+    assert!(rps > 1.0 && sent > 0, "{rps} req/s while {sent} were sent");
+    assert!(rows[0]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[1]["requests_per_s"].as_f64().unwrap(), 0.0);
+    // The text view has a header and both functions.
+    let text = stdout(&node.cli(&["top", "--once", "--interval", "0.2"]));
+    assert!(
+        text.contains("REQ/S") && text.contains("busy") && text.contains("idle"),
+        "{text}"
+    );
 }
