@@ -196,17 +196,7 @@ pub struct FunctionStats {
 }
 
 /// Health of one event source.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SourceHealth {
-    pub function: String,
-    /// Type, broker (without credentials) and stream.
-    pub source: String,
-    pub healthy: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    pub delivered: u64,
-    pub dead_lettered: u64,
-}
+pub use nimbus_sources::SourceStatus as SourceHealth;
 
 /// The answer to an accepted asynchronous invocation (202).
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -27,6 +27,20 @@ impl Reply {
     }
 }
 
+/// Encodes `text` for a query value: unreserved characters and those in
+/// `keep` stay, the rest become `%XX`.
+pub fn percent_encode(text: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Splits `http://host:port/prefix` into the address to dial and the path
 /// prefix.
 fn split_url(url: &str) -> anyhow::Result<(String, String)> {

@@ -20,19 +20,6 @@ fn when(ms: i64) -> String {
         .unwrap_or_else(|_| ms.to_string())
 }
 
-/// Encodes `text` for a query value.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Queues an invocation of `name` and prints its id.
 pub async fn submit(
     admin: &Admin,
@@ -49,7 +36,7 @@ pub async fn submit(
             Method::POST,
             &format!(
                 "/v1/functions/{name}/invocations?path={}",
-                percent_encode(path)
+                crate::client::percent_encode(path, b"/")
             ),
             &all,
             body,

@@ -14,18 +14,6 @@ pub struct Query {
     pub limit: usize,
 }
 
-fn encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 impl Query {
     fn to_query(&self) -> String {
         let mut q = format!("limit={}", self.limit);
@@ -35,7 +23,7 @@ impl Query {
             ("grep", &self.grep),
         ] {
             if let Some(v) = v {
-                q.push_str(&format!("&{k}={}", encode(v)));
+                q.push_str(&format!("&{k}={}", crate::client::percent_encode(v, b"")));
             }
         }
         q

@@ -271,19 +271,7 @@ async fn status(state: &NodeState) -> Response {
             async_queued: queue.iter().map(|q| q.queued).sum(),
             async_running: queue.iter().map(|q| q.running).sum(),
             dead_lettered: queue.iter().map(|q| q.failed).sum(),
-            sources: state
-                .sources
-                .statuses()
-                .into_iter()
-                .map(|s| nimbus_api::SourceHealth {
-                    function: s.function,
-                    source: s.source,
-                    healthy: s.healthy,
-                    last_error: s.last_error,
-                    delivered: s.delivered,
-                    dead_lettered: s.dead_lettered,
-                })
-                .collect(),
+            sources: state.sources.statuses(),
             engine: EngineCounters {
                 compiled: stats.compiled,
                 loaded_from_cache: stats.loaded_from_cache,
@@ -556,6 +544,20 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The `limit` query parameter: 100 when absent, else 1 to `max`.
+fn limit_param(req: &hyper::Request<Incoming>, max: usize) -> Result<usize, ApiError> {
+    match query_param(req, "limit") {
+        None => Ok(100.min(max)),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be a number from 1 to {max}"))
+            }),
+    }
+}
+
 /// `POST /v1/functions/{name}/invocations`: the body is the event. Runs
 /// synchronously unless `Nimbus-Invocation-Type: async` (or `?type=async`)
 /// asks to queue it.
@@ -660,16 +662,7 @@ async fn invocations(
             ))
         })?),
     };
-    let limit = match query_param(req, "limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| (1..=MAX_LIST).contains(&n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit must be a number from 1 to {MAX_LIST}"))
-            })?,
-    };
+    let limit = limit_param(req, MAX_LIST)?;
     let list = state.queue().list(name.as_str(), wanted, limit).await?;
     Ok(json_response(StatusCode::OK, &list))
 }
@@ -741,16 +734,7 @@ fn logs(
             Some(nimbus_queue::now_ms() - ago.as_millis() as i64)
         }
     };
-    let limit = match query_param(req, "limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_LOG_LINES).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit must be a number from 1 to {MAX_LOG_LINES}"))
-            })?,
-    };
+    let limit = limit_param(req, MAX_LOG_LINES)?;
     let nonempty = |k: &str| {
         query_param(req, k)
             .map(percent_decode)

@@ -140,6 +140,30 @@ impl RedisStreamSource {
         }
     }
 
+    /// XREADGROUP: up to `count` entries after `id` (`>`: never delivered;
+    /// an id: this consumer's pending ones after it), waiting `block` ms.
+    async fn read_group(
+        &self,
+        conn: &mut Conn,
+        count: &str,
+        block: Option<&str>,
+        id: &str,
+    ) -> Result<Vec<Entry>, SourceError> {
+        let mut args: Vec<&[u8]> = vec![
+            b"XREADGROUP",
+            b"GROUP",
+            self.group.as_bytes(),
+            CONSUMER.as_bytes(),
+            b"COUNT",
+            count.as_bytes(),
+        ];
+        if let Some(ms) = block {
+            args.extend([b"BLOCK".as_slice(), ms.as_bytes()]);
+        }
+        args.extend([b"STREAMS".as_slice(), self.stream.as_bytes(), id.as_bytes()]);
+        Ok(read_reply(conn.cmd(&args).await?))
+    }
+
     /// One connected session: returns only on a broker error.
     async fn session(
         self: &Arc<Self>,
@@ -177,21 +201,7 @@ impl RedisStreamSource {
             }
             let count = held.len().to_string();
             let batch = if let Some(cursor) = &own_cursor {
-                let got = read_reply(
-                    reader
-                        .cmd(&[
-                            b"XREADGROUP",
-                            b"GROUP",
-                            self.group.as_bytes(),
-                            CONSUMER.as_bytes(),
-                            b"COUNT",
-                            count.as_bytes(),
-                            b"STREAMS",
-                            self.stream.as_bytes(),
-                            cursor.as_bytes(),
-                        ])
-                        .await?,
-                );
+                let got = self.read_group(&mut reader, &count, None, cursor).await?;
                 own_cursor = got.last().map(|e| e.id.clone());
                 got
             } else if last_claim.elapsed() >= self.claim_idle / 2 {
@@ -220,23 +230,8 @@ impl RedisStreamSource {
                 }
                 got
             } else {
-                read_reply(
-                    reader
-                        .cmd(&[
-                            b"XREADGROUP",
-                            b"GROUP",
-                            self.group.as_bytes(),
-                            CONSUMER.as_bytes(),
-                            b"COUNT",
-                            count.as_bytes(),
-                            b"BLOCK",
-                            BLOCK_MS.as_bytes(),
-                            b"STREAMS",
-                            self.stream.as_bytes(),
-                            b">",
-                        ])
-                        .await?,
-                )
+                self.read_group(&mut reader, &count, Some(BLOCK_MS), ">")
+                    .await?
             };
             let batch: Vec<Entry> = match self.in_flight.lock() {
                 Ok(mut running) => batch

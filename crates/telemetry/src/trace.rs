@@ -47,11 +47,16 @@ fn hex_into(text: &str, out: &mut [u8]) -> Option<()> {
 impl TraceContext {
     /// A new trace, sampled.
     pub fn root() -> Self {
-        Self {
-            trace_id: random(),
-            span_id: random(),
+        // One call to the entropy source for both ids.
+        let bytes: [u8; 24] = random();
+        let mut ctx = Self {
+            trace_id: [0; 16],
+            span_id: [0; 8],
             flags: 1,
-        }
+        };
+        ctx.trace_id.copy_from_slice(&bytes[..16]);
+        ctx.span_id.copy_from_slice(&bytes[16..]);
+        ctx
     }
 
     /// The next hop of the same trace.
