@@ -321,7 +321,10 @@ impl Dispatcher {
         };
         let deadline = tokio::time::Instant::now() + drain;
         while self.total_running() > 0 {
+            // Registered before the check, so a finish in between is seen.
             let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
             if self.total_running() == 0 {
                 break;
             }
