@@ -162,6 +162,8 @@ pub enum MessageOutcome {
     /// The function is not serving (or the dead-letter copy failed): the
     /// broker should deliver it again.
     NotServing,
+    /// The attempt failed and the policy allows another after this long.
+    RetryAfter(Duration),
 }
 
 /// Runs asynchronous invocations.
@@ -338,12 +340,26 @@ impl Dispatcher {
         }
     }
 
-    /// Runs a broker message through its function now, retrying in place
-    /// with the function's policy (the message stays unacknowledged in its
-    /// broker meanwhile, so a crash loses nothing). Out of attempts, or on a
-    /// final status, it is copied to the dead-letter queue.
-    pub async fn run_message(&self, id: &str, mut new: NewInvocation) -> MessageOutcome {
+    /// Runs a broker message through its function now. Out of attempts, or
+    /// on a final status, it is copied to the dead-letter queue.
+    ///
+    /// With `delivery` unset, failed attempts are retried in place with the
+    /// function's policy (the message stays unacknowledged in its broker
+    /// meanwhile, so a crash loses nothing). With `delivery` set, the broker
+    /// redelivers: this is attempt `delivery.attempt`, and a retryable
+    /// failure returns [`MessageOutcome::RetryAfter`] with the policy's
+    /// backoff.
+    pub async fn run_message(
+        &self,
+        id: &str,
+        mut new: NewInvocation,
+        delivery: Option<(u32, i64)>,
+    ) -> MessageOutcome {
         let first = now_ms();
+        let (previous, age_from) = match delivery {
+            Some((attempt, first_at)) => (attempt.saturating_sub(1), first_at.min(first)),
+            None => (0, first),
+        };
         // Every attempt at a message belongs to one trace.
         let traced = new.headers.iter().any(|(k, v)| {
             k == nimbus_telemetry::trace::TRACEPARENT
@@ -368,11 +384,11 @@ impl Dispatcher {
             body: new.body.clone(),
             ce_source: new.ce_source.clone(),
             ce_type: new.ce_type.clone(),
-            ce_time: new.ce_time.unwrap_or(first),
-            created_at: first,
-            age_from: first,
-            attempt: 0,
-            attempts_total: 0,
+            ce_time: new.ce_time.unwrap_or(age_from),
+            created_at: age_from,
+            age_from,
+            attempt: previous,
+            attempts_total: previous,
             parent: None,
         };
         let mut attempts = Vec::new();
@@ -402,6 +418,11 @@ impl Dispatcher {
             );
             match decision {
                 Decision::Succeeded => return MessageOutcome::Succeeded,
+                Decision::Retry { at } if delivery.is_some() => {
+                    return MessageOutcome::RetryAfter(Duration::from_millis(
+                        (at - now_ms()).max(0) as u64,
+                    ));
+                }
                 Decision::Retry { at } => {
                     c.attempt = n;
                     c.attempts_total = n;

@@ -77,11 +77,152 @@ fn default_claim_idle() -> Period {
     Period::from_secs(30)
 }
 
+/// A core NATS subject (with wildcards): at most once. A message published
+/// while no node listens, or in flight when the node dies, is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nats {
+    /// `nats://[user:password@|token@]host[:port]`, or `url_env`.
+    #[serde(flatten)]
+    pub url: BrokerUrl,
+    pub subject: String,
+    /// Queue group (default `nimbus-<function>`): nodes of one group share
+    /// the messages instead of each receiving all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_group: Option<String>,
+}
+
+/// Where a new durable consumer starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    /// Messages published after the consumer was created.
+    #[default]
+    New,
+    /// Every message the stream holds.
+    All,
+}
+
+impl StartAt {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A NATS JetStream stream read by a durable pull consumer: at least once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStream {
+    /// `nats://[user:password@|token@]host[:port]`, or `url_env`.
+    #[serde(flatten)]
+    pub url: BrokerUrl,
+    /// The stream; it must exist (Nimbus does not create streams).
+    pub stream: String,
+    /// Durable consumer name (default `nimbus-<function>`); created when
+    /// missing, deleted when the source is removed from the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// Only messages on subjects matching this filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_subject: Option<String>,
+    /// Where a new consumer starts (default `new`).
+    #[serde(default, skip_serializing_if = "StartAt::is_default")]
+    pub start: StartAt,
+    /// A delivered message not acknowledged within this is delivered again
+    /// (default 30s). Nimbus reports progress while a function runs, so
+    /// this bounds recovery after a crash, not a function's run time.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: Period,
+}
+
+fn default_ack_wait() -> Period {
+    Period::from_secs(30)
+}
+
 /// The broker of a source.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum SourceKind {
     RedisStream(RedisStream),
+    Nats(Nats),
+    #[serde(rename = "jetstream")]
+    JetStream(JetStream),
+}
+
+/// A NATS subject: dot-separated tokens, `*` and a final `>` as wildcards,
+/// no spaces.
+fn check_subject(what: &str, subject: &str, wildcards: bool) -> Result<(), String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let bad = subject.is_empty()
+        || subject.chars().any(|c| c.is_whitespace() || c.is_control())
+        || tokens.iter().any(|t| t.is_empty())
+        || tokens.iter().enumerate().any(|(i, t)| {
+            (t.contains('*') && *t != "*")
+                || (t.contains('>') && (*t != ">" || i + 1 != tokens.len()))
+                || (!wildcards && (*t == "*" || *t == ">"))
+        });
+    if bad {
+        return Err(format!(
+            "invalid {what} `{subject}`: use dot-separated tokens such as orders.created{}",
+            if wildcards {
+                ", with * for one token and a final > for the rest"
+            } else {
+                " (no wildcards)"
+            }
+        ));
+    }
+    Ok(())
+}
+
+impl SourceKind {
+    fn validate(&self) -> Result<(), String> {
+        let scheme = |url: &BrokerUrl, schemes: &[&str], form: &str| match url {
+            BrokerUrl::Literal(u) if !schemes.iter().any(|s| u.starts_with(s)) => {
+                Err(format!("invalid broker url `{}`: write {form}", redact(u)))
+            }
+            _ => Ok(()),
+        };
+        match self {
+            SourceKind::RedisStream(s) => {
+                if s.stream.is_empty() {
+                    return Err("a redis-stream source needs a stream name".into());
+                }
+                scheme(
+                    &s.url,
+                    &["redis://", "rediss://"],
+                    "redis://[user:password@]host[:port][/db]",
+                )
+            }
+            SourceKind::Nats(s) => {
+                check_subject("subject", &s.subject, true)?;
+                if let Some(q) = &s.queue_group {
+                    check_subject("queue group", q, false)?;
+                }
+                scheme(&s.url, &["nats://"], "nats://[user:password@]host[:port]")
+            }
+            SourceKind::JetStream(s) => {
+                for (what, name) in [
+                    ("stream", Some(&s.stream)),
+                    ("consumer", s.consumer.as_ref()),
+                ] {
+                    if let Some(n) = name
+                        && (n.is_empty()
+                            || !n
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                    {
+                        return Err(format!(
+                            "invalid jetstream {what} name `{n}`: use letters, digits, - and _"
+                        ));
+                    }
+                }
+                if let Some(f) = &s.filter_subject {
+                    check_subject("filter_subject", f, true)?;
+                }
+                scheme(&s.url, &["nats://"], "nats://[user:password@]host[:port]")
+            }
+        }
+    }
 }
 
 /// An event source of a function.
@@ -127,18 +268,7 @@ impl TryFrom<RawSource> for Source {
                 r.batch
             ));
         }
-        let SourceKind::RedisStream(s) = &r.kind;
-        if s.stream.is_empty() {
-            return Err("a redis-stream source needs a stream name".into());
-        }
-        if let BrokerUrl::Literal(u) = &s.url
-            && !(u.starts_with("redis://") || u.starts_with("rediss://"))
-        {
-            return Err(format!(
-                "invalid redis url `{}`: write redis://[user:password@]host[:port][/db]",
-                redact(u)
-            ));
-        }
+        r.kind.validate()?;
         Ok(Self {
             kind: r.kind,
             concurrency: r.concurrency,
@@ -160,14 +290,21 @@ impl From<Source> for RawSource {
 impl Source {
     /// What identifies the source across deploys (no credentials).
     pub fn key(&self) -> String {
+        let shown = |url: &BrokerUrl| match url {
+            BrokerUrl::Literal(u) => redact(u),
+            BrokerUrl::Env(e) => format!("${}", e.as_str()),
+        };
         match &self.kind {
-            SourceKind::RedisStream(s) => format!(
-                "redis-stream:{}:{}",
-                match &s.url {
-                    BrokerUrl::Literal(u) => redact(u),
-                    BrokerUrl::Env(e) => format!("${}", e.as_str()),
-                },
-                s.stream
+            SourceKind::RedisStream(s) => format!("redis-stream:{}:{}", shown(&s.url), s.stream),
+            SourceKind::Nats(s) => format!("nats:{}:{}", shown(&s.url), s.subject),
+            SourceKind::JetStream(s) => format!(
+                "jetstream:{}:{}{}",
+                shown(&s.url),
+                s.stream,
+                s.consumer
+                    .as_deref()
+                    .map(|c| format!(":{c}"))
+                    .unwrap_or_default()
             ),
         }
     }
@@ -180,17 +317,19 @@ impl fmt::Display for Source {
 }
 
 /// `url` without its password: `redis://user:secret@host` becomes
-/// `redis://user:***@host`.
+/// `redis://user:***@host`, and `nats://token@host` becomes
+/// `nats://***@host`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
+        // A userinfo without `:` is a token or a password alone.
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => format!("{scheme}://***@{host}{path}"),
+        },
         None => url.to_owned(),
     }
 }
@@ -229,11 +368,41 @@ mod tests {
     }
 
     #[test]
+    fn nats_sources_parse() {
+        let s: Source = toml::from_str(
+            "type = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nstream = \"ORDERS\"\nfilter_subject = \"orders.*\"\nstart = \"all\"\nack_wait = \"5s\"",
+        )
+        .unwrap();
+        let SourceKind::JetStream(j) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!(j.start, StartAt::All);
+        assert_eq!(j.ack_wait.get(), std::time::Duration::from_secs(5));
+        assert_eq!(s.key(), "jetstream:nats://127.0.0.1:4222:ORDERS");
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Source>(&json).unwrap(), s);
+        let n: Source =
+            toml::from_str("type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.*.>\"").unwrap();
+        assert_eq!(n.key(), "nats:nats://h:a.*.>");
+        for bad in [
+            "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a..b\"",
+            "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.>.b\"",
+            "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a b\"",
+            "type = \"nats\"\nurl = \"redis://h\"\nsubject = \"a\"",
+            "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"a.b\"",
+            "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"S\"\nstart = \"middle\"",
+        ] {
+            assert!(toml::from_str::<Source>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact("redis://app:hunter2@db:6379/1"),
             "redis://app:***@db:6379/1"
         );
         assert_eq!(redact("redis://db:6379"), "redis://db:6379");
+        assert_eq!(redact("nats://s3cret@h:4222"), "nats://***@h:4222");
     }
 }

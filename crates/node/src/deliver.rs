@@ -30,10 +30,12 @@ impl Deliver for NodeDeliver {
                 parent: None,
                 tick: None,
             };
-            match self.dispatcher.run_message(&id, new).await {
+            let delivery = m.delivery.map(|d| (d.attempt, d.first_at_ms));
+            match self.dispatcher.run_message(&id, new, delivery).await {
                 MessageOutcome::Succeeded => Verdict::Succeeded,
                 MessageOutcome::DeadLettered => Verdict::DeadLettered,
                 MessageOutcome::NotServing => Verdict::Retry,
+                MessageOutcome::RetryAfter(d) => Verdict::RetryAfter(d),
             }
         })
     }

@@ -12,6 +12,8 @@
 //! (`concurrency`), so a slow function leaves its backlog in the broker, not
 //! in memory.
 
+pub mod jetstream;
+pub mod nats;
 pub mod redis;
 pub mod resp;
 
@@ -54,6 +56,20 @@ pub struct Message {
     /// Extension attributes (`ce-…`) and other headers.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Set when the broker redelivers a message after a failure (with a
+    /// delay it honours): the function gets one attempt per delivery, and
+    /// this says which. `None`: retries happen in place.
+    pub delivery: Option<Delivery>,
+}
+
+/// One delivery of a message the broker retries itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    /// When the message entered the broker (ms since the epoch): its age,
+    /// for the retry policy's `max_age`, counts from here.
+    pub first_at_ms: i64,
 }
 
 /// What became of a message.
@@ -67,6 +83,9 @@ pub enum Verdict {
     /// Not handled (the function is not serving, the node is stopping, the
     /// dead-letter copy failed): leave it to the broker's redelivery.
     Retry,
+    /// One attempt of a [`Delivery`] failed and the policy allows another:
+    /// have the broker deliver it again after this long.
+    RetryAfter(Duration),
 }
 
 /// Runs a message through its function, with the function's retry policy.
@@ -112,7 +131,7 @@ impl StatusCell {
         self.update(|s| match verdict {
             Verdict::Succeeded => s.delivered += 1,
             Verdict::DeadLettered => s.dead_lettered += 1,
-            Verdict::Retry => {}
+            Verdict::Retry | Verdict::RetryAfter(_) => {}
         });
     }
     pub fn get(&self) -> SourceStatus {
@@ -126,6 +145,13 @@ pub trait EventSource: Send + Sync {
     /// group can be created): run at deploy, so a bad source fails the
     /// deploy with its cause.
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>>;
+
+    /// Releases what the source holds in the broker (a durable consumer,
+    /// a replication slot) once it is removed from the manifest. Not called
+    /// when the node merely stops.
+    fn remove(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Consumes until dropped, reconnecting with backoff.
     fn run(
@@ -152,6 +178,19 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
     };
     match &source.kind {
         SourceKind::RedisStream(s) => Ok(Arc::new(redis::RedisStreamSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.concurrency,
+            source.batch,
+        )?)),
+        SourceKind::Nats(s) => Ok(Arc::new(jetstream::SubjectSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.concurrency,
+        )?)),
+        SourceKind::JetStream(s) => Ok(Arc::new(jetstream::JetStreamSource::new(
             function,
             &url(&s.url)?,
             s,
@@ -197,6 +236,20 @@ impl Supervisor {
             if !keep {
                 r.task.abort();
                 tracing::info!(function = %key.0, source = %key.1, "source stopped");
+                // Gone from the manifest (not merely changed): release what
+                // it holds in the broker.
+                let replaced = desired
+                    .iter()
+                    .any(|(f, s)| *f == key.0 && s.key() == key.1.key());
+                if !replaced && let Ok(consumer) = build(&key.0, &key.1) {
+                    let (function, source) = key.clone();
+                    tokio::spawn(async move {
+                        match consumer.remove().await {
+                            Ok(()) => tracing::info!(function = %function, source = %source, "source removed"),
+                            Err(e) => tracing::warn!(function = %function, source = %source, error = %e, "could not release the removed source in its broker"),
+                        }
+                    });
+                }
             }
             keep
         });
@@ -235,8 +288,13 @@ impl Supervisor {
     }
 
     /// Stops every consumer: messages in flight are not acknowledged and
-    /// come back from the broker.
+    /// come back from the broker. What the sources hold in their brokers
+    /// stays, for the next start.
     pub fn stop(&self) {
-        self.sync(Vec::new());
+        if let Ok(mut running) = self.running.lock() {
+            for (_, r) in running.drain() {
+                r.task.abort();
+            }
+        }
     }
 }

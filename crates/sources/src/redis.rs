@@ -137,6 +137,7 @@ impl RedisStreamSource {
                 ("ce-redisgroup".into(), self.group.clone()),
             ],
             body,
+            delivery: None,
         }
     }
 
@@ -250,7 +251,7 @@ impl RedisStreamSource {
                     let id = entry.id.clone();
                     let verdict = deliver.deliver(this.message(entry)).await;
                     status.counted(&verdict);
-                    if verdict != Verdict::Retry {
+                    if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
                         let acked = acker
                             .lock()
                             .await
