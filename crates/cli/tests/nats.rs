@@ -378,86 +378,27 @@ async fn nats_subjects_reach_functions_with_their_trace() {
 }
 
 /// A NATS server of the test's own, so it can be stopped and started.
-struct OwnServer {
-    port: u16,
-    store: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl OwnServer {
-    fn start() -> Option<OwnServer> {
-        let binary = "/usr/sbin/nats-server";
-        if !std::path::Path::new(binary).exists() {
-            if std::env::var_os("CI").is_some() {
-                panic!("CI needs {binary}");
-            }
-            eprintln!("\n!!!!! SKIPPED: {binary} is not installed\n");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = OwnServer {
-            port,
-            store: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        server.spawn();
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = std::process::Command::new("/usr/sbin/nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nats-server did not start on {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+fn own_nats() -> Option<Daemon> {
+    Daemon::start("/usr/sbin/nats-server", |port, dir| {
+        vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.display().to_string(),
+        ]
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_source_recovers_from_a_broker_restart() {
     const N: usize = 3_000;
-    let Some(mut server) = OwnServer::start() else {
+    let Some(mut server) = own_nats() else {
         return;
     };
-    let url = server.url();
+    let url = format!("nats://127.0.0.1:{}", server.port);
     let client = connect(&url).await;
     create_stream(&client, "WORK", "work.>").await;
     publish_many(&client, "work.item", N, "").await;
@@ -477,7 +418,7 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     })
     .await;
     // The broker dies mid-stream (kill -9) and is down for a while.
-    server.kill();
+    server.stop("KILL");
     let at_kill = recorder.hits().len();
     let down = eventually(
         Duration::from_secs(30),

@@ -139,6 +139,48 @@ fn default_ack_wait() -> Period {
     Period::from_secs(30)
 }
 
+/// MQTT topics read through a persistent session (MQTT 3.1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    /// `mqtt://[user:password@]host[:port]`, or `url_env`.
+    #[serde(flatten)]
+    pub url: BrokerUrl,
+    /// Topic filters, with `+` for one level and a final `#` for the rest.
+    pub topics: Vec<String>,
+    /// 1 (default): at least once, acknowledged after the function
+    /// succeeded; 0: at most once.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// The session's client id (default `nimbus-<function>`): the broker
+    /// keeps messages for it while the node is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+/// An MQTT topic filter: levels split by `/`, `+` alone in a level, `#`
+/// alone in the last.
+fn check_topic_filter(filter: &str) -> Result<(), String> {
+    let levels: Vec<&str> = filter.split('/').collect();
+    let bad = filter.is_empty()
+        || filter.len() > 65535
+        || filter.contains('\0')
+        || levels.iter().enumerate().any(|(i, l)| {
+            (l.contains('+') && *l != "+")
+                || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+        });
+    if bad {
+        return Err(format!(
+            "invalid mqtt topic filter `{filter}`: use levels split by /, with + for one level and a final # for the rest"
+        ));
+    }
+    Ok(())
+}
+
 /// The broker of a source.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -147,6 +189,7 @@ pub enum SourceKind {
     Nats(Nats),
     #[serde(rename = "jetstream")]
     JetStream(JetStream),
+    Mqtt(Mqtt),
 }
 
 /// A NATS subject: dot-separated tokens, `*` and a final `>` as wildcards,
@@ -220,6 +263,28 @@ impl SourceKind {
                     check_subject("filter_subject", f, true)?;
                 }
                 scheme(&s.url, &["nats://"], "nats://[user:password@]host[:port]")
+            }
+            SourceKind::Mqtt(s) => {
+                if s.topics.is_empty() {
+                    return Err("an mqtt source needs at least one topic filter".into());
+                }
+                for t in &s.topics {
+                    check_topic_filter(t)?;
+                }
+                if s.qos > 1 {
+                    return Err(format!(
+                        "invalid mqtt qos {}: use 1 (at least once) or 0 (at most once)",
+                        s.qos
+                    ));
+                }
+                if let Some(id) = &s.client_id
+                    && (id.is_empty() || id.len() > 64)
+                {
+                    return Err(format!(
+                        "invalid mqtt client_id `{id}`: use 1 to 64 characters"
+                    ));
+                }
+                scheme(&s.url, &["mqtt://"], "mqtt://[user:password@]host[:port]")
             }
         }
     }
@@ -306,6 +371,16 @@ impl Source {
                     .map(|c| format!(":{c}"))
                     .unwrap_or_default()
             ),
+            // The session, not its topics: changing the topics keeps the
+            // session (and what the broker holds for it).
+            SourceKind::Mqtt(s) => format!(
+                "mqtt:{}{}",
+                shown(&s.url),
+                s.client_id
+                    .as_deref()
+                    .map(|c| format!(":{c}"))
+                    .unwrap_or_default()
+            ),
         }
     }
 }
@@ -384,6 +459,11 @@ mod tests {
         let n: Source =
             toml::from_str("type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.*.>\"").unwrap();
         assert_eq!(n.key(), "nats:nats://h:a.*.>");
+        let m: Source = toml::from_str(
+            "type = \"mqtt\"\nurl = \"mqtt://h:1883\"\ntopics = [\"sensors/+/temp\", \"alerts/#\"]",
+        )
+        .unwrap();
+        assert_eq!(m.key(), "mqtt:mqtt://h:1883");
         for bad in [
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a..b\"",
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.>.b\"",
@@ -391,6 +471,11 @@ mod tests {
             "type = \"nats\"\nurl = \"redis://h\"\nsubject = \"a\"",
             "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"a.b\"",
             "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"S\"\nstart = \"middle\"",
+            "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = []",
+            "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a/#/b\"]",
+            "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a+\"]",
+            "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2",
+            "type = \"mqtt\"\nurl = \"nats://h\"\ntopics = [\"a\"]",
         ] {
             assert!(toml::from_str::<Source>(bad).is_err(), "{bad}");
         }

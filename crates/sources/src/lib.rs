@@ -13,6 +13,7 @@
 //! in memory.
 
 pub mod jetstream;
+pub mod mqtt;
 pub mod nats;
 pub mod redis;
 pub mod resp;
@@ -185,6 +186,12 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             source.batch,
         )?)),
         SourceKind::Nats(s) => Ok(Arc::new(jetstream::SubjectSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.concurrency,
+        )?)),
+        SourceKind::Mqtt(s) => Ok(Arc::new(mqtt::MqttSource::new(
             function,
             &url(&s.url)?,
             s,

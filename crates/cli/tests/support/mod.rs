@@ -379,9 +379,15 @@ impl Recorder {
 
     /// Executions per ce-id.
     pub fn executions(&self) -> std::collections::HashMap<String, usize> {
+        self.executions_by("ce-id")
+    }
+
+    /// Executions per value of `key` (e.g. `body`, for events without an
+    /// id of their own).
+    pub fn executions_by(&self, key: &str) -> std::collections::HashMap<String, usize> {
         let mut out = std::collections::HashMap::new();
         for h in self.hits.lock().unwrap().iter() {
-            *out.entry(h.get("ce-id").to_owned()).or_insert(0) += 1;
+            *out.entry(h.get(key).to_owned()).or_insert(0) += 1;
         }
         out
     }
@@ -401,5 +407,78 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A broker of the test's own (the machine's are shared and cannot be
+/// restarted by a test), on a free port with its data in a temporary
+/// directory that outlives restarts.
+pub struct Daemon {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    binary: &'static str,
+    args: fn(u16, &Path) -> Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    /// Starts `binary` with `args(port, dir)`, or returns `None` (loudly)
+    /// when it is not installed outside CI.
+    pub fn start(binary: &'static str, args: fn(u16, &Path) -> Vec<String>) -> Option<Daemon> {
+        if !Path::new(binary).exists() {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI needs {binary}");
+            }
+            eprintln!("\n!!!!! SKIPPED: {binary} is not installed\n");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut daemon = Daemon {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            binary,
+            args,
+            child: None,
+        };
+        daemon.spawn();
+        Some(daemon)
+    }
+
+    /// Starts it (again), and waits until it accepts connections.
+    pub fn spawn(&mut self) {
+        let child = std::process::Command::new(self.binary)
+            .args((self.args)(self.port, self.dir.path()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not start on port {}", self.binary, self.port);
+    }
+
+    /// Stops it with `signal` (`KILL`, or `TERM` for a clean shutdown).
+    pub fn stop(&mut self, signal: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &c.id().to_string()])
+                .status();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop("KILL");
     }
 }

@@ -1,0 +1,262 @@
+//! MQTT sources against a real Mosquitto the test starts itself (on a free
+//! port, with persistence and no cap on what it queues for a session), so
+//! a test can restart it. Publishing goes through `mosquitto_pub`. Without
+//! Mosquitto a test fails in CI and says so loudly elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::Method;
+use nimbus_queue::{InvocationRecord, State};
+use std::io::Write;
+use std::time::Duration;
+use support::*;
+
+fn mosquitto() -> Option<Daemon> {
+    Daemon::start("/usr/sbin/mosquitto", |port, dir| {
+        // Started as root, Mosquitto drops to its own user, which must be
+        // able to write its database here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        vec!["-c".into(), conf.display().to_string()]
+    })
+}
+
+/// Publishes one QoS 1 message per line with the Mosquitto client.
+fn publish(port: u16, topic: &str, lines: Vec<String>) {
+    let mut child = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (Debian's mosquitto-clients)");
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+fn consumer(recorder: &Recorder, port: u16, relay_query: &str, extra: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
+         [[functions.consume.sources]]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"plant/+/temp\", \"alerts/#\"]\nconcurrency = 8\n",
+        url = recorder.url
+    )
+}
+
+async fn subscribed(node: &Node) {
+    eventually(
+        Duration::from_secs(30),
+        "the source to subscribe",
+        || async {
+            node.status()
+                .await
+                .sources
+                .first()
+                .is_some_and(|s| s.healthy)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+fn numbered(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_messages_survive_kill_9() {
+    const N: usize = 10_000;
+    let Some(broker) = mosquitto() else {
+        return;
+    };
+    let port = broker.port;
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, port, "", ""))],
+    ));
+    subscribed(&node).await;
+    // Published while the node runs, dies and comes back: the broker keeps
+    // the session's messages meanwhile.
+    let publisher =
+        tokio::task::spawn_blocking(move || publish(port, "plant/7/temp", numbered("m-", N)));
+    eventually(Duration::from_secs(120), "some messages to run", || async {
+        (recorder.hits().len() >= N / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(240), "every message to run", || async {
+        (recorder.executions_by("body").len() >= N).then_some(())
+    })
+    .await;
+    let executions = recorder.executions_by("body");
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "mqtt, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
+        executions.len()
+    );
+    assert_eq!(executions.len(), N, "every message ran at least once");
+    assert!(executions.contains_key("m-0") && executions.contains_key("m-9999"));
+    let hit = recorder.hits().into_iter().next().unwrap();
+    assert_eq!(hit.get("ce-type"), "mqtt.message");
+    assert_eq!(hit.get("ce-source"), format!("mqtt://127.0.0.1:{port}"));
+    assert_eq!(hit.get("ce-mqtttopic"), "plant/7/temp");
+    assert_eq!(hit.get("ce-subject"), "plant/7/temp");
+    assert_eq!(hit.get("ce-mqttqos"), "1");
+    // Every message acknowledged: after another restart nothing comes back.
+    let settled = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    subscribed(&node).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        recorder.hits().len() - settled <= 8,
+        "at most the messages in flight at the kill come back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_failures_are_dead_lettered_and_acknowledged() {
+    let Some(broker) = mosquitto() else {
+        return;
+    };
+    let port = broker.port;
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+
+    // A broker that cannot be reached refuses the deploy, naming the source.
+    let out = node.deploy_cli(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, 1, "", ""))],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mqtt:mqtt://127.0.0.1:1") && err.contains("cannot reach"),
+        "{err}"
+    );
+
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(
+                &recorder,
+                port,
+                "fail=99",
+                "retry = { attempts = 2, initial_backoff = \"50ms\" }",
+            ),
+        )],
+    ));
+    subscribed(&node).await;
+    publish(port, "alerts/boiler/pressure", numbered("bad-", 20));
+    let dlq: Vec<InvocationRecord> = eventually(
+        Duration::from_secs(60),
+        "20 dead-lettered messages",
+        || async {
+            let list: Vec<InvocationRecord> = node
+                .admin
+                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
+                .await
+                .unwrap();
+            (list.len() == 20).then_some(list)
+        },
+    )
+    .await;
+    for r in &dlq {
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.attempts.len(), 2, "{r:?}");
+    }
+    // Acknowledged: a new session gets none of them again.
+    let node = node.restart_after_kill9();
+    subscribed(&node).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        recorder.hits().len(),
+        40,
+        "two attempts each, no redelivery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_source_recovers_from_a_broker_restart() {
+    const N: usize = 3_000;
+    let Some(mut broker) = mosquitto() else {
+        return;
+    };
+    let port = broker.port;
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, port, "", ""))],
+    ));
+    subscribed(&node).await;
+    let (before, after): (Vec<String>, Vec<String>) = numbered("r-", N)
+        .into_iter()
+        .partition(|m| m[2..].parse::<usize>().unwrap() < N / 2);
+    publish(port, "plant/1/temp", before);
+    eventually(Duration::from_secs(120), "some messages to run", || async {
+        (recorder.hits().len() >= N / 10).then_some(())
+    })
+    .await;
+    // The broker restarts mid-stream (a clean shutdown, which writes its
+    // sessions to disk). The second half is published as soon as it is
+    // back, while the node is still reconnecting: the session and its
+    // subscription survived the restart, so the broker queues them.
+    broker.stop("TERM");
+    let at_stop = recorder.hits().len();
+    let down = eventually(
+        Duration::from_secs(30),
+        "the source to turn unhealthy",
+        || async {
+            let s = node.status().await.sources.into_iter().next()?;
+            (!s.healthy).then_some(s)
+        },
+    )
+    .await;
+    assert!(down.last_error.is_some(), "{down:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.spawn();
+    publish(port, "plant/1/temp", after);
+    eventually(Duration::from_secs(240), "every message to run", || async {
+        (recorder.executions_by("body").len() >= N).then_some(())
+    })
+    .await;
+    let executions = recorder.executions_by("body");
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "mqtt, broker restarted after {at_stop} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
+        executions.len()
+    );
+    assert_eq!(executions.len(), N);
+    let status = node.status().await;
+    assert!(status.sources[0].healthy, "{:?}", status.sources);
+}
