@@ -28,7 +28,9 @@ pub use limits::{Limits, Timeout};
 pub use names::{AppName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
-pub use source::{BrokerUrl, JetStream, Mqtt, Nats, RedisStream, Source, SourceKind, StartAt};
+pub use source::{
+    BrokerUrl, JetStream, Mqtt, Nats, Operation, Postgres, RedisStream, Source, SourceKind, StartAt,
+};
 
 /// What a function is, apart from its code: the part of a function that the
 /// node stores and serves from. Sent on the admin API with the component's

@@ -181,6 +181,58 @@ fn check_topic_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A row operation captured from PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+fn all_operations() -> Vec<Operation> {
+    vec![Operation::Insert, Operation::Update, Operation::Delete]
+}
+
+/// Changes to PostgreSQL tables, read from a logical replication slot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Postgres {
+    /// `postgres://user[:password]@host[:port]/database`, or `url_env`.
+    #[serde(flatten)]
+    pub url: BrokerUrl,
+    /// Tables, as `schema.table` or `table` (schema `public`).
+    pub tables: Vec<String>,
+    /// Which changes to deliver (default all three).
+    #[serde(default = "all_operations")]
+    pub operations: Vec<Operation>,
+    /// The replication slot and publication (default `nimbus_<function>`):
+    /// created at deploy, dropped when the source is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// How often an idle slot is read (default 200ms).
+    #[serde(default = "default_poll")]
+    pub poll: Period,
+}
+
+fn default_poll() -> Period {
+    Period::from_millis(200)
+}
+
+/// A PostgreSQL name Nimbus writes into SQL: letters, digits and `_`.
+fn check_pg_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        return Err(format!(
+            "invalid {what} `{name}`: use letters, digits and _ (at most 63, not starting with a digit)"
+        ));
+    }
+    Ok(())
+}
+
 /// The broker of a source.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -190,6 +242,7 @@ pub enum SourceKind {
     #[serde(rename = "jetstream")]
     JetStream(JetStream),
     Mqtt(Mqtt),
+    Postgres(Postgres),
 }
 
 /// A NATS subject: dot-separated tokens, `*` and a final `>` as wildcards,
@@ -286,6 +339,36 @@ impl SourceKind {
                 }
                 scheme(&s.url, &["mqtt://"], "mqtt://[user:password@]host[:port]")
             }
+            SourceKind::Postgres(s) => {
+                if s.tables.is_empty() {
+                    return Err("a postgres source needs at least one table".into());
+                }
+                for t in &s.tables {
+                    for part in t.split('.') {
+                        check_pg_name("table name", part)?;
+                    }
+                    if t.split('.').count() > 2 {
+                        return Err(format!("invalid table `{t}`: write table or schema.table"));
+                    }
+                }
+                if s.operations.is_empty() {
+                    return Err(
+                        "a postgres source needs at least one operation (insert, update, delete)"
+                            .into(),
+                    );
+                }
+                if let Some(slot) = &s.slot {
+                    check_pg_name("slot name", slot)?;
+                    if slot.chars().any(|c| c.is_ascii_uppercase()) {
+                        return Err(format!("invalid slot name `{slot}`: use lowercase letters"));
+                    }
+                }
+                scheme(
+                    &s.url,
+                    &["postgres://", "postgresql://"],
+                    "postgres://user[:password]@host[:port]/database",
+                )
+            }
         }
     }
 }
@@ -367,6 +450,16 @@ impl Source {
                 shown(&s.url),
                 s.stream,
                 s.consumer
+                    .as_deref()
+                    .map(|c| format!(":{c}"))
+                    .unwrap_or_default()
+            ),
+            // The slot, not its tables: changing them keeps the slot's
+            // position.
+            SourceKind::Postgres(s) => format!(
+                "postgres:{}{}",
+                shown(&s.url),
+                s.slot
                     .as_deref()
                     .map(|c| format!(":{c}"))
                     .unwrap_or_default()
@@ -464,6 +557,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.key(), "mqtt:mqtt://h:1883");
+        let p: Source = toml::from_str(
+            "type = \"postgres\"\nurl = \"postgres://app:pw@h/shop\"\ntables = [\"public.orders\", \"items\"]\noperations = [\"insert\"]",
+        )
+        .unwrap();
+        assert_eq!(p.key(), "postgres:postgres://app:***@h/shop");
         for bad in [
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a..b\"",
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.>.b\"",
@@ -476,6 +574,10 @@ mod tests {
             "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a+\"]",
             "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2",
             "type = \"mqtt\"\nurl = \"nats://h\"\ntopics = [\"a\"]",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = []",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"a;drop\"]",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\nslot = \"Bad\"",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\noperations = [\"truncate\"]",
         ] {
             assert!(toml::from_str::<Source>(bad).is_err(), "{bad}");
         }

@@ -15,6 +15,8 @@
 pub mod jetstream;
 pub mod mqtt;
 pub mod nats;
+pub mod pg;
+pub mod postgres;
 pub mod redis;
 pub mod resp;
 
@@ -196,6 +198,12 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             &url(&s.url)?,
             s,
             source.concurrency,
+        )?)),
+        SourceKind::Postgres(s) => Ok(Arc::new(postgres::PostgresSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.batch,
         )?)),
         SourceKind::JetStream(s) => Ok(Arc::new(jetstream::JetStreamSource::new(
             function,

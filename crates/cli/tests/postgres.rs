@@ -1,0 +1,317 @@
+//! PostgreSQL change data capture against the machine's PostgreSQL (with
+//! wal_level = logical, which `.ci/run` sets). Without it a test fails in CI
+//! and says so loudly elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::Method;
+use nimbus_queue::{InvocationRecord, State};
+use nimbus_sources::pg::{Conn, Target};
+use std::time::Duration;
+use support::*;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn connect() -> Conn {
+    Conn::connect(&Target::parse(PG).unwrap()).await.unwrap()
+}
+
+/// The machine's PostgreSQL with logical decoding on, or `None` (after a
+/// loud warning) outside CI.
+async fn pg() -> Option<Conn> {
+    let why = match Conn::connect(&Target::parse(PG).unwrap()).await {
+        Ok(mut c) => {
+            let level = c.execute("SHOW wal_level").await.unwrap();
+            if level[0][0].as_deref() == Some("logical") {
+                return Some(c);
+            }
+            "wal_level is not logical (.ci/run sets it)".to_owned()
+        }
+        Err(e) => e.to_string(),
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("CI needs PostgreSQL at {PG} with wal_level = logical: {why}");
+    }
+    eprintln!("\n!!!!! SKIPPED: PostgreSQL at {PG} cannot be used: {why}\n");
+    None
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn consumer(recorder: &Recorder, source: &str, relay_query: &str, extra: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
+         [[functions.consume.sources]]\ntype = \"postgres\"\nurl = \"{PG}\"\n{source}\n",
+        url = recorder.url
+    )
+}
+
+async fn slot_exists(conn: &mut Conn, slot: &str) -> bool {
+    !conn
+        .execute(&format!(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .await
+        .unwrap()
+        .is_empty()
+}
+
+/// A ce-id's place in commit order: the commit's LSN, then the change's
+/// index within it.
+fn commit_order(ce_id: &str) -> (u64, usize) {
+    let (lsn, index) = ce_id.rsplit_once('-').unwrap();
+    let (hi, lo) = lsn.split_once('/').unwrap();
+    (
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap(),
+        index.parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_survive_kill_9_in_commit_order() {
+    const TRANSACTIONS: usize = 100;
+    const ROWS: usize = 100;
+    let Some(mut conn) = pg().await else {
+        return;
+    };
+    let table = unique("cdc");
+    let slot = unique("nimbus_t");
+    conn.execute(&format!(
+        "CREATE TABLE {table} (id serial PRIMARY KEY, n int NOT NULL, note text)"
+    ))
+    .await
+    .unwrap();
+    conn.execute(&format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
+        .await
+        .unwrap();
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let source = format!("tables = [\"{table}\"]\nslot = \"{slot}\"\nbatch = 500");
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
+    ));
+    assert!(slot_exists(&mut conn, &slot).await, "created at deploy");
+    // 10,000 row changes in 100 transactions, written while the node runs,
+    // dies and comes back.
+    let writer = {
+        let table = table.clone();
+        tokio::spawn(async move {
+            let mut c = connect().await;
+            for t in 0..TRANSACTIONS {
+                let from = t * ROWS;
+                c.execute(&format!(
+                    "INSERT INTO {table} (n) SELECT g FROM generate_series({from}, {}) g",
+                    from + ROWS - 1
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let total = TRANSACTIONS * ROWS;
+    eventually(Duration::from_secs(120), "some changes to run", || async {
+        (recorder.hits().len() >= total / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    writer.await.unwrap();
+    eventually(Duration::from_secs(300), "every change to run", || async {
+        (recorder.executions().len() >= total).then_some(())
+    })
+    .await;
+    let hits = recorder.hits();
+    let executions = recorder.executions();
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "postgres, kill -9 after {before} of {total} changes: {} distinct changes ran, {duplicates} duplicate executions",
+        executions.len()
+    );
+    assert_eq!(executions.len(), total, "every change ran at least once");
+    // In commit order: each change first ran after every change committed
+    // before it.
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<(u64, usize)> = hits
+        .iter()
+        .filter(|h| seen.insert(h.get("ce-id").to_owned()))
+        .map(|h| commit_order(h.get("ce-id")))
+        .collect();
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "changes ran out of commit order"
+    );
+    let hit = &hits[0];
+    assert_eq!(hit.get("ce-type"), "postgres.row.insert");
+    assert_eq!(hit.get("ce-pgtable"), format!("public.{table}"));
+    assert_eq!(
+        hit.get("ce-source"),
+        format!("postgres://127.0.0.1:5432/test/public.{table}")
+    );
+    assert!(!hit.get("ce-pgxid").is_empty() && hit.get("ce-pglsn").contains('/'));
+    let body: serde_json::Value = serde_json::from_str(hit.get("body")).unwrap();
+    assert_eq!(body["new"]["n"], 0, "{body}");
+    assert_eq!(body["old"], serde_json::Value::Null);
+
+    // Updates and deletes carry the old row (REPLICA IDENTITY FULL).
+    let mark = recorder.hits().len();
+    conn.execute(&format!("UPDATE {table} SET note = 'paid' WHERE n = 5"))
+        .await
+        .unwrap();
+    conn.execute(&format!("DELETE FROM {table} WHERE n = 6"))
+        .await
+        .unwrap();
+    let later = eventually(
+        Duration::from_secs(30),
+        "the update and the delete",
+        || async {
+            let hits = recorder.hits();
+            (hits.len() >= mark + 2).then(|| hits[mark..].to_vec())
+        },
+    )
+    .await;
+    let update: serde_json::Value = serde_json::from_str(later[0].get("body")).unwrap();
+    assert_eq!(later[0].get("ce-type"), "postgres.row.update");
+    assert_eq!(update["old"]["note"], serde_json::Value::Null);
+    assert_eq!(update["new"]["note"], "paid");
+    let delete: serde_json::Value = serde_json::from_str(later[1].get("body")).unwrap();
+    assert_eq!(later[1].get("ce-type"), "postgres.row.delete");
+    assert_eq!(delete["old"]["n"], 6);
+    assert_eq!(delete["new"], serde_json::Value::Null);
+
+    // Removing the source drops its slot and publication.
+    node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
+    eventually(
+        Duration::from_secs(20),
+        "the slot to be dropped",
+        || async {
+            let mut c = connect().await;
+            (!slot_exists(&mut c, &slot).await).then_some(())
+        },
+    )
+    .await;
+    let publication = conn
+        .execute(&format!(
+            "SELECT 1 FROM pg_publication WHERE pubname = '{slot}'"
+        ))
+        .await
+        .unwrap();
+    assert!(publication.is_empty());
+    conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
+    let Some(mut conn) = pg().await else {
+        return;
+    };
+    let table = unique("cdc_fail");
+    let slot = unique("nimbus_t");
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+
+    // A table that does not exist refuses the deploy, naming it.
+    let missing = format!("tables = [\"{table}\"]\nslot = \"{slot}\"");
+    let out = node.deploy_cli(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(&recorder, &missing, "", ""),
+        )],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("the table public.{table} does not exist")),
+        "{err}"
+    );
+
+    conn.execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let source =
+        format!("tables = [\"public.{table}\"]\nslot = \"{slot}\"\noperations = [\"insert\"]");
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(
+                &recorder,
+                &source,
+                "fail=99",
+                "retry = { attempts = 2, initial_backoff = \"50ms\" }",
+            ),
+        )],
+    ));
+    conn.execute(&format!("INSERT INTO {table} SELECT generate_series(1, 5)"))
+        .await
+        .unwrap();
+    // Deletes are not among the operations: never delivered.
+    conn.execute(&format!("DELETE FROM {table} WHERE id = 1"))
+        .await
+        .unwrap();
+    let dlq: Vec<InvocationRecord> = eventually(
+        Duration::from_secs(60),
+        "5 dead-lettered changes",
+        || async {
+            let list: Vec<InvocationRecord> = node
+                .admin
+                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
+                .await
+                .unwrap();
+            (list.len() == 5).then_some(list)
+        },
+    )
+    .await;
+    for r in &dlq {
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.attempts.len(), 2, "{r:?}");
+        assert_eq!(r.ce_type, "postgres.row.insert");
+    }
+    // The slot moved past them: a restarted node gets none of them again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let node = node.restart_after_kill9();
+    eventually(
+        Duration::from_secs(30),
+        "the source to reconnect",
+        || async {
+            node.status()
+                .await
+                .sources
+                .first()
+                .is_some_and(|s| s.healthy)
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        recorder.hits().len(),
+        10,
+        "two attempts each, no redelivery"
+    );
+    node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
+    eventually(
+        Duration::from_secs(20),
+        "the slot to be dropped",
+        || async {
+            let mut c = connect().await;
+            (!slot_exists(&mut c, &slot).await).then_some(())
+        },
+    )
+    .await;
+    conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
+}

@@ -1,0 +1,485 @@
+//! A PostgreSQL connection speaking the frontend/backend protocol 3.0:
+//! startup, authentication (trust, password, SCRAM-SHA-256) and simple
+//! queries with rows in text form. Enough for change data capture through
+//! the logical decoding SQL functions.
+
+use crate::SourceError;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Longest a connection attempt (and authentication) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest message accepted from a server.
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// Where to connect and how to log in, parsed from `postgres://` URLs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Target {
+    /// Parses `postgres://[user[:password]@]host[:port]/database`.
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let bad = |why: &str| {
+            SourceError::Config(format!(
+                "invalid postgres url `{}`: {why}",
+                nimbus_manifest::source::redact(url)
+            ))
+        };
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| bad("write postgres://user@host:port/database"))?;
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (authority, database) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("the database name is missing (…/database)"))?;
+        if database.is_empty() {
+            return Err(bad("the database name is missing (…/database)"));
+        }
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
+            None => ("postgres".to_owned(), None),
+            Some(Some((u, p))) => (unescape(u), Some(unescape(p))),
+            Some(None) => (userinfo.map(unescape).unwrap_or_default(), None),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
+            ),
+            None => (hostport, 5432),
+        };
+        if host.is_empty() {
+            return Err(bad("the host is missing"));
+        }
+        Ok(Self {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            user,
+            password,
+            database: unescape(database),
+        })
+    }
+}
+
+/// An error the server reported: its SQLSTATE and message.
+fn server_error(body: &[u8]) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    for field in body.split(|b| *b == 0) {
+        if let Some((&kind, value)) = field.split_first() {
+            let value = String::from_utf8_lossy(value).into_owned();
+            match kind {
+                b'C' => code = value,
+                b'M' => message = value,
+                _ => {}
+            }
+        }
+    }
+    (code, message)
+}
+
+/// A query the server refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryError {
+    pub code: String,
+    pub message: String,
+}
+
+/// A text-form row: one value per column, `None` for NULL.
+pub type Row = Vec<Option<String>>;
+
+/// An open connection.
+pub struct Conn {
+    stream: BufReader<TcpStream>,
+}
+
+/// A frontend message: its type byte, then its length and body.
+fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// The client side of SCRAM-SHA-256 (RFC 7677), without channel binding.
+struct Scram {
+    nonce: String,
+    first_bare: String,
+    salted: Vec<u8>,
+    auth_message: String,
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    ring::hmac::sign(&key, data).as_ref().to_vec()
+}
+
+impl Scram {
+    fn new() -> Result<Self, SourceError> {
+        let mut raw = [0u8; 18];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| SourceError::Protocol("no randomness for SCRAM".into()))?;
+        let nonce = B64.encode(raw);
+        Ok(Self {
+            first_bare: format!("n=,r={nonce}"),
+            nonce,
+            salted: Vec::new(),
+            auth_message: String::new(),
+        })
+    }
+
+    fn client_first(&self) -> String {
+        format!("n,,{}", self.first_bare)
+    }
+
+    fn client_final(&mut self, server_first: &str, password: &str) -> Result<String, SourceError> {
+        let bad = || SourceError::Protocol("a malformed SCRAM challenge".into());
+        let mut nonce = None;
+        let mut salt = None;
+        let mut iterations = None;
+        for part in server_first.split(',') {
+            match part.split_at_checked(2) {
+                Some(("r=", v)) => nonce = Some(v.to_owned()),
+                Some(("s=", v)) => salt = B64.decode(v).ok(),
+                Some(("i=", v)) => iterations = v.parse::<u32>().ok(),
+                _ => {}
+            }
+        }
+        let (nonce, salt, iterations) = (
+            nonce.ok_or_else(bad)?,
+            salt.ok_or_else(bad)?,
+            iterations.ok_or_else(bad)?,
+        );
+        if !nonce.starts_with(&self.nonce) {
+            return Err(bad());
+        }
+        let rounds = std::num::NonZeroU32::new(iterations).ok_or_else(bad)?;
+        let mut salted = [0u8; 32];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            rounds,
+            &salt,
+            password.as_bytes(),
+            &mut salted,
+        );
+        let client_key = hmac(&salted, b"Client Key");
+        let stored_key = ring::digest::digest(&ring::digest::SHA256, &client_key);
+        let without_proof = format!("c=biws,r={nonce}");
+        self.auth_message = format!("{},{server_first},{without_proof}", self.first_bare);
+        let signature = hmac(stored_key.as_ref(), self.auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(a, b)| a ^ b)
+            .collect();
+        self.salted = salted.to_vec();
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    fn verify(&self, server_final: &str) -> bool {
+        let server_key = hmac(&self.salted, b"Server Key");
+        let expected = hmac(&server_key, self.auth_message.as_bytes());
+        server_final
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v).ok())
+            .is_some_and(|v| v == expected)
+    }
+}
+
+impl Conn {
+    /// Connects and logs in.
+    pub async fn connect(target: &Target) -> Result<Self, SourceError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open(target, &addr))
+            .await
+            .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))?
+    }
+
+    async fn open(target: &Target, addr: &str) -> Result<Self, SourceError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| SourceError::Unreachable(format!("{addr} ({e})")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream: BufReader::new(stream),
+        };
+        let mut startup = 196608u32.to_be_bytes().to_vec(); // protocol 3.0
+        for (k, v) in [
+            ("user", target.user.as_str()),
+            ("database", target.database.as_str()),
+            ("application_name", "nimbus"),
+            ("client_encoding", "UTF8"),
+        ] {
+            cstr(&mut startup, k);
+            cstr(&mut startup, v);
+        }
+        startup.push(0);
+        let mut first = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+        first.extend_from_slice(&startup);
+        conn.write(&first).await?;
+        let password = || {
+            target.password.clone().ok_or_else(|| {
+                SourceError::Auth(format!(
+                    "{addr} asks for a password; put it in the url (postgres://user:password@…)"
+                ))
+            })
+        };
+        let mut scram: Option<Scram> = None;
+        loop {
+            let (kind, body) = conn.read().await?;
+            match kind {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    match code {
+                        Some(0) => {}
+                        Some(3) => {
+                            let mut m = Vec::new();
+                            cstr(&mut m, &password()?);
+                            conn.write(&message(b'p', &m)).await?;
+                        }
+                        Some(10) => {
+                            let s = Scram::new()?;
+                            let first = s.client_first();
+                            let mut m = Vec::new();
+                            cstr(&mut m, "SCRAM-SHA-256");
+                            m.extend_from_slice(&(first.len() as u32).to_be_bytes());
+                            m.extend_from_slice(first.as_bytes());
+                            conn.write(&message(b'p', &m)).await?;
+                            scram = Some(s);
+                        }
+                        Some(11) => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                SourceError::Protocol("SCRAM out of order".into())
+                            })?;
+                            let challenge = String::from_utf8_lossy(&body[4..]).into_owned();
+                            let answer = s.client_final(&challenge, &password()?)?;
+                            conn.write(&message(b'p', answer.as_bytes())).await?;
+                        }
+                        Some(12) => {
+                            let ok = scram
+                                .as_ref()
+                                .is_some_and(|s| s.verify(&String::from_utf8_lossy(&body[4..])));
+                            if !ok {
+                                return Err(SourceError::Auth(format!(
+                                    "{addr} could not prove it knows the password"
+                                )));
+                            }
+                        }
+                        Some(other) => {
+                            return Err(SourceError::Auth(format!(
+                                "{addr} asks for an authentication method Nimbus does not speak ({other}); use scram-sha-256, password or trust"
+                            )));
+                        }
+                        None => {
+                            return Err(SourceError::Protocol(
+                                "a short authentication message".into(),
+                            ));
+                        }
+                    }
+                }
+                b'E' => {
+                    let (code, msg) = server_error(&body);
+                    return Err(if code.starts_with("28") {
+                        SourceError::Auth(msg)
+                    } else {
+                        SourceError::Server(msg)
+                    });
+                }
+                b'Z' => return Ok(conn),
+                // Parameter status, backend key data, notices.
+                _ => {}
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), SourceError> {
+        self.stream
+            .get_mut()
+            .write_all(bytes)
+            .await
+            .map_err(|e| SourceError::Disconnected(e.to_string()))
+    }
+
+    async fn read(&mut self) -> Result<(u8, Vec<u8>), SourceError> {
+        let broken = |e: std::io::Error| SourceError::Disconnected(e.to_string());
+        let kind = self.stream.read_u8().await.map_err(broken)?;
+        let len = self.stream.read_u32().await.map_err(broken)? as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(SourceError::Protocol(format!("a message of {len} bytes")));
+        }
+        let mut body = vec![0; len - 4];
+        self.stream.read_exact(&mut body).await.map_err(broken)?;
+        Ok((kind, body))
+    }
+
+    /// Runs `sql` (one statement) and returns its rows; a statement the
+    /// server refuses is the inner error.
+    pub async fn query(&mut self, sql: &str) -> Result<Result<Vec<Row>, QueryError>, SourceError> {
+        let mut body = Vec::new();
+        cstr(&mut body, sql);
+        self.write(&message(b'Q', &body)).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (kind, body) = self.read().await?;
+            match kind {
+                b'D' => rows.push(parse_row(&body)?),
+                b'E' => {
+                    let (code, message) = server_error(&body);
+                    error = Some(QueryError { code, message });
+                }
+                b'Z' => {
+                    return Ok(match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// [`Conn::query`], with a refusal as a server error.
+    pub async fn execute(&mut self, sql: &str) -> Result<Vec<Row>, SourceError> {
+        self.query(sql)
+            .await?
+            .map_err(|e| SourceError::Server(e.message))
+    }
+}
+
+fn parse_row(body: &[u8]) -> Result<Row, SourceError> {
+    let short = || SourceError::Protocol("a data row is cut short".into());
+    let n = u16::from_be_bytes([
+        *body.first().ok_or_else(short)?,
+        *body.get(1).ok_or_else(short)?,
+    ]);
+    let mut at = 2;
+    let mut row = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let len = body.get(at..at + 4).ok_or_else(short)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let value = body.get(at..at + len as usize).ok_or_else(short)?;
+        row.push(Some(String::from_utf8_lossy(value).into_owned()));
+        at += len as usize;
+    }
+    Ok(row)
+}
+
+/// `value` as a SQL string literal.
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// `name` as a SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let t = Target::parse("postgres://app:p%40ss@db:5433/shop").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.database.as_str()),
+            ("db", 5433, "shop")
+        );
+        assert_eq!(
+            (t.user.as_str(), t.password.as_deref()),
+            ("app", Some("p@ss"))
+        );
+        let t = Target::parse("postgresql://127.0.0.1/test?sslmode=disable").unwrap();
+        assert_eq!((t.user.as_str(), t.port), ("postgres", 5432));
+        for bad in [
+            "mysql://h/db",
+            "postgres://h",
+            "postgres://h/",
+            "postgres://h:x/db",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rows_and_quoting() {
+        let mut body = vec![0, 2];
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"hi");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(parse_row(&body).unwrap(), [Some("hi".to_owned()), None]);
+        assert!(parse_row(&[0, 1, 0, 0, 0, 9]).is_err());
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn scram_matches_rfc_7677() {
+        // The exchange of RFC 7677, section 3 (user "user", password
+        // "pencil").
+        let mut s = Scram {
+            nonce: "rOprNGfwEbeRWgbNEkqO".into(),
+            first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
+            salted: Vec::new(),
+            auth_message: String::new(),
+        };
+        let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let last = s.client_final(server_first, "pencil").unwrap();
+        assert_eq!(
+            last,
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+        );
+        assert!(s.verify("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="));
+        assert!(!s.verify("v=AAAA"));
+    }
+}

@@ -1,0 +1,691 @@
+//! PostgreSQL change data capture through a logical replication slot.
+//!
+//! A deploy creates a publication for the source's tables and operations
+//! and a `pgoutput` slot, both named after the source; removing the source
+//! drops both, so no slot is left behind to hold WAL. The consumer reads
+//! whole transactions from the slot with `pg_logical_slot_peek_binary_changes`,
+//! delivers their row changes one at a time in commit order, and only
+//! after every change of a transaction succeeded (or was dead-lettered)
+//! advances the slot past its commit (`pg_replication_slot_advance`). A
+//! crash in between reads the transaction again: at least once, nothing
+//! lost.
+
+use crate::pg::{Conn, Target, ident, literal};
+use crate::{
+    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
+    StatusCell, Verdict,
+};
+use nimbus_manifest::{Operation, Postgres};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One decoded pgoutput message.
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Begin {
+        xid: u32,
+    },
+    Commit {
+        end_lsn: u64,
+    },
+    Relation(Relation),
+    Change {
+        relation: u32,
+        operation: Operation,
+        old: Option<Vec<Cell>>,
+        new: Option<Vec<Cell>>,
+    },
+    /// Types, origins, messages, truncates: nothing to deliver.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Relation {
+    id: u32,
+    schema: String,
+    table: String,
+    /// Column names and type ids.
+    columns: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Null,
+    /// A TOASTed value the change did not touch: not sent.
+    Unchanged,
+    Text(String),
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SourceError> {
+        let s = self
+            .b
+            .get(self.at..self.at + n)
+            .ok_or_else(|| SourceError::Protocol("a pgoutput message is cut short".into()))?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, SourceError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, SourceError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, SourceError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, SourceError> {
+        Ok(((self.u32()? as u64) << 32) | self.u32()? as u64)
+    }
+    fn cstr(&mut self) -> Result<String, SourceError> {
+        let rest = self.b.get(self.at..).unwrap_or_default();
+        let end = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or_else(|| SourceError::Protocol("a pgoutput string is unterminated".into()))?;
+        let s = String::from_utf8_lossy(&rest[..end]).into_owned();
+        self.at += end + 1;
+        Ok(s)
+    }
+    fn tuple(&mut self) -> Result<Vec<Cell>, SourceError> {
+        let n = self.u16()?;
+        (0..n)
+            .map(|_| {
+                Ok(match self.u8()? {
+                    b'n' => Cell::Null,
+                    b'u' => Cell::Unchanged,
+                    b't' => {
+                        let len = self.u32()? as usize;
+                        Cell::Text(String::from_utf8_lossy(self.take(len)?).into_owned())
+                    }
+                    k => {
+                        return Err(SourceError::Protocol(format!(
+                            "unknown pgoutput column kind {k}"
+                        )));
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// Decodes one pgoutput (protocol 1) message.
+fn decode(b: &[u8]) -> Result<Decoded, SourceError> {
+    let mut r = Reader { b, at: 0 };
+    Ok(match r.u8()? {
+        b'B' => {
+            r.u64()?; // final lsn
+            r.u64()?; // commit time
+            Decoded::Begin { xid: r.u32()? }
+        }
+        b'C' => {
+            r.u8()?; // flags
+            r.u64()?; // commit lsn
+            Decoded::Commit { end_lsn: r.u64()? }
+        }
+        b'R' => {
+            let id = r.u32()?;
+            let schema = r.cstr()?;
+            let table = r.cstr()?;
+            r.u8()?; // replica identity
+            let n = r.u16()?;
+            let columns = (0..n)
+                .map(|_| {
+                    r.u8()?; // flags
+                    let name = r.cstr()?;
+                    let ty = r.u32()?;
+                    r.u32()?; // type modifier
+                    Ok((name, ty))
+                })
+                .collect::<Result<_, SourceError>>()?;
+            Decoded::Relation(Relation {
+                id,
+                schema,
+                table,
+                columns,
+            })
+        }
+        b'I' => {
+            let relation = r.u32()?;
+            r.u8()?; // 'N'
+            Decoded::Change {
+                relation,
+                operation: Operation::Insert,
+                old: None,
+                new: Some(r.tuple()?),
+            }
+        }
+        b'U' => {
+            let relation = r.u32()?;
+            let mut old = None;
+            let mut kind = r.u8()?;
+            if kind == b'K' || kind == b'O' {
+                old = Some(r.tuple()?);
+                kind = r.u8()?;
+            }
+            if kind != b'N' {
+                return Err(SourceError::Protocol(
+                    "an update without its new row".into(),
+                ));
+            }
+            Decoded::Change {
+                relation,
+                operation: Operation::Update,
+                old,
+                new: Some(r.tuple()?),
+            }
+        }
+        b'D' => {
+            let relation = r.u32()?;
+            r.u8()?; // 'K' or 'O'
+            Decoded::Change {
+                relation,
+                operation: Operation::Delete,
+                old: Some(r.tuple()?),
+                new: None,
+            }
+        }
+        _ => Decoded::Other,
+    })
+}
+
+/// A text value as JSON, typed by its PostgreSQL type id where JSON has
+/// the type (numbers, booleans, JSON); everything else stays a string.
+fn typed(ty: u32, text: &str) -> Value {
+    match ty {
+        // int2, int4, int8, oid
+        21 | 23 | 20 | 26 => text
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| text.into()),
+        // float4, float8
+        700 | 701 => text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| text.into()),
+        16 => Value::Bool(text == "t"),
+        // json, jsonb
+        114 | 3802 => serde_json::from_str(text).unwrap_or_else(|_| text.into()),
+        _ => text.into(),
+    }
+}
+
+/// A row as a JSON object; columns a change did not carry are left out.
+fn row(relation: &Relation, cells: &[Cell]) -> Value {
+    let mut out = Map::new();
+    for ((name, ty), cell) in relation.columns.iter().zip(cells) {
+        match cell {
+            Cell::Null => {
+                out.insert(name.clone(), Value::Null);
+            }
+            Cell::Text(t) => {
+                out.insert(name.clone(), typed(*ty, t));
+            }
+            Cell::Unchanged => {}
+        }
+    }
+    Value::Object(out)
+}
+
+/// An LSN as PostgreSQL writes it.
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+#[cfg(test)]
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// `\x…` (bytea in hex form) as bytes.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?;
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A change ready for its function.
+struct Change {
+    lsn: String,
+    xid: u32,
+    commit_lsn: u64,
+    relation: Relation,
+    operation: Operation,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+pub struct PostgresSource {
+    function: String,
+    target: Target,
+    tables: Vec<(String, String)>,
+    operations: Vec<Operation>,
+    slot: String,
+    poll: Duration,
+    batch: u32,
+}
+
+impl PostgresSource {
+    pub fn new(
+        function: &str,
+        url: &str,
+        config: &Postgres,
+        batch: u32,
+    ) -> Result<Self, SourceError> {
+        let target = Target::parse(url)?;
+        let tables = config
+            .tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((s, t)) => (s.to_owned(), t.to_owned()),
+                None => ("public".to_owned(), t.clone()),
+            })
+            .collect();
+        let slot = config.slot.clone().unwrap_or_else(|| {
+            format!("nimbus_{}", function.to_ascii_lowercase().replace('-', "_"))
+        });
+        Ok(Self {
+            function: function.to_owned(),
+            target,
+            tables,
+            operations: config.operations.clone(),
+            slot,
+            poll: config.poll.get(),
+            batch,
+        })
+    }
+
+    /// Checks logical decoding is on and the tables exist; creates (or
+    /// updates) the publication and creates the slot unless they exist.
+    async fn ensure(&self, conn: &mut Conn) -> Result<(), SourceError> {
+        let level = conn.execute("SHOW wal_level").await?;
+        let level = level.first().and_then(|r| r.first().cloned().flatten());
+        if level.as_deref() != Some("logical") {
+            return Err(SourceError::Config(format!(
+                "PostgreSQL at {}:{} has wal_level = {}; change data capture needs wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)",
+                self.target.host,
+                self.target.port,
+                level.unwrap_or_default()
+            )));
+        }
+        let mut names = Vec::new();
+        for (schema, table) in &self.tables {
+            let name = format!("{}.{}", ident(schema), ident(table));
+            let found = conn
+                .execute(&format!("SELECT to_regclass({})", literal(&name)))
+                .await?;
+            if found
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .is_none()
+            {
+                return Err(SourceError::Config(format!(
+                    "the table {schema}.{table} does not exist in database {}",
+                    self.target.database
+                )));
+            }
+            names.push(name);
+        }
+        let publish: Vec<&str> = self
+            .operations
+            .iter()
+            .map(|o| match o {
+                Operation::Insert => "insert",
+                Operation::Update => "update",
+                Operation::Delete => "delete",
+            })
+            .collect();
+        let publication = ident(&self.slot);
+        let exists = conn
+            .execute(&format!(
+                "SELECT 1 FROM pg_publication WHERE pubname = {}",
+                literal(&self.slot)
+            ))
+            .await?;
+        let tables = names.join(", ");
+        let with = literal(&publish.join(", "));
+        if exists.is_empty() {
+            conn.execute(&format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = {with})"
+            ))
+            .await?;
+        } else {
+            conn.execute(&format!(
+                "ALTER PUBLICATION {publication} SET TABLE {tables}"
+            ))
+            .await?;
+            conn.execute(&format!(
+                "ALTER PUBLICATION {publication} SET (publish = {with})"
+            ))
+            .await?;
+        }
+        let slot = conn
+            .execute(&format!(
+                "SELECT plugin FROM pg_replication_slots WHERE slot_name = {}",
+                literal(&self.slot)
+            ))
+            .await?;
+        if slot.is_empty() {
+            conn.execute(&format!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+                literal(&self.slot)
+            ))
+            .await?;
+            tracing::info!(function = %self.function, slot = %self.slot, "created the replication slot");
+        }
+        Ok(())
+    }
+
+    fn message(&self, change: &Change, index: usize) -> Message {
+        let op = match change.operation {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        };
+        let table = format!("{}.{}", change.relation.schema, change.relation.table);
+        let body = json!({
+            "operation": op,
+            "schema": change.relation.schema,
+            "table": change.relation.table,
+            "old": change.old,
+            "new": change.new,
+            "xid": change.xid,
+            "lsn": change.lsn,
+            "commit_lsn": lsn_text(change.commit_lsn),
+        });
+        Message {
+            function: self.function.clone(),
+            // Unique and stable across readings of the slot.
+            id: format!("{}-{index}", lsn_text(change.commit_lsn)),
+            ce_source: format!(
+                "postgres://{}:{}/{}/{table}",
+                self.target.host, self.target.port, self.target.database
+            ),
+            ce_type: format!("postgres.row.{op}"),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("ce-subject".into(), table.clone()),
+                ("ce-pgtable".into(), table),
+                ("ce-pgoperation".into(), op.into()),
+                ("ce-pgxid".into(), change.xid.to_string()),
+                ("ce-pglsn".into(), change.lsn.clone()),
+            ],
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+            delivery: None,
+        }
+    }
+
+    /// Reads up to `batch` changes (whole transactions) from the slot
+    /// without consuming them.
+    async fn peek(&self, conn: &mut Conn) -> Result<Vec<(Vec<Change>, u64)>, SourceError> {
+        let rows = conn
+            .execute(&format!(
+                "SELECT lsn, data FROM pg_logical_slot_peek_binary_changes({}, NULL, {}, 'proto_version', '1', 'publication_names', {})",
+                literal(&self.slot),
+                self.batch,
+                literal(&self.slot)
+            ))
+            .await?;
+        let mut relations: HashMap<u32, Relation> = HashMap::new();
+        let mut transactions = Vec::new();
+        let mut current: Vec<Change> = Vec::new();
+        let mut xid = 0;
+        for r in rows {
+            let lsn = r.first().cloned().flatten().unwrap_or_default();
+            let data = r
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|d| unhex(&d))
+                .ok_or_else(|| SourceError::Protocol("a change without its data".into()))?;
+            match decode(&data)? {
+                Decoded::Begin { xid: x } => {
+                    xid = x;
+                    current.clear();
+                }
+                Decoded::Relation(rel) => {
+                    relations.insert(rel.id, rel);
+                }
+                Decoded::Change {
+                    relation,
+                    operation,
+                    old,
+                    new,
+                } => {
+                    let rel = relations.get(&relation).cloned().ok_or_else(|| {
+                        SourceError::Protocol(format!("a change to unknown relation {relation}"))
+                    })?;
+                    current.push(Change {
+                        lsn,
+                        xid,
+                        commit_lsn: 0,
+                        old: old.map(|c| row(&rel, &c)),
+                        new: new.map(|c| row(&rel, &c)),
+                        relation: rel,
+                        operation,
+                    });
+                }
+                Decoded::Commit { end_lsn } => {
+                    let mut changes = std::mem::take(&mut current);
+                    for c in &mut changes {
+                        c.commit_lsn = end_lsn;
+                    }
+                    transactions.push((changes, end_lsn));
+                }
+                Decoded::Other => {}
+            }
+        }
+        Ok(transactions)
+    }
+
+    /// One connected session: returns only on an error.
+    async fn session(
+        &self,
+        deliver: &Arc<dyn Deliver>,
+        status: &StatusCell,
+    ) -> Result<(), SourceError> {
+        let mut conn = Conn::connect(&self.target).await?;
+        self.ensure(&mut conn).await?;
+        status.healthy();
+        // Changes of the transaction at the slot's head already handled in
+        // this session, should it be read again after a failed delivery.
+        let mut done: Option<(u64, usize)> = None;
+        'read: loop {
+            let transactions = self.peek(&mut conn).await?;
+            if transactions.is_empty() {
+                tokio::time::sleep(self.poll).await;
+                continue;
+            }
+            for (changes, end_lsn) in transactions {
+                let skip = match done {
+                    Some((lsn, n)) if lsn == end_lsn => n,
+                    _ => 0,
+                };
+                for (i, change) in changes.iter().enumerate().skip(skip) {
+                    let verdict = deliver.deliver(self.message(change, i)).await;
+                    status.counted(&verdict);
+                    if !matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
+                        // Not taken: read the transaction again shortly.
+                        done = Some((end_lsn, i));
+                        tokio::time::sleep(self.poll.max(Duration::from_secs(1))).await;
+                        continue 'read;
+                    }
+                    done = Some((end_lsn, i + 1));
+                }
+                conn.execute(&format!(
+                    "SELECT pg_replication_slot_advance({}, {})",
+                    literal(&self.slot),
+                    literal(&lsn_text(end_lsn))
+                ))
+                .await?;
+            }
+        }
+    }
+}
+
+impl EventSource for PostgresSource {
+    fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut conn = Conn::connect(&self.target).await?;
+            self.ensure(&mut conn).await
+        })
+    }
+
+    fn remove(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut conn = Conn::connect(&self.target).await?;
+            // The consumer may still hold the slot for a moment.
+            let mut last = None;
+            for _ in 0..50 {
+                match conn
+                    .query(&format!(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
+                        literal(&self.slot)
+                    ))
+                    .await?
+                {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e.message),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if let Some(e) = last {
+                return Err(SourceError::Server(e));
+            }
+            conn.execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(&self.slot)))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn run(
+        self: Arc<Self>,
+        deliver: Arc<dyn Deliver>,
+        status: StatusCell,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut backoff = RECONNECT_FIRST;
+            loop {
+                let started = Instant::now();
+                if let Err(e) = self.session(&deliver, &status).await {
+                    status.failed(&e);
+                    tracing::warn!(function = %self.function, slot = %self.slot, error = %e, retry_in = ?backoff, "postgres source disconnected");
+                }
+                if started.elapsed() > RECONNECT_MAX {
+                    backoff = RECONNECT_FIRST;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relation_message() -> Vec<u8> {
+        let mut b = vec![b'R'];
+        b.extend_from_slice(&16385u32.to_be_bytes());
+        b.extend_from_slice(b"public\0orders\0");
+        b.push(b'd');
+        b.extend_from_slice(&3u16.to_be_bytes());
+        for (name, ty) in [("id", 23u32), ("note", 25), ("paid", 16)] {
+            b.push(1);
+            b.extend_from_slice(name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+        }
+        b
+    }
+
+    fn tuple(cells: &[Option<&str>]) -> Vec<u8> {
+        let mut b = (cells.len() as u16).to_be_bytes().to_vec();
+        for c in cells {
+            match c {
+                None => b.push(b'n'),
+                Some(t) => {
+                    b.push(b't');
+                    b.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                    b.extend_from_slice(t.as_bytes());
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn pgoutput_messages_decode() {
+        let Decoded::Relation(rel) = decode(&relation_message()).unwrap() else {
+            panic!("not a relation")
+        };
+        assert_eq!(rel.table, "orders");
+        assert_eq!(rel.columns[2], ("paid".to_owned(), 16));
+
+        let mut update = vec![b'U'];
+        update.extend_from_slice(&16385u32.to_be_bytes());
+        update.push(b'O');
+        update.extend(tuple(&[Some("7"), Some("old"), Some("f")]));
+        update.push(b'N');
+        update.extend(tuple(&[Some("7"), None, Some("t")]));
+        let Decoded::Change {
+            operation,
+            old,
+            new,
+            ..
+        } = decode(&update).unwrap()
+        else {
+            panic!("not a change")
+        };
+        assert_eq!(operation, Operation::Update);
+        assert_eq!(
+            row(&rel, &old.unwrap()),
+            json!({"id": 7, "note": "old", "paid": false})
+        );
+        assert_eq!(
+            row(&rel, &new.unwrap()),
+            json!({"id": 7, "note": null, "paid": true})
+        );
+
+        let mut commit = vec![b'C', 0];
+        commit.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
+        commit.extend_from_slice(&0x1_0000_0020u64.to_be_bytes());
+        commit.extend_from_slice(&0u64.to_be_bytes());
+        assert_eq!(
+            decode(&commit).unwrap(),
+            Decoded::Commit {
+                end_lsn: 0x1_0000_0020
+            }
+        );
+        assert!(decode(&[b'I', 0, 0]).is_err());
+    }
+
+    #[test]
+    fn lsns_and_hex() {
+        assert_eq!(lsn_text(0x1_0000_0020), "1/20");
+        assert_eq!(parse_lsn("1/20"), Some(0x1_0000_0020));
+        assert_eq!(unhex("\\x4a00ff"), Some(vec![0x4a, 0, 0xff]));
+        assert_eq!(unhex("4a"), None);
+        assert_eq!(typed(114, "{\"a\":1}"), json!({"a": 1}));
+        assert_eq!(typed(1700, "1.50"), json!("1.50"));
+    }
+}
