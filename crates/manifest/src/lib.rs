@@ -29,7 +29,8 @@ pub use names::{AppName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
 pub use source::{
-    BrokerUrl, JetStream, Mqtt, Nats, Operation, Postgres, RedisStream, Source, SourceKind, StartAt,
+    Amqp, BrokerUrl, JetStream, Mqtt, Nats, Operation, Postgres, RedisStream, Source, SourceKind,
+    StartAt,
 };
 
 /// What a function is, apart from its code: the part of a function that the

@@ -181,6 +181,17 @@ fn check_topic_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A RabbitMQ (AMQP 0-9-1) queue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amqp {
+    /// `amqp://[user:password@]host[:port][/vhost]`, or `url_env`.
+    #[serde(flatten)]
+    pub url: BrokerUrl,
+    /// The queue; it must exist (Nimbus does not declare queues).
+    pub queue: String,
+}
+
 /// A row operation captured from PostgreSQL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -243,6 +254,7 @@ pub enum SourceKind {
     JetStream(JetStream),
     Mqtt(Mqtt),
     Postgres(Postgres),
+    Amqp(Amqp),
 }
 
 /// A NATS subject: dot-separated tokens, `*` and a final `>` as wildcards,
@@ -338,6 +350,22 @@ impl SourceKind {
                     ));
                 }
                 scheme(&s.url, &["mqtt://"], "mqtt://[user:password@]host[:port]")
+            }
+            SourceKind::Amqp(s) => {
+                if s.queue.is_empty()
+                    || s.queue.len() > 255
+                    || s.queue.chars().any(|c| c.is_control())
+                {
+                    return Err(format!(
+                        "invalid amqp queue name `{}`: use 1 to 255 printable characters",
+                        s.queue
+                    ));
+                }
+                scheme(
+                    &s.url,
+                    &["amqp://"],
+                    "amqp://[user:password@]host[:port][/vhost]",
+                )
             }
             SourceKind::Postgres(s) => {
                 if s.tables.is_empty() {
@@ -454,6 +482,7 @@ impl Source {
                     .map(|c| format!(":{c}"))
                     .unwrap_or_default()
             ),
+            SourceKind::Amqp(s) => format!("amqp:{}:{}", shown(&s.url), s.queue),
             // The slot, not its tables: changing them keeps the slot's
             // position.
             SourceKind::Postgres(s) => format!(
@@ -562,6 +591,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.key(), "postgres:postgres://app:***@h/shop");
+        let a: Source =
+            toml::from_str("type = \"amqp\"\nurl = \"amqp://guest:guest@h/\"\nqueue = \"jobs\"")
+                .unwrap();
+        assert_eq!(a.key(), "amqp:amqp://guest:***@h/:jobs");
         for bad in [
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a..b\"",
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.>.b\"",
@@ -575,6 +608,8 @@ mod tests {
             "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2",
             "type = \"mqtt\"\nurl = \"nats://h\"\ntopics = [\"a\"]",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = []",
+            "type = \"amqp\"\nurl = \"amqp://h\"\nqueue = \"\"",
+            "type = \"amqp\"\nurl = \"http://h\"\nqueue = \"q\"",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"a;drop\"]",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\nslot = \"Bad\"",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\noperations = [\"truncate\"]",

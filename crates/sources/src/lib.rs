@@ -12,6 +12,7 @@
 //! (`concurrency`), so a slow function leaves its backlog in the broker, not
 //! in memory.
 
+pub mod amqp;
 pub mod jetstream;
 pub mod mqtt;
 pub mod nats;
@@ -194,6 +195,12 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             source.concurrency,
         )?)),
         SourceKind::Mqtt(s) => Ok(Arc::new(mqtt::MqttSource::new(
+            function,
+            &url(&s.url)?,
+            s,
+            source.concurrency,
+        )?)),
+        SourceKind::Amqp(s) => Ok(Arc::new(amqp::AmqpSource::new(
             function,
             &url(&s.url)?,
             s,

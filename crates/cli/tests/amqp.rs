@@ -1,0 +1,265 @@
+//! RabbitMQ sources against the machine's RabbitMQ (guest/guest on 5672).
+//! Without it a test fails in CI and says so loudly elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use http::Method;
+use nimbus_queue::{InvocationRecord, State};
+use nimbus_sources::amqp::{Client, Target};
+use std::time::Duration;
+use support::*;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/";
+
+async fn connect() -> Client {
+    Client::connect(&Target::parse(AMQP).unwrap(), "nimbus-test")
+        .await
+        .unwrap()
+}
+
+/// The machine's RabbitMQ, or `None` (after a loud warning) outside CI.
+async fn rabbit() -> Option<Client> {
+    match Client::connect(&Target::parse(AMQP).unwrap(), "nimbus-test").await {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "\n!!!!! SKIPPED: RabbitMQ is not reachable at {AMQP} ({e}); start it with rabbitmq-server -detached\n"
+            );
+            None
+        }
+        Err(e) => panic!("CI needs RabbitMQ at {AMQP}: {e}"),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// Publishes `n` messages, then waits until the broker has handled them
+/// (a later synchronous call on the same channel is answered after them).
+async fn publish_many(client: &Client, queue: &str, prefix: &str, n: usize) {
+    for i in 0..n {
+        client
+            .publish(queue, &[], format!("{prefix}{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    client.queue_exists(queue).await.unwrap();
+}
+
+fn consumer(recorder: &Recorder, queue: &str, relay_query: &str, extra: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
+         [[functions.consume.sources]]\ntype = \"amqp\"\nurl = \"{AMQP}\"\nqueue = \"{queue}\"\nconcurrency = 8\n",
+        url = recorder.url
+    )
+}
+
+/// Nothing ready or unacknowledged in the queue, and a consumer on it.
+async fn drained(client: &Client, queue: &str) -> bool {
+    let (messages, consumers) = client.queue_exists(queue).await.unwrap();
+    messages == 0 && consumers == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_messages_survive_kill_9() {
+    const N: usize = 10_000;
+    let Some(client) = rabbit().await else {
+        return;
+    };
+    let queue = unique("nimbus-test-jobs");
+    client.declare_queue(&queue).await.unwrap();
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, &queue, "", ""))],
+    ));
+    let publisher = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let c = connect().await;
+            c.publish(
+                &queue,
+                &[(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )],
+                b"traced",
+            )
+            .await
+            .unwrap();
+            publish_many(&c, &queue, "m-", N).await;
+        })
+    };
+    eventually(Duration::from_secs(120), "some messages to run", || async {
+        (recorder.hits().len() >= N / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(240), "every message to run", || async {
+        (recorder.executions_by("body").len() > N).then_some(())
+    })
+    .await;
+    let executions = recorder.executions_by("body");
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "amqp, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
+        executions.len() - 1
+    );
+    assert_eq!(executions.len(), N + 1, "every message ran at least once");
+    let hits = recorder.hits();
+    let traced = hits.iter().find(|h| h.get("body") == "traced").unwrap();
+    assert_eq!(traced.get("ce-type"), "amqp.message");
+    assert_eq!(
+        traced.get("ce-source"),
+        format!("amqp://127.0.0.1:5672//{queue}")
+    );
+    assert_eq!(traced.get("ce-amqpqueue"), queue);
+    assert_eq!(traced.get("ce-amqproutingkey"), queue);
+    assert!(
+        traced
+            .get("traceparent")
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "the publisher's trace continues: {:?}",
+        traced.query
+    );
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async { drained(&client, &queue).await.then_some(()) },
+    )
+    .await;
+    assert!(node.status().await.sources[0].healthy);
+    client.delete_queue(&queue).await.unwrap();
+}
+
+/// Closes the broker side of the connections named `name`, as an operator
+/// (or a broker under pressure) would.
+fn close_connections(name: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pids: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by the test"])
+            .status()
+            .unwrap();
+    }
+    pids.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_failures_are_dead_lettered_and_acknowledged() {
+    let Some(client) = rabbit().await else {
+        return;
+    };
+    let queue = unique("nimbus-test-failing");
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+
+    // A queue that does not exist refuses the deploy, naming it.
+    let out = node.deploy_cli(&manifest(
+        "events",
+        &[("consume", &g.testbed, &consumer(&recorder, &queue, "", ""))],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("the queue {queue} does not exist")),
+        "{err}"
+    );
+
+    client.declare_queue(&queue).await.unwrap();
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(
+                &recorder,
+                &queue,
+                "fail=99",
+                "retry = { attempts = 2, initial_backoff = \"50ms\" }",
+            ),
+        )],
+    ));
+    // The broker closes the source's connection: it reconnects.
+    let name = format!("nimbus:consume:{queue}");
+    let closed = eventually(Duration::from_secs(60), "the source to connect", || async {
+        let n = close_connections(&name);
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(closed, 1);
+    publish_many(&client, &queue, "bad-", 20).await;
+    let dlq: Vec<InvocationRecord> = eventually(
+        Duration::from_secs(60),
+        "20 dead-lettered messages",
+        || async {
+            let list: Vec<InvocationRecord> = node
+                .admin
+                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
+                .await
+                .unwrap();
+            (list.len() == 20).then_some(list)
+        },
+    )
+    .await;
+    for r in &dlq {
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.attempts.len(), 2, "{r:?}");
+    }
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async { drained(&client, &queue).await.then_some(()) },
+    )
+    .await;
+    // Acknowledged: a restarted node gets none of them again.
+    let node = node.restart_after_kill9();
+    eventually(
+        Duration::from_secs(30),
+        "the source to reconnect",
+        || async {
+            node.status()
+                .await
+                .sources
+                .first()
+                .is_some_and(|s| s.healthy)
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        recorder.hits().len(),
+        40,
+        "two attempts each, no redelivery"
+    );
+    client.delete_queue(&queue).await.unwrap();
+}

@@ -1,0 +1,952 @@
+//! RabbitMQ queues over AMQP 0-9-1.
+//!
+//! The consumer opens one channel with a prefetch of `concurrency` (so the
+//! broker never sends more than the function can run at once) and consumes
+//! the queue with manual acknowledgements. A message is acknowledged
+//! (basic.ack) once its function succeeded or it was dead-lettered into
+//! Nimbus; failures are retried in place meanwhile, with the function's
+//! backoff, while the message stays unacknowledged in the broker. A message
+//! the function cannot take (not serving) is rejected with requeue after a
+//! pause. A message in flight when the node dies is redelivered by the
+//! broker (at least once).
+//!
+//! The client here speaks the part of the protocol a consumer and a test
+//! publisher need: connection negotiation with PLAIN login and heartbeats,
+//! one channel, queue declare / delete, basic.qos / consume / publish /
+//! ack / reject.
+
+use crate::{
+    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
+    StatusCell, Verdict,
+};
+use nimbus_manifest::Amqp;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Mutex, mpsc};
+
+/// Longest a connection attempt (and the negotiation) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The heartbeat asked for: a connection silent for twice this is dead.
+const HEARTBEAT: Duration = Duration::from_secs(20);
+/// Largest frame accepted (and offered).
+const FRAME_MAX: u32 = 128 * 1024;
+/// Largest message body accepted from a broker.
+const MAX_BODY: u64 = 64 << 20;
+/// How long a message the function could not take waits before it goes
+/// back to the queue.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+const FRAME_END: u8 = 0xCE;
+
+/// Where to connect and how to log in, parsed from `amqp://` URLs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Target {
+    /// Parses `amqp://[user:password@]host[:port][/vhost]` (vhost `/` when
+    /// the path is empty; `%2F` for a slash inside it).
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let bad = |why: &str| {
+            SourceError::Config(format!(
+                "invalid amqp url `{}`: {why}",
+                nimbus_manifest::source::redact(url)
+            ))
+        };
+        let rest = url
+            .strip_prefix("amqp://")
+            .ok_or_else(|| bad("write amqp://user:password@host:port/vhost"))?;
+        let (authority, vhost) = match rest.split_once('/') {
+            Some((a, v)) if !v.is_empty() => (a, unescape(v)),
+            Some((a, _)) => (a, "/".to_owned()),
+            None => (rest, "/".to_owned()),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
+            None => ("guest".to_owned(), "guest".to_owned()),
+            Some(Some((u, p))) => (unescape(u), unescape(p)),
+            Some(None) => (userinfo.map(unescape).unwrap_or_default(), String::new()),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
+            ),
+            None => (hostport, 5672),
+        };
+        if host.is_empty() {
+            return Err(bad("the host is missing"));
+        }
+        Ok(Self {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            user,
+            password,
+            vhost,
+        })
+    }
+}
+
+/// Builds method arguments.
+#[derive(Default)]
+struct Args(Vec<u8>);
+
+impl Args {
+    fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn short(mut self, s: &str) -> Self {
+        let s = &s.as_bytes()[..s.len().min(255)];
+        self.0.push(s.len() as u8);
+        self.0.extend_from_slice(s);
+        self
+    }
+    fn long(mut self, s: &[u8]) -> Self {
+        self.0.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(s);
+        self
+    }
+    /// An empty field table.
+    fn table(self) -> Self {
+        self.u32(0)
+    }
+}
+
+fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.push(FRAME_END);
+    out
+}
+
+fn method(channel: u16, class: u16, id: u16, args: Args) -> Vec<u8> {
+    let mut payload = class.to_be_bytes().to_vec();
+    payload.extend_from_slice(&id.to_be_bytes());
+    payload.extend_from_slice(&args.0);
+    frame(1, channel, &payload)
+}
+
+/// Reads method arguments and content headers.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SourceError> {
+        let s = self
+            .b
+            .get(self.at..self.at + n)
+            .ok_or_else(|| SourceError::Protocol("an amqp frame is cut short".into()))?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, SourceError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, SourceError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, SourceError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, SourceError> {
+        Ok(((self.u32()? as u64) << 32) | self.u32()? as u64)
+    }
+    fn short(&mut self) -> Result<String, SourceError> {
+        let n = self.u8()? as usize;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn long(&mut self) -> Result<&'a [u8], SourceError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    /// A field value; strings (and what prints as one) come back as text.
+    fn value(&mut self) -> Result<Option<String>, SourceError> {
+        Ok(match self.u8()? {
+            b't' | b'b' | b'B' => Some(self.u8()?.to_string()),
+            b's' | b'u' => Some(self.u16()?.to_string()),
+            b'I' => Some((self.u32()? as i32).to_string()),
+            b'i' => Some(self.u32()?.to_string()),
+            b'l' => Some((self.u64()? as i64).to_string()),
+            b'T' => Some(self.u64()?.to_string()),
+            b'f' => {
+                self.take(4)?;
+                None
+            }
+            b'd' => {
+                self.take(8)?;
+                None
+            }
+            b'D' => {
+                self.take(5)?;
+                None
+            }
+            b'S' | b'x' => Some(String::from_utf8_lossy(self.long()?).into_owned()),
+            b'A' => {
+                let inner = self.long()?;
+                let mut c = Cursor { b: inner, at: 0 };
+                while c.at < inner.len() {
+                    c.value()?;
+                }
+                None
+            }
+            b'F' => {
+                self.table()?;
+                None
+            }
+            b'V' => None,
+            t => {
+                return Err(SourceError::Protocol(format!(
+                    "unknown amqp field type {:?}",
+                    t as char
+                )));
+            }
+        })
+    }
+
+    fn table(&mut self) -> Result<Vec<(String, String)>, SourceError> {
+        let inner = self.long()?;
+        let mut c = Cursor { b: inner, at: 0 };
+        let mut out = Vec::new();
+        while c.at < inner.len() {
+            let name = c.short()?;
+            if let Some(v) = c.value()? {
+                out.push((name, v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a content header says of a message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub content_type: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub message_id: Option<String>,
+    pub timestamp: Option<u64>,
+}
+
+/// Decodes a content header's properties (after class, weight and size).
+fn properties(c: &mut Cursor<'_>) -> Result<Properties, SourceError> {
+    let flags = c.u16()?;
+    let mut p = Properties::default();
+    let has = |bit: u16| flags & (1 << bit) != 0;
+    if has(15) {
+        p.content_type = Some(c.short()?);
+    }
+    if has(14) {
+        c.short()?; // content-encoding
+    }
+    if has(13) {
+        p.headers = c.table()?;
+    }
+    if has(12) {
+        c.u8()?; // delivery-mode
+    }
+    if has(11) {
+        c.u8()?; // priority
+    }
+    for bit in [10, 9, 8] {
+        if has(bit) {
+            c.short()?; // correlation-id, reply-to, expiration
+        }
+    }
+    if has(7) {
+        p.message_id = Some(c.short()?);
+    }
+    if has(6) {
+        p.timestamp = Some(c.u64()?);
+    }
+    for bit in [5, 4, 3, 2] {
+        if has(bit) {
+            c.short()?; // type, user-id, app-id, cluster-id
+        }
+    }
+    Ok(p)
+}
+
+/// A delivered message.
+#[derive(Debug)]
+pub struct Delivery {
+    pub tag: u64,
+    pub redelivered: bool,
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: Properties,
+    pub body: Vec<u8>,
+}
+
+/// A method frame: class, id and arguments.
+type MethodFrame = (u16, u16, Vec<u8>);
+
+async fn read_frame(
+    read: &mut BufReader<OwnedReadHalf>,
+) -> Result<(u8, u16, Vec<u8>), SourceError> {
+    let broken = |e: std::io::Error| SourceError::Disconnected(e.to_string());
+    let kind = read.read_u8().await.map_err(broken)?;
+    let channel = read.read_u16().await.map_err(broken)?;
+    let size = read.read_u32().await.map_err(broken)?;
+    if size > FRAME_MAX {
+        return Err(SourceError::Protocol(format!("a frame of {size} bytes")));
+    }
+    let mut payload = vec![0; size as usize + 1];
+    read.read_exact(&mut payload).await.map_err(broken)?;
+    if payload.pop() != Some(FRAME_END) {
+        return Err(SourceError::Protocol(
+            "a frame without its end marker".into(),
+        ));
+    }
+    Ok((kind, channel, payload))
+}
+
+fn close_reason(args: &[u8]) -> String {
+    let mut c = Cursor { b: args, at: 0 };
+    let code = c.u16().unwrap_or(0);
+    let text = c.short().unwrap_or_default();
+    format!("{code} {text}")
+}
+
+/// An open connection with one channel.
+pub struct Client {
+    write: Arc<Mutex<OwnedWriteHalf>>,
+    replies: Mutex<mpsc::Receiver<Result<MethodFrame, SourceError>>>,
+    deliveries: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+const CHANNEL: u16 = 1;
+
+impl Client {
+    /// Connects, logs in and opens the channel; `name` is what the broker
+    /// shows for the connection.
+    pub async fn connect(target: &Target, name: &str) -> Result<Self, SourceError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open(target, &addr, name))
+            .await
+            .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))?
+    }
+
+    async fn open(target: &Target, addr: &str, name: &str) -> Result<Self, SourceError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| SourceError::Unreachable(format!("{addr} ({e})")))?;
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let io = |e: std::io::Error| SourceError::Disconnected(e.to_string());
+        write.write_all(b"AMQP\x00\x00\x09\x01").await.map_err(io)?;
+        // connection.start → start-ok (PLAIN), tune → tune-ok, open.
+        let expect =
+            |got: (u8, u16, Vec<u8>), class: u16, id: u16| -> Result<Vec<u8>, SourceError> {
+                let (kind, _, payload) = got;
+                let mut c = Cursor { b: &payload, at: 0 };
+                let (k, i) = (c.u16()?, c.u16()?);
+                if kind == 1 && (k, i) == (10, 50) {
+                    let reason = close_reason(&payload[4..]);
+                    return Err(if reason.starts_with("403") {
+                        SourceError::Auth(reason)
+                    } else {
+                        SourceError::Server(reason)
+                    });
+                }
+                if kind != 1 || (k, i) != (class, id) {
+                    return Err(SourceError::Protocol(format!(
+                        "{addr} answered method {k}.{i} where {class}.{id} was expected"
+                    )));
+                }
+                Ok(payload[4..].to_vec())
+            };
+        let first = read_frame(&mut read).await.map_err(|e| match e {
+            SourceError::Protocol(_) => {
+                SourceError::Protocol(format!("{addr} did not answer as an AMQP 0-9-1 broker"))
+            }
+            e => e,
+        })?;
+        expect(first, 10, 10)?;
+        let mut response = vec![0];
+        response.extend_from_slice(target.user.as_bytes());
+        response.push(0);
+        response.extend_from_slice(target.password.as_bytes());
+        let props = Args::default()
+            .short("product")
+            .u8(b'S')
+            .long(b"nimbus")
+            .short("connection_name")
+            .u8(b'S')
+            .long(name.as_bytes());
+        let start_ok = Args({
+            let mut v = (props.0.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(&props.0);
+            v
+        })
+        .short("PLAIN")
+        .long(&response)
+        .short("en_US");
+        write
+            .write_all(&method(0, 10, 11, start_ok))
+            .await
+            .map_err(io)?;
+        // A refused login closes the connection, sometimes without a reason.
+        let tune = match read_frame(&mut read).await {
+            Ok(f) => expect(f, 10, 30)?,
+            Err(SourceError::Disconnected(_)) => {
+                return Err(SourceError::Auth(format!(
+                    "{addr} closed the connection at login (wrong user or password?)"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut c = Cursor { b: &tune, at: 0 };
+        let channel_max = c.u16()?;
+        let frame_max = c.u32()?;
+        let frame_max = if frame_max == 0 {
+            FRAME_MAX
+        } else {
+            frame_max.min(FRAME_MAX)
+        };
+        let heartbeat = HEARTBEAT.as_secs() as u16;
+        write
+            .write_all(&method(
+                0,
+                10,
+                31,
+                Args::default()
+                    .u16(channel_max.max(1))
+                    .u32(frame_max)
+                    .u16(heartbeat),
+            ))
+            .await
+            .map_err(io)?;
+        write
+            .write_all(&method(
+                0,
+                10,
+                40,
+                Args::default().short(&target.vhost).short("").u8(0),
+            ))
+            .await
+            .map_err(io)?;
+        expect(read_frame(&mut read).await?, 10, 41).map_err(|e| match e {
+            SourceError::Server(r) if r.starts_with("530") => {
+                SourceError::Auth(format!("no access to vhost {}: {r}", target.vhost))
+            }
+            e => e,
+        })?;
+        write
+            .write_all(&method(CHANNEL, 20, 10, Args::default().short("")))
+            .await
+            .map_err(io)?;
+        expect(read_frame(&mut read).await?, 20, 11)?;
+
+        let write = Arc::new(Mutex::new(write));
+        let (reply_tx, replies) = mpsc::channel(16);
+        let (delivery_tx, deliveries) = mpsc::channel(1024);
+        let reader = tokio::spawn(read_loop(read, write.clone(), reply_tx, delivery_tx));
+        let beater = {
+            let write = write.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(HEARTBEAT / 2);
+                loop {
+                    every.tick().await;
+                    if write
+                        .lock()
+                        .await
+                        .write_all(&frame(8, 0, &[]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            write,
+            replies: Mutex::new(replies),
+            deliveries: Mutex::new(Some(deliveries)),
+            tasks: vec![reader, beater],
+        })
+    }
+
+    async fn send(&self, bytes: Vec<u8>) -> Result<(), SourceError> {
+        self.write
+            .lock()
+            .await
+            .write_all(&bytes)
+            .await
+            .map_err(|e| SourceError::Disconnected(e.to_string()))
+    }
+
+    /// Sends a method and waits for the broker's answer, which must be
+    /// `class.id`.
+    async fn call(
+        &self,
+        class: u16,
+        id: u16,
+        args: Args,
+        answer: u16,
+    ) -> Result<Vec<u8>, SourceError> {
+        let mut replies = self.replies.lock().await;
+        self.send(method(CHANNEL, class, id, args)).await?;
+        match replies.recv().await {
+            None => Err(SourceError::Disconnected("the connection closed".into())),
+            Some(Err(e)) => Err(e),
+            Some(Ok((k, i, args))) if (k, i) == (class, answer) => Ok(args),
+            Some(Ok((k, i, _))) => Err(SourceError::Protocol(format!(
+                "the broker answered {k}.{i} to {class}.{id}"
+            ))),
+        }
+    }
+
+    /// Checks the queue exists: its message and consumer counts.
+    pub async fn queue_exists(&self, queue: &str) -> Result<(u32, u32), SourceError> {
+        let args = Args::default().u16(0).short(queue).u8(0b1).table();
+        let ok = self.call(50, 10, args, 11).await?;
+        let mut c = Cursor { b: &ok, at: 0 };
+        c.short()?;
+        Ok((c.u32()?, c.u32()?))
+    }
+
+    /// Declares a durable queue (tests and tools).
+    pub async fn declare_queue(&self, queue: &str) -> Result<(), SourceError> {
+        let args = Args::default().u16(0).short(queue).u8(0b10).table();
+        self.call(50, 10, args, 11).await.map(|_| ())
+    }
+
+    /// Deletes a queue (tests and tools).
+    pub async fn delete_queue(&self, queue: &str) -> Result<(), SourceError> {
+        let args = Args::default().u16(0).short(queue).u8(0);
+        self.call(50, 40, args, 41).await.map(|_| ())
+    }
+
+    /// Publishes a persistent message to the default exchange, routed to
+    /// `queue`, with `headers` (string values).
+    pub async fn publish(
+        &self,
+        queue: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), SourceError> {
+        let mut out = method(
+            CHANNEL,
+            60,
+            40,
+            Args::default().u16(0).short("").short(queue).u8(0),
+        );
+        let mut table = Args::default();
+        for (k, v) in headers {
+            table = table.short(k).u8(b'S').long(v.as_bytes());
+        }
+        // Content type, headers and delivery mode 2 (persistent).
+        let header = Args::default()
+            .u16(60)
+            .u16(0)
+            .u64(body.len() as u64)
+            .u16((1 << 15) | (1 << 13) | (1 << 12))
+            .short("application/octet-stream")
+            .long(&table.0)
+            .u8(2);
+        out.extend(frame(2, CHANNEL, &header.0));
+        for chunk in body.chunks(FRAME_MAX as usize - 8) {
+            out.extend(frame(3, CHANNEL, chunk));
+        }
+        self.send(out).await
+    }
+
+    /// Limits unacknowledged deliveries to `prefetch` and starts consuming
+    /// `queue`; deliveries arrive on the returned channel.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<mpsc::Receiver<Delivery>, SourceError> {
+        self.call(60, 10, Args::default().u32(0).u16(prefetch).u8(0), 11)
+            .await?;
+        let args = Args::default().u16(0).short(queue).short(tag).u8(0).table();
+        self.call(60, 20, args, 21).await?;
+        self.deliveries
+            .lock()
+            .await
+            .take()
+            .ok_or_else(|| SourceError::Protocol("already consuming".into()))
+    }
+
+    pub async fn ack(&self, tag: u64) -> Result<(), SourceError> {
+        self.send(method(CHANNEL, 60, 80, Args::default().u64(tag).u8(0)))
+            .await
+    }
+
+    /// Rejects a delivery, putting it back in the queue.
+    pub async fn requeue(&self, tag: u64) -> Result<(), SourceError> {
+        self.send(method(CHANNEL, 60, 90, Args::default().u64(tag).u8(1)))
+            .await
+    }
+}
+
+async fn read_loop(
+    mut read: BufReader<OwnedReadHalf>,
+    write: Arc<Mutex<OwnedWriteHalf>>,
+    replies: mpsc::Sender<Result<MethodFrame, SourceError>>,
+    deliveries: mpsc::Sender<Delivery>,
+) {
+    let result: Result<(), SourceError> = async {
+        // A delivery being assembled from its method, header and body frames.
+        let mut pending: Option<(Delivery, u64)> = None;
+        loop {
+            let (kind, channel, payload) =
+                tokio::time::timeout(HEARTBEAT * 2, read_frame(&mut read))
+                    .await
+                    .map_err(|_| {
+                        SourceError::Disconnected("the broker stopped answering".into())
+                    })??;
+            match kind {
+                1 => {
+                    let mut c = Cursor { b: &payload, at: 0 };
+                    let (class, id) = (c.u16()?, c.u16()?);
+                    match (class, id) {
+                        (60, 60) => {
+                            c.short()?; // consumer tag
+                            let tag = c.u64()?;
+                            let redelivered = c.u8()? & 1 == 1;
+                            let exchange = c.short()?;
+                            let routing_key = c.short()?;
+                            pending = Some((
+                                Delivery {
+                                    tag,
+                                    redelivered,
+                                    exchange,
+                                    routing_key,
+                                    properties: Properties::default(),
+                                    body: Vec::new(),
+                                },
+                                0,
+                            ));
+                        }
+                        (10, 50) | (20, 40) => {
+                            let reason = close_reason(&payload[4..]);
+                            let ok = if class == 10 { (10, 51) } else { (20, 41) };
+                            let _ = write
+                                .lock()
+                                .await
+                                .write_all(&method(channel, ok.0, ok.1, Args::default()))
+                                .await;
+                            let e = if reason.starts_with("404") {
+                                SourceError::Config(reason)
+                            } else {
+                                SourceError::Server(reason)
+                            };
+                            let _ = replies.send(Err(e.clone())).await;
+                            return Err(e);
+                        }
+                        _ => {
+                            let _ = replies.send(Ok((class, id, payload[4..].to_vec()))).await;
+                        }
+                    }
+                }
+                2 => {
+                    if let Some((d, size)) = pending.as_mut() {
+                        let mut c = Cursor { b: &payload, at: 0 };
+                        c.u16()?; // class
+                        c.u16()?; // weight
+                        *size = c.u64()?;
+                        if *size > MAX_BODY {
+                            return Err(SourceError::Protocol(format!(
+                                "a message of {size} bytes is too large"
+                            )));
+                        }
+                        d.properties = properties(&mut c)?;
+                    }
+                }
+                3 => {
+                    if let Some((d, _)) = pending.as_mut() {
+                        d.body.extend_from_slice(&payload);
+                    }
+                }
+                _ => {} // heartbeats
+            }
+            // A delivery is complete once its body is all there.
+            if matches!(kind, 2 | 3)
+                && let Some((d, size)) = &pending
+                && d.body.len() as u64 >= *size
+                && let Some((d, _)) = pending.take()
+                && deliveries.send(d).await.is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = replies.try_send(Err(e));
+    }
+}
+
+/// A RabbitMQ queue consumer for one function.
+pub struct AmqpSource {
+    function: String,
+    target: Target,
+    queue: String,
+    concurrency: u32,
+    ce_source: String,
+}
+
+impl AmqpSource {
+    pub fn new(
+        function: &str,
+        url: &str,
+        config: &Amqp,
+        concurrency: u32,
+    ) -> Result<Self, SourceError> {
+        let target = Target::parse(url)?;
+        let vhost = if target.vhost == "/" {
+            String::new()
+        } else {
+            target.vhost.clone()
+        };
+        Ok(Self {
+            function: function.to_owned(),
+            ce_source: format!(
+                "amqp://{}:{}/{vhost}/{}",
+                target.host, target.port, config.queue
+            ),
+            queue: config.queue.clone(),
+            concurrency,
+            target,
+        })
+    }
+
+    fn not_found(&self, e: SourceError) -> SourceError {
+        match e {
+            SourceError::Config(r) if r.starts_with("404") => SourceError::Config(format!(
+                "the queue {} does not exist in vhost {} ({r}); declare it first",
+                self.queue, self.target.vhost
+            )),
+            e => e,
+        }
+    }
+
+    fn message(&self, d: Delivery) -> Message {
+        let p = d.properties;
+        let mut headers = vec![(
+            "content-type".to_owned(),
+            p.content_type
+                .unwrap_or_else(|| "application/octet-stream".into()),
+        )];
+        for (k, v) in &p.headers {
+            if k == "traceparent" || k == "tracestate" {
+                headers.push((k.clone(), v.clone()));
+            }
+        }
+        headers.extend([
+            ("ce-amqpqueue".to_owned(), self.queue.clone()),
+            ("ce-amqpexchange".to_owned(), d.exchange),
+            ("ce-amqproutingkey".to_owned(), d.routing_key),
+            ("ce-amqpredelivered".to_owned(), d.redelivered.to_string()),
+        ]);
+        Message {
+            function: self.function.clone(),
+            id: p.message_id.unwrap_or_else(crate::nats::unique_token),
+            ce_source: self.ce_source.clone(),
+            ce_type: "amqp.message".into(),
+            headers,
+            body: d.body,
+            delivery: None,
+        }
+    }
+
+    async fn session(
+        &self,
+        deliver: &Arc<dyn Deliver>,
+        status: &StatusCell,
+    ) -> Result<(), SourceError> {
+        let name = format!("nimbus:{}:{}", self.function, self.queue);
+        let client = Arc::new(Client::connect(&self.target, &name).await?);
+        client
+            .queue_exists(&self.queue)
+            .await
+            .map_err(|e| self.not_found(e))?;
+        let tag = format!("nimbus:{}", self.function);
+        let prefetch = self.concurrency.min(u16::MAX as u32) as u16;
+        let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
+        status.healthy();
+        // The broker sends at most `prefetch` unacknowledged messages, so
+        // this never runs more than `concurrency` at once.
+        while let Some(d) = deliveries.recv().await {
+            let tag = d.tag;
+            let message = self.message(d);
+            let (client, deliver, status) = (client.clone(), deliver.clone(), status.clone());
+            let function = self.function.clone();
+            tokio::spawn(async move {
+                let verdict = deliver.deliver(message).await;
+                status.counted(&verdict);
+                let answered = if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
+                    client.ack(tag).await
+                } else {
+                    tokio::time::sleep(REQUEUE_DELAY).await;
+                    client.requeue(tag).await
+                };
+                if let Err(e) = answered {
+                    // Redelivered by the broker: at least once.
+                    tracing::warn!(function = %function, error = %e, "could not acknowledge an amqp message");
+                }
+            });
+        }
+        let mut replies = client.replies.lock().await;
+        Err(match replies.try_recv() {
+            Ok(Err(e)) => self.not_found(e),
+            _ => SourceError::Disconnected("the broker closed the connection".into()),
+        })
+    }
+}
+
+impl EventSource for AmqpSource {
+    fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            let client = Client::connect(&self.target, "nimbus:check").await?;
+            client
+                .queue_exists(&self.queue)
+                .await
+                .map_err(|e| self.not_found(e))?;
+            Ok(())
+        })
+    }
+
+    fn run(
+        self: Arc<Self>,
+        deliver: Arc<dyn Deliver>,
+        status: StatusCell,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut backoff = RECONNECT_FIRST;
+            loop {
+                let started = Instant::now();
+                if let Err(e) = self.session(&deliver, &status).await {
+                    status.failed(&e);
+                    tracing::warn!(function = %self.function, queue = %self.queue, error = %e, retry_in = ?backoff, "amqp source disconnected");
+                }
+                if started.elapsed() > RECONNECT_MAX {
+                    backoff = RECONNECT_FIRST;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let t = Target::parse("amqp://app:s%3Acret@mq:5673/prod").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.vhost.as_str()),
+            ("mq", 5673, "prod")
+        );
+        assert_eq!((t.user.as_str(), t.password.as_str()), ("app", "s:cret"));
+        let t = Target::parse("amqp://127.0.0.1").unwrap();
+        assert_eq!(
+            (t.user.as_str(), t.vhost.as_str(), t.port),
+            ("guest", "/", 5672)
+        );
+        assert_eq!(Target::parse("amqp://h/%2Fx").unwrap().vhost, "/x");
+        assert!(Target::parse("amqps://h").is_err());
+    }
+
+    #[test]
+    fn content_headers_decode() {
+        let mut table = Args::default()
+            .short("traceparent")
+            .u8(b'S')
+            .long(b"00-ab-cd-01");
+        table = table.short("n").u8(b'I').u32(7).short("f").u8(b'd').u64(0);
+        let header = Args::default()
+            .u16((1 << 15) | (1 << 13) | (1 << 7) | (1 << 6))
+            .short("text/plain")
+            .long(&table.0)
+            .short("m-1")
+            .u64(1_700_000_000);
+        let p = properties(&mut Cursor {
+            b: &header.0,
+            at: 0,
+        })
+        .unwrap();
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.message_id.as_deref(), Some("m-1"));
+        assert_eq!(p.timestamp, Some(1_700_000_000));
+        assert_eq!(
+            p.headers,
+            [
+                ("traceparent".to_owned(), "00-ab-cd-01".to_owned()),
+                ("n".to_owned(), "7".to_owned())
+            ]
+        );
+        let f = frame(8, 0, &[]);
+        assert_eq!(f, [8, 0, 0, 0, 0, 0, 0, FRAME_END]);
+    }
+}
