@@ -65,9 +65,19 @@ async fn pending(conn: &mut Conn, stream: &str, group: &str) -> i64 {
 }
 
 fn consumer(recorder: &Recorder, stream: &str, relay_query: &str, extra: &str) -> String {
+    consumer_of(REDIS, recorder, stream, relay_query, extra)
+}
+
+fn consumer_of(
+    redis: &str,
+    recorder: &Recorder,
+    stream: &str,
+    relay_query: &str,
+    extra: &str,
+) -> String {
     format!(
         "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\ntype = \"redis-stream\"\nurl = \"{REDIS}\"\nstream = \"{stream}\"\nconcurrency = 8\nbatch = 32\nclaim_idle = \"2s\"\n",
+         [[functions.consume.sources]]\ntype = \"redis-stream\"\nurl = \"{redis}\"\nstream = \"{stream}\"\nconcurrency = 8\nbatch = 32\nclaim_idle = \"2s\"\n",
         url = recorder.url
     )
 }
@@ -254,4 +264,88 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
         "{text}"
     );
     conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_source_recovers_from_a_broker_restart() {
+    const N: usize = 3_000;
+    // A Redis of the test's own that keeps its data (an fsynced append-only
+    // file), so it can be killed and started again.
+    let Some(mut server) = Daemon::start("/usr/bin/redis-server", |port, dir| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir.display().to_string(),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }) else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer_of(&url, &recorder, "work", "", ""),
+        )],
+    ));
+    let mut conn = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
+    xadd_many(&mut conn, "work", N / 2, "before").await;
+    eventually(Duration::from_secs(120), "some entries to run", || async {
+        (recorder.hits().len() >= N / 10).then_some(())
+    })
+    .await;
+    // The broker dies mid-stream (kill -9) and comes back; the second half
+    // is added once it is up, while the source is still reconnecting.
+    server.stop("KILL");
+    let at_kill = recorder.hits().len();
+    let down = eventually(
+        Duration::from_secs(30),
+        "the source to turn unhealthy",
+        || async {
+            let s = node.status().await.sources.into_iter().next()?;
+            (!s.healthy).then_some(s)
+        },
+    )
+    .await;
+    assert!(down.last_error.is_some(), "{down:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.spawn();
+    let mut conn = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
+    xadd_many(&mut conn, "work", N / 2, "after").await;
+    eventually(Duration::from_secs(240), "every entry to run", || async {
+        (recorder.executions().len() >= N).then_some(())
+    })
+    .await;
+    let executions = recorder.executions();
+    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    eprintln!(
+        "redis stream, broker killed after {at_kill} of {N} executions and restarted: {} distinct entries ran, {duplicates} duplicate executions",
+        executions.len()
+    );
+    assert_eq!(executions.len(), N);
+    eventually(
+        Duration::from_secs(30),
+        "every entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
+            (pending(&mut c, "work", "nimbus-consume").await == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(node.status().await.sources[0].healthy);
 }
