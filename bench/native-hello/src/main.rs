@@ -10,7 +10,9 @@ use std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8090".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8090".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("native-hello listening on {addr}");
     loop {
@@ -18,9 +20,12 @@ async fn main() -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = service_fn(|_req| async {
-                let mut resp = hyper::Response::new(Full::new(Bytes::from_static(b"Hello from Nimbus!\n")));
-                resp.headers_mut()
-                    .insert("content-type", "text/plain; charset=utf-8".parse().expect("static header"));
+                let mut resp =
+                    hyper::Response::new(Full::new(Bytes::from_static(b"Hello from Nimbus!\n")));
+                resp.headers_mut().insert(
+                    "content-type",
+                    "text/plain; charset=utf-8".parse().expect("static header"),
+                );
                 Ok::<_, Infallible>(resp)
             });
             let _ = auto::Builder::new(TokioExecutor::new())

@@ -829,18 +829,23 @@ impl AmqpSource {
             .await
             .map_err(|e| self.not_found(e))?;
         let tag = format!("nimbus:{}", self.function);
-        let prefetch = self.concurrency.min(u16::MAX as u32) as u16;
+        // The broker sends at most `prefetch` unacknowledged messages: those
+        // running and as many again waiting for a slot, so the next ones
+        // are already here when a slot frees up.
+        let prefetch = (2 * self.concurrency).min(u16::MAX as u32) as u16;
         let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
         status.healthy();
-        // The broker sends at most `prefetch` unacknowledged messages, so
-        // this never runs more than `concurrency` at once.
+        let running = Arc::new(tokio::sync::Semaphore::new(self.concurrency as usize));
         while let Some(d) = deliveries.recv().await {
             let tag = d.tag;
             let message = self.message(d);
             let (client, deliver, status) = (client.clone(), deliver.clone(), status.clone());
             let function = self.function.clone();
+            let running = running.clone();
             tokio::spawn(async move {
+                let slot = running.acquire_owned().await;
                 let verdict = deliver.deliver(message).await;
+                drop(slot);
                 status.counted(&verdict);
                 let answered = if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
                     client.ack(tag).await

@@ -372,6 +372,7 @@ impl JetStreamSource {
         status: StatusCell,
         msg: Msg,
         permit: OwnedSemaphorePermit,
+        running: Arc<Semaphore>,
     ) {
         let Some(reply) = msg.reply.clone() else {
             return;
@@ -380,7 +381,12 @@ impl JetStreamSource {
             tracing::warn!(function = %self.function, reply = %reply, "a jetstream message without its acknowledgement subject");
             return;
         };
-        let run = deliver.deliver(self.message(msg, &info));
+        let message = self.message(msg, &info);
+        // Waits for a free slot first; progress is reported meanwhile too.
+        let run = async move {
+            let _slot = running.acquire_owned().await;
+            deliver.deliver(message).await
+        };
         tokio::pin!(run);
         let mut progress = tokio::time::interval(self.ack_wait / 3);
         progress.tick().await;
@@ -413,6 +419,7 @@ impl JetStreamSource {
         deliver: &Arc<dyn Deliver>,
         status: &StatusCell,
         slots: &Arc<Semaphore>,
+        running: &Arc<Semaphore>,
     ) -> Result<(), SourceError> {
         let name = format!("nimbus:{}:{}", self.function, self.stream);
         let client = Arc::new(Client::connect(&self.target, &name).await?);
@@ -425,14 +432,14 @@ impl JetStreamSource {
             self.stream, self.consumer
         );
         loop {
-            // Ask only for as many messages as there are free slots.
+            // Ask only for as many messages as there is room for.
             let first = slots
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|_| SourceError::Disconnected("stopping".into()))?;
             let mut held = vec![first];
-            while held.len() < self.batch as usize {
+            while held.len() < self.batch.max(self.concurrency) as usize {
                 match slots.clone().try_acquire_owned() {
                     Ok(p) => held.push(p),
                     Err(_) => break,
@@ -473,6 +480,7 @@ impl JetStreamSource {
                     status.clone(),
                     msg,
                     permit,
+                    running.clone(),
                 ));
             }
         }
@@ -505,10 +513,13 @@ impl EventSource for JetStreamSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let slots = Arc::new(Semaphore::new(self.concurrency as usize));
+            // Room for the messages running and as many again waiting (so
+            // the next ones are already here when a slot frees up).
+            let room = Arc::new(Semaphore::new(2 * self.concurrency as usize));
+            let running = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
             reconnecting(&self.stream, &self.function, status.clone(), || {
-                this.session(&deliver, &status, &slots)
+                this.session(&deliver, &status, &room, &running)
             })
             .await;
         })

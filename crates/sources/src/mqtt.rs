@@ -269,6 +269,39 @@ async fn open(
         .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))?
 }
 
+/// A QoS 1 publisher for tools and benchmarks: each message is
+/// acknowledged by the broker before the next is sent.
+pub struct Publisher {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    next: u16,
+}
+
+impl Publisher {
+    pub async fn connect(url: &str, client_id: &str) -> Result<Self, SourceError> {
+        let (read, write) = open(&Target::parse(url)?, client_id, true).await?;
+        Ok(Self {
+            read,
+            write,
+            next: 0,
+        })
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), SourceError> {
+        self.next = self.next.checked_add(1).unwrap_or(1);
+        let mut body = Vec::new();
+        put_str(&mut body, topic.as_bytes());
+        body.extend_from_slice(&self.next.to_be_bytes());
+        body.extend_from_slice(payload);
+        self.write
+            .write_all(&frame(0x32, &body))
+            .await
+            .map_err(|e| SourceError::Disconnected(e.to_string()))?;
+        // The PUBACK (the only packet a publisher is sent).
+        read_packet(&mut self.read).await.map(|_| ())
+    }
+}
+
 /// QoS 1 messages received and not yet acknowledged, in arrival order: an
 /// acknowledgement goes out once every message before it is done too.
 #[derive(Default)]

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Event-source benchmark: for each broker, messages/s from a pre-filled
+queue into a hello function, beside a plain consumer draining the same
+broker with the same client code (read, acknowledge each, nothing else);
+and publish-to-function latency at a paced 1,000 messages/s.
+
+Brokers: the machine's Redis (6379), NATS JetStream (4222) and RabbitMQ
+(5672), and a Mosquitto this script starts (with no cap on what it queues
+for a session). Run through bench/run-sources, which builds what it needs.
+Results: bench/results/sources.md and bench/results/sources.json.
+"""
+import argparse
+import http.server
+import json
+import os
+import socketserver
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import suite
+from suite import ROOT, Node, percentile
+
+PEER = ROOT / "bench/target/release/source-peer"
+TESTBED = ROOT / "tests/fixtures/target/wasm32-wasip2/release/testbed.wasm"
+RESULTS = ROOT / "bench/results"
+REDIS = "redis://127.0.0.1:6379"
+NATS = "nats://127.0.0.1:4222"
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+CONCURRENCY = 16
+
+
+def peer(*args):
+    out = subprocess.run([str(PEER), *map(str, args)], check=True, capture_output=True, text=True).stdout
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+class Mosquitto:
+    def __init__(self):
+        self.dir = tempfile.TemporaryDirectory()
+        os.chmod(self.dir.name, 0o777)
+        self.port = suite.free_port()
+        conf = Path(self.dir.name) / "m.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def publish(self, topic, count, rate=0):
+        peer("publish", "mqtt", f"mqtt://127.0.0.1:{self.port}", topic, count, rate)
+
+    def subscribe(self, client_id, topic, count=None):
+        args = ["mosquitto_sub", "-p", str(self.port), "-q", "1", "-c", "-i", client_id, "-t", topic]
+        if count is None:
+            args += ["-W", "1"]  # create the session, then leave
+        else:
+            args += ["-C", str(count)]
+        subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class SourceNode(Node):
+    def delivered(self):
+        s = self.status()
+        return sum(x.get("delivered", 0) + x.get("dead_lettered", 0) for x in s.get("sources", []))
+
+    def wait_delivered(self, count, timeout=600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.delivered() >= count:
+                return time.perf_counter()
+            time.sleep(0.02)
+        raise RuntimeError(f"only {self.delivered()} of {count} messages were delivered")
+
+
+def manifest(source, component=None, extra=""):
+    component = component or suite.HELLO
+    return (f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{component}"\n'
+            f'limits = {{ max_concurrency = 64 }}\n{extra}\n'
+            f'[[functions.consume.sources]]\n{source}\nconcurrency = {CONCURRENCY}\nbatch = {CONCURRENCY}\n')
+
+
+def source_for(broker, name, mqtt=None):
+    """The manifest source reading `name` on `broker`."""
+    return {
+        "redis": f'type = "redis-stream"\nurl = "{REDIS}"\nstream = "{name}"',
+        "jetstream": f'type = "jetstream"\nurl = "{NATS}"\nstream = "{name}"\nstart = "all"',
+        "amqp": f'type = "amqp"\nurl = "{AMQP}"\nqueue = "{name}"',
+        "mqtt": f'type = "mqtt"\nurl = "mqtt://127.0.0.1:{mqtt.port if mqtt else 0}"\ntopics = ["{name}/#"]',
+    }[broker]
+
+
+def prefill(broker, name, count, mqtt=None):
+    """Creates `name` on `broker` and puts `count` messages in it."""
+    if broker == "redis":
+        subprocess.run(["redis-cli", "-p", "6379", "XGROUP", "CREATE", name, "nimbus-consume", "0", "MKSTREAM"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["redis-cli", "-p", "6379", "XGROUP", "CREATE", name, "peer", "0"],
+                       check=True, stdout=subprocess.DEVNULL)
+        peer("publish", "redis", REDIS, name, count, 0)
+    elif broker == "jetstream":
+        peer("setup", "jetstream", NATS, name, f"{name.lower()}.>")
+        peer("publish", "jetstream", NATS, f"{name.lower()}.x", count, 0)
+    elif broker == "amqp":
+        peer("setup", "amqp", AMQP, name)
+        peer("publish", "amqp", AMQP, name, count, 0)
+    elif broker == "mqtt":
+        mqtt.publish(f"{name}/x", count)
+
+
+def baseline(broker, name, count, mqtt=None):
+    if broker == "redis":
+        return peer("drain", "redis", REDIS, name, "peer", count, CONCURRENCY)["rate"]
+    if broker == "jetstream":
+        return peer("drain", "jetstream", NATS, name, "peer", count, CONCURRENCY)["rate"]
+    if broker == "amqp":
+        return peer("drain", "amqp", AMQP, name, count, CONCURRENCY)["rate"]
+    start = time.perf_counter()
+    mqtt.subscribe("peer-" + name, f"{name}/#", count)
+    return count / (time.perf_counter() - start)
+
+
+def throughput(broker, count, work, mqtt=None):
+    stamp = time.time_ns()
+    base_name = f"BENCH_BASE_{stamp}"
+    if broker == "mqtt":
+        mqtt.subscribe("peer-" + base_name, f"{base_name}/#")
+    prefill(broker, base_name, count, mqtt)
+    base = baseline(broker, base_name, count, mqtt)
+
+    name = f"BENCH_NIMBUS_{stamp}"
+    node = SourceNode(work / f"data-{broker}")
+    node.start()
+    try:
+        if broker == "mqtt":
+            # The session must exist before the messages, as for the peer.
+            node.deploy(manifest(source_for(broker, name, mqtt)))
+            node.stop()
+            prefill(broker, name, count, mqtt)
+            start = time.perf_counter()
+            node.start()
+        else:
+            prefill(broker, name, count, mqtt)
+            start = time.perf_counter()
+            node.deploy(manifest(source_for(broker, name, mqtt)))
+        end = node.wait_delivered(count)
+        # Removing the source releases what it holds in the broker.
+        node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
+    finally:
+        node.stop()
+    return base, count / (end - start)
+
+
+class Recorder(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+def latency(broker, count, rate, work, mqtt=None):
+    """Publish-to-function latency: the function reports each message to a
+    recorder at its start; the message carries its publish time."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            now = time.time_ns()
+            q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+            try:
+                body = json.loads(q["body"][0])
+                # A Redis entry arrives as its fields: {"body": "..."}.
+                if "t" not in body:
+                    body = json.loads(body["body"])
+                t = body["t"]
+                seen.append((now - t) / 1e6)
+            except (KeyError, ValueError):
+                pass
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = Recorder(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    name = f"BENCH_LAT_{time.time_ns()}"
+    env = f'env = {{ ACTION = "relay", RECORDER = "{url}" }}\nallowed_outbound_hosts = ["{url}"]\n'
+    node = SourceNode(work / f"lat-{broker}")
+    node.start()
+    try:
+        if broker == "redis":
+            subprocess.run(["redis-cli", "-p", "6379", "XGROUP", "CREATE", name, "nimbus-consume", "$", "MKSTREAM"],
+                           check=True, stdout=subprocess.DEVNULL)
+        elif broker == "jetstream":
+            peer("setup", "jetstream", NATS, name, f"{name.lower()}.>")
+        elif broker == "amqp":
+            peer("setup", "amqp", AMQP, name)
+        node.deploy(manifest(source_for(broker, name, mqtt), component=TESTBED, extra=env))
+        time.sleep(1)
+        if broker == "mqtt":
+            mqtt.publish(f"{name}/x", count, rate)
+        else:
+            target = f"{name.lower()}.x" if broker == "jetstream" else name
+            url_of = {"redis": REDIS, "jetstream": NATS, "amqp": AMQP}[broker]
+            peer("publish", broker, url_of, target, count, rate)
+        deadline = time.time() + 60
+        while len(seen) < count and time.time() < deadline:
+            time.sleep(0.05)
+        node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
+    finally:
+        node.stop()
+        server.shutdown()
+    if not seen:
+        raise RuntimeError(f"no message reached the function through {broker}; see {work}/node.log")
+    return {"received": len(seen), "p50_ms": percentile(seen, 50), "p99_ms": percentile(seen, 99)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="5,000 messages per run instead of 20,000")
+    args = ap.parse_args()
+    count = 5_000 if args.quick else 20_000
+    results = {"machine": suite.machine(), "messages": count, "concurrency": CONCURRENCY, "brokers": {}}
+    mqtt = Mosquitto()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            work = Path(d)
+            for broker in ["redis", "jetstream", "amqp", "mqtt"]:
+                base, nimbus = throughput(broker, count, work, mqtt)
+                lat = latency(broker, 5_000 if not args.quick else 2_000, 1_000, work, mqtt)
+                results["brokers"][broker] = {
+                    "plain_consumer_per_s": round(base),
+                    "nimbus_per_s": round(nimbus),
+                    "ratio": round(nimbus / base, 2),
+                    "latency_at_1000_per_s": lat,
+                }
+                print(broker, json.dumps(results["brokers"][broker]), flush=True)
+    finally:
+        mqtt.stop()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sources.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Event sources: messages/s into a hello function",
+        "",
+        f"{results['machine']}",
+        "",
+        f"{count} messages pre-filled per run; Nimbus at source concurrency {CONCURRENCY} into "
+        "`examples/hello`; the plain consumer drains the same broker with the same client code "
+        f"(prefetch/batch {CONCURRENCY}), acknowledging each message and doing nothing else "
+        "(`mosquitto_sub` for MQTT). Latency: publish to the function's start (its first "
+        "outbound request) at a paced 1,000 messages/s.",
+        "",
+        "| broker | plain consumer msg/s | Nimbus msg/s | ratio | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for b, r in results["brokers"].items():
+        l = r["latency_at_1000_per_s"]
+        lines.append(f"| {b} | {r['plain_consumer_per_s']:,} | {r['nimbus_per_s']:,} | {r['ratio']} | "
+                     f"{l['p50_ms']:.1f} | {l['p99_ms']:.1f} |")
+    (RESULTS / "sources.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
