@@ -101,7 +101,15 @@ async fn postgres_changes_survive_kill_9_in_commit_order() {
         "events",
         &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
     ));
-    assert!(slot_exists(&mut conn, &slot).await, "created at deploy");
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be created",
+        || async {
+            let mut c = connect().await;
+            slot_exists(&mut c, &slot).await.then_some(())
+        },
+    )
+    .await;
     // 10,000 row changes in 100 transactions, written while the node runs,
     // dies and comes back.
     let writer = {
@@ -256,6 +264,16 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
             ),
         )],
     ));
+    // Capture starts when the consumer has created its slot.
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be created",
+        || async {
+            let mut c = connect().await;
+            slot_exists(&mut c, &slot).await.then_some(())
+        },
+    )
+    .await;
     conn.execute(&format!("INSERT INTO {table} SELECT generate_series(1, 5)"))
         .await
         .unwrap();

@@ -288,9 +288,8 @@ impl JetStreamSource {
         })
     }
 
-    /// Checks the stream exists and creates the durable consumer unless it
-    /// does.
-    async fn ensure(&self, client: &Client) -> Result<(), SourceError> {
+    /// Checks JetStream is on and the stream exists.
+    async fn verify(&self, client: &Client) -> Result<(), SourceError> {
         let info = format!("$JS.API.STREAM.INFO.{}", self.stream);
         if let Err(e) = self.api(client, &info, &serde_json::Value::Null).await? {
             return Err(if e.code == 404 {
@@ -302,6 +301,13 @@ impl JetStreamSource {
                 SourceError::Server(e.description)
             });
         }
+        Ok(())
+    }
+
+    /// [`Self::verify`], then creates the durable consumer unless it
+    /// exists.
+    async fn ensure(&self, client: &Client) -> Result<(), SourceError> {
+        self.verify(client).await?;
         let mut config = serde_json::json!({
             "durable_name": self.consumer,
             "ack_policy": "explicit",
@@ -490,6 +496,9 @@ impl JetStreamSource {
 impl EventSource for JetStreamSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
+            // The consumer is created here, so messages published once the
+            // deploy returns are never missed; one left by a deploy that
+            // fails later holds no more than its position.
             let client = Client::connect(&self.target, "nimbus:check").await?;
             self.ensure(&client).await
         })

@@ -8,9 +8,9 @@
 //! reconnects with backoff when a broker is down, and reports each
 //! consumer's health. Delivery is behind [`Deliver`], so this crate knows
 //! nothing of how functions run (the node wires it to the dispatcher).
-//! A consumer pulls only as many messages as it has free slots
-//! (`concurrency`), so a slow function leaves its backlog in the broker, not
-//! in memory.
+//! A consumer holds at most a bounded number of messages (those running,
+//! at most `concurrency`, and for some brokers as many again waiting), so a
+//! slow function leaves its backlog in the broker, not in memory.
 
 pub mod amqp;
 pub mod jetstream;

@@ -1,8 +1,10 @@
 //! PostgreSQL change data capture through a logical replication slot.
 //!
-//! A deploy creates a publication for the source's tables and operations
-//! and a `pgoutput` slot, both named after the source; removing the source
-//! drops both, so no slot is left behind to hold WAL. The consumer reads
+//! A deploy checks logical decoding is on and the tables exist; the
+//! consumer, once the deploy succeeded, creates a publication for the
+//! source's tables and operations and a `pgoutput` slot, both named after
+//! the source; removing the source drops both, so no slot is left behind to
+//! hold WAL. The consumer reads
 //! whole transactions from the slot with `pg_logical_slot_peek_binary_changes`,
 //! delivers their row changes one at a time in commit order, and only
 //! after every change of a transaction succeeded (or was dead-lettered)
@@ -309,9 +311,9 @@ impl PostgresSource {
         })
     }
 
-    /// Checks logical decoding is on and the tables exist; creates (or
-    /// updates) the publication and creates the slot unless they exist.
-    async fn ensure(&self, conn: &mut Conn) -> Result<(), SourceError> {
+    /// Checks logical decoding is on and the tables exist; returns the
+    /// tables as quoted SQL names.
+    async fn verify(&self, conn: &mut Conn) -> Result<Vec<String>, SourceError> {
         let level = conn.execute("SHOW wal_level").await?;
         let level = level.first().and_then(|r| r.first().cloned().flatten());
         if level.as_deref() != Some("logical") {
@@ -340,6 +342,15 @@ impl PostgresSource {
             }
             names.push(name);
         }
+        Ok(names)
+    }
+
+    /// [`Self::verify`], then creates (or updates) the publication and
+    /// creates the slot unless they exist. Run when the consumer starts,
+    /// not by the deploy's check, so a deploy that fails later leaves no
+    /// slot behind.
+    async fn ensure(&self, conn: &mut Conn) -> Result<(), SourceError> {
+        let names = self.verify(conn).await?;
         let publish: Vec<&str> = self
             .operations
             .iter()
@@ -541,7 +552,7 @@ impl EventSource for PostgresSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
             let mut conn = Conn::connect(&self.target).await?;
-            self.ensure(&mut conn).await
+            self.verify(&mut conn).await.map(|_| ())
         })
     }
 
