@@ -80,11 +80,13 @@ class SourceNode(Node):
         raise RuntimeError(f"only {self.delivered()} of {count} messages were delivered")
 
 
-def manifest(source, component=None, extra=""):
+def manifest(source, component=None, extra="", function="consume"):
+    """One function with one source. Each phase names its function apart,
+    so MQTT sessions (named after the function) never carry over."""
     component = component or suite.HELLO
-    return (f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{component}"\n'
+    return (f'[app]\nname = "bench"\n\n[functions.{function}]\ncomponent = "{component}"\n'
             f'limits = {{ max_concurrency = 64 }}\n{extra}\n'
-            f'[[functions.consume.sources]]\n{source}\nconcurrency = {CONCURRENCY}\nbatch = {CONCURRENCY}\n')
+            f'[[functions.{function}.sources]]\n{source}\nconcurrency = {CONCURRENCY}\nbatch = {CONCURRENCY}\n')
 
 
 def source_for(broker, name, mqtt=None):
@@ -196,13 +198,13 @@ def latency(broker, count, rate, work, mqtt=None):
     node.start()
     try:
         if broker == "redis":
-            subprocess.run(["redis-cli", "-p", "6379", "XGROUP", "CREATE", name, "nimbus-consume", "$", "MKSTREAM"],
+            subprocess.run(["redis-cli", "-p", "6379", "XGROUP", "CREATE", name, "nimbus-latency", "$", "MKSTREAM"],
                            check=True, stdout=subprocess.DEVNULL)
         elif broker == "jetstream":
             peer("setup", "jetstream", NATS, name, f"{name.lower()}.>")
         elif broker == "amqp":
             peer("setup", "amqp", AMQP, name)
-        node.deploy(manifest(source_for(broker, name, mqtt), component=TESTBED, extra=env))
+        node.deploy(manifest(source_for(broker, name, mqtt), component=TESTBED, extra=env, function="latency"))
         time.sleep(1)
         if broker == "mqtt":
             mqtt.publish(f"{name}/x", count, rate)
