@@ -4,8 +4,7 @@
 
 mod support;
 
-use http::Method;
-use nimbus_queue::{InvocationRecord, State};
+use nimbus_queue::State;
 use nimbus_sources::amqp::{Client, Target};
 use std::time::Duration;
 use support::*;
@@ -20,25 +19,10 @@ async fn connect() -> Client {
 
 /// The machine's RabbitMQ, or `None` (after a loud warning) outside CI.
 async fn rabbit() -> Option<Client> {
-    match Client::connect(&Target::parse(AMQP).unwrap(), "nimbus-test").await {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "\n!!!!! SKIPPED: RabbitMQ is not reachable at {AMQP} ({e}); start it with rabbitmq-server -detached\n"
-            );
-            None
-        }
-        Err(e) => panic!("CI needs RabbitMQ at {AMQP}: {e}"),
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+    service(
+        &format!("RabbitMQ at {AMQP}"),
+        "rabbitmq-server -detached",
+        Client::connect(&Target::parse(AMQP).unwrap(), "nimbus-test").await,
     )
 }
 
@@ -55,11 +39,8 @@ async fn publish_many(client: &Client, queue: &str, prefix: &str, n: usize) {
 }
 
 fn consumer(recorder: &Recorder, queue: &str, relay_query: &str, extra: &str) -> String {
-    format!(
-        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\ntype = \"amqp\"\nurl = \"{AMQP}\"\nqueue = \"{queue}\"\nconcurrency = 8\n",
-        url = recorder.url
-    )
+    let source = format!("type = \"amqp\"\nurl = \"{AMQP}\"\nqueue = \"{queue}\"\nconcurrency = 8");
+    relay_consumer(recorder, &source, relay_query, extra)
 }
 
 /// Nothing ready or unacknowledged in the queue, and a consumer on it.
@@ -74,7 +55,7 @@ async fn amqp_messages_survive_kill_9() {
     let Some(client) = rabbit().await else {
         return;
     };
-    let queue = unique("nimbus-test-jobs");
+    let queue = unique("nimbus-test-jobs", "-");
     client.declare_queue(&queue).await.unwrap();
     let recorder = Recorder::start().await;
     let node = Node::start();
@@ -111,13 +92,12 @@ async fn amqp_messages_survive_kill_9() {
         (recorder.executions_by("body").len() > N).then_some(())
     })
     .await;
-    let executions = recorder.executions_by("body");
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "body");
     eprintln!(
         "amqp, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len() - 1
+        distinct - 1
     );
-    assert_eq!(executions.len(), N + 1, "every message ran at least once");
+    assert_eq!(distinct, N + 1, "every message ran at least once");
     let hits = recorder.hits();
     let traced = hits.iter().find(|h| h.get("body") == "traced").unwrap();
     assert_eq!(traced.get("ce-type"), "amqp.message");
@@ -177,7 +157,7 @@ async fn amqp_failures_are_dead_lettered_and_acknowledged() {
     let Some(client) = rabbit().await else {
         return;
     };
-    let queue = unique("nimbus-test-failing");
+    let queue = unique("nimbus-test-failing", "-");
     let recorder = Recorder::start().await;
     let node = Node::start();
     let g = guests();
@@ -217,19 +197,7 @@ async fn amqp_failures_are_dead_lettered_and_acknowledged() {
     .await;
     assert_eq!(closed, 1);
     publish_many(&client, &queue, "bad-", 20).await;
-    let dlq: Vec<InvocationRecord> = eventually(
-        Duration::from_secs(60),
-        "20 dead-lettered messages",
-        || async {
-            let list: Vec<InvocationRecord> = node
-                .admin
-                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
-                .await
-                .unwrap();
-            (list.len() == 20).then_some(list)
-        },
-    )
-    .await;
+    let dlq = dead_letters(&node, 20).await;
     for r in &dlq {
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.attempts.len(), 2, "{r:?}");

@@ -6,8 +6,7 @@
 
 mod support;
 
-use http::Method;
-use nimbus_queue::{InvocationRecord, State};
+use nimbus_queue::State;
 use std::io::Write;
 use std::time::Duration;
 use support::*;
@@ -57,27 +56,10 @@ fn publish(port: u16, topic: &str, lines: Vec<String>) {
 }
 
 fn consumer(recorder: &Recorder, port: u16, relay_query: &str, extra: &str) -> String {
-    format!(
-        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"plant/+/temp\", \"alerts/#\"]\nconcurrency = 8\n",
-        url = recorder.url
-    )
-}
-
-async fn subscribed(node: &Node) {
-    eventually(
-        Duration::from_secs(30),
-        "the source to subscribe",
-        || async {
-            node.status()
-                .await
-                .sources
-                .first()
-                .is_some_and(|s| s.healthy)
-                .then_some(())
-        },
-    )
-    .await;
+    let source = format!(
+        "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"plant/+/temp\", \"alerts/#\"]\nconcurrency = 8"
+    );
+    relay_consumer(recorder, &source, relay_query, extra)
 }
 
 fn numbered(prefix: &str, n: usize) -> Vec<String> {
@@ -98,7 +80,7 @@ async fn mqtt_messages_survive_kill_9() {
         "events",
         &[("consume", &g.testbed, &consumer(&recorder, port, "", ""))],
     ));
-    subscribed(&node).await;
+    source_healthy(&node).await;
     // Published while the node runs, dies and comes back: the broker keeps
     // the session's messages meanwhile.
     let publisher =
@@ -114,14 +96,14 @@ async fn mqtt_messages_survive_kill_9() {
         (recorder.executions_by("body").len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions_by("body");
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "body");
     eprintln!(
         "mqtt, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N, "every message ran at least once");
-    assert!(executions.contains_key("m-0") && executions.contains_key("m-9999"));
+    assert_eq!(distinct, N, "every message ran at least once");
+    let bodies = recorder.executions_by("body");
+    assert!(bodies.contains_key("m-0") && bodies.contains_key("m-9999"));
     let hit = recorder.hits().into_iter().next().unwrap();
     assert_eq!(hit.get("ce-type"), "mqtt.message");
     assert_eq!(hit.get("ce-source"), format!("mqtt://127.0.0.1:{port}"));
@@ -131,7 +113,7 @@ async fn mqtt_messages_survive_kill_9() {
     // Every message acknowledged: after another restart nothing comes back.
     let settled = recorder.hits().len();
     let node = node.restart_after_kill9();
-    subscribed(&node).await;
+    source_healthy(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         recorder.hits().len() - settled <= 8,
@@ -174,28 +156,16 @@ async fn mqtt_failures_are_dead_lettered_and_acknowledged() {
             ),
         )],
     ));
-    subscribed(&node).await;
+    source_healthy(&node).await;
     publish(port, "alerts/boiler/pressure", numbered("bad-", 20));
-    let dlq: Vec<InvocationRecord> = eventually(
-        Duration::from_secs(60),
-        "20 dead-lettered messages",
-        || async {
-            let list: Vec<InvocationRecord> = node
-                .admin
-                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
-                .await
-                .unwrap();
-            (list.len() == 20).then_some(list)
-        },
-    )
-    .await;
+    let dlq = dead_letters(&node, 20).await;
     for r in &dlq {
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.attempts.len(), 2, "{r:?}");
     }
     // Acknowledged: a new session gets none of them again.
     let node = node.restart_after_kill9();
-    subscribed(&node).await;
+    source_healthy(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         recorder.hits().len(),
@@ -218,7 +188,7 @@ async fn mqtt_source_recovers_from_a_broker_restart() {
         "events",
         &[("consume", &g.testbed, &consumer(&recorder, port, "", ""))],
     ));
-    subscribed(&node).await;
+    source_healthy(&node).await;
     let (before, after): (Vec<String>, Vec<String>) = numbered("r-", N)
         .into_iter()
         .partition(|m| m[2..].parse::<usize>().unwrap() < N / 2);
@@ -233,16 +203,7 @@ async fn mqtt_source_recovers_from_a_broker_restart() {
     // subscription survived the restart, so the broker queues them.
     broker.stop("TERM");
     let at_stop = recorder.hits().len();
-    let down = eventually(
-        Duration::from_secs(30),
-        "the source to turn unhealthy",
-        || async {
-            let s = node.status().await.sources.into_iter().next()?;
-            (!s.healthy).then_some(s)
-        },
-    )
-    .await;
-    assert!(down.last_error.is_some(), "{down:?}");
+    source_unhealthy(&node).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     broker.spawn();
     publish(port, "plant/1/temp", after);
@@ -250,13 +211,12 @@ async fn mqtt_source_recovers_from_a_broker_restart() {
         (recorder.executions_by("body").len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions_by("body");
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "body");
     eprintln!(
         "mqtt, broker restarted after {at_stop} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N);
+    assert_eq!(distinct, N);
     let status = node.status().await;
     assert!(status.sources[0].healthy, "{:?}", status.sources);
 }

@@ -6,8 +6,7 @@
 
 mod support;
 
-use http::Method;
-use nimbus_queue::{InvocationRecord, State};
+use nimbus_queue::State;
 use nimbus_sources::nats::{Client, Target};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -24,26 +23,10 @@ async fn connect(url: &str) -> Client {
 /// The machine's NATS, or `None` (after a loud warning) when it is not
 /// running outside CI.
 async fn nats() -> Option<Client> {
-    match Client::connect(&Target::parse(NATS).unwrap(), "nimbus-test").await {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "\n!!!!! SKIPPED: NATS is not reachable at {NATS} ({e}); start it with\n!!!!! nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server &\n"
-            );
-            None
-        }
-        Err(e) => panic!("CI needs NATS with JetStream at {NATS}: {e}"),
-    }
-}
-
-/// A name no earlier run used (stream names allow letters, digits, - and _).
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+    service(
+        &format!("NATS with JetStream at {NATS}"),
+        "nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server &",
+        Client::connect(&Target::parse(NATS).unwrap(), "nimbus-test").await,
     )
 }
 
@@ -110,14 +93,6 @@ async fn settled(client: &Client, stream: &str, consumer: &str) -> bool {
     info["num_ack_pending"] == 0 && info["num_pending"] == 0
 }
 
-fn consumer(recorder: &Recorder, source: &str, relay_query: &str, extra: &str) -> String {
-    format!(
-        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\n{source}\n",
-        url = recorder.url
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_messages_survive_kill_9() {
     const N: usize = 10_000;
@@ -125,7 +100,7 @@ async fn jetstream_messages_survive_kill_9() {
         return;
     };
     let recorder = Recorder::start().await;
-    let stream = unique("NIMBUS_KILL");
+    let stream = unique("NIMBUS_KILL", "_");
     let subject = stream.to_lowercase();
     create_stream(&client, &stream, &format!("{subject}.>")).await;
     let node = Node::start();
@@ -135,7 +110,11 @@ async fn jetstream_messages_survive_kill_9() {
     );
     node.deploy(&manifest(
         "events",
-        &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
     ));
     // Published while the node runs, dies and comes back.
     let publisher = {
@@ -156,13 +135,12 @@ async fn jetstream_messages_survive_kill_9() {
         (recorder.executions().len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions();
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "jetstream, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N, "every message ran at least once");
+    assert_eq!(distinct, N, "every message ran at least once");
     let hit = recorder
         .hits()
         .into_iter()
@@ -200,7 +178,7 @@ async fn jetstream_failures_are_dead_lettered_and_terminated() {
         return;
     };
     let recorder = Recorder::start().await;
-    let stream = unique("NIMBUS_FAIL");
+    let stream = unique("NIMBUS_FAIL", "_");
     let subject = stream.to_lowercase();
     let node = Node::start();
     let g = guests();
@@ -213,7 +191,7 @@ async fn jetstream_failures_are_dead_lettered_and_terminated() {
         &[(
             "consume",
             &g.testbed,
-            &consumer(&recorder, &missing, "", ""),
+            &relay_consumer(&recorder, &missing, "", ""),
         )],
     ));
     assert!(!out.status.success());
@@ -228,7 +206,7 @@ async fn jetstream_failures_are_dead_lettered_and_terminated() {
         &[(
             "consume",
             &g.testbed,
-            &consumer(&recorder, unreachable, "", ""),
+            &relay_consumer(&recorder, unreachable, "", ""),
         )],
     ));
     assert!(!out.status.success());
@@ -249,7 +227,7 @@ async fn jetstream_failures_are_dead_lettered_and_terminated() {
         &[(
             "consume",
             &g.testbed,
-            &consumer(
+            &relay_consumer(
                 &recorder,
                 &source,
                 "fail=99",
@@ -258,19 +236,7 @@ async fn jetstream_failures_are_dead_lettered_and_terminated() {
         )],
     ));
     publish_many(&client, &format!("{subject}.x"), 20, "").await;
-    let dlq: Vec<InvocationRecord> = eventually(
-        Duration::from_secs(60),
-        "20 dead-lettered messages",
-        || async {
-            let list: Vec<InvocationRecord> = node
-                .admin
-                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
-                .await
-                .unwrap();
-            (list.len() == 20).then_some(list)
-        },
-    )
-    .await;
+    let dlq = dead_letters(&node, 20).await;
     for r in &dlq {
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.attempts.last().unwrap().n, 2, "{r:?}");
@@ -317,27 +283,19 @@ async fn nats_subjects_reach_functions_with_their_trace() {
         return;
     };
     let recorder = Recorder::start().await;
-    let subject = unique("nimbus-core").replace('_', ".");
+    let subject = unique("nimbus-core", "_").replace('_', ".");
     let node = Node::start();
     let g = guests();
     let source = format!("type = \"nats\"\nurl = \"{NATS}\"\nsubject = \"{subject}.*\"");
     node.deploy(&manifest(
         "events",
-        &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
     ));
-    eventually(
-        Duration::from_secs(30),
-        "the source to subscribe",
-        || async {
-            node.status()
-                .await
-                .sources
-                .first()
-                .is_some_and(|s| s.healthy)
-                .then_some(())
-        },
-    )
-    .await;
+    source_healthy(&node).await;
     // The subscription is made before the health turns; give the server a
     // round trip to register it.
     let probe = connect(NATS).await;
@@ -411,7 +369,11 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     );
     node.deploy(&manifest(
         "events",
-        &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
     ));
     eventually(Duration::from_secs(120), "some messages to run", || async {
         (recorder.hits().len() >= N / 5).then_some(())
@@ -420,29 +382,19 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     // The broker dies mid-stream (kill -9) and is down for a while.
     server.stop("KILL");
     let at_kill = recorder.hits().len();
-    let down = eventually(
-        Duration::from_secs(30),
-        "the source to turn unhealthy",
-        || async {
-            let s = node.status().await.sources.into_iter().next()?;
-            (!s.healthy).then_some(s)
-        },
-    )
-    .await;
-    assert!(down.last_error.is_some(), "{down:?}");
+    source_unhealthy(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.spawn();
     eventually(Duration::from_secs(240), "every message to run", || async {
         (recorder.executions().len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions();
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "jetstream, broker killed after {at_kill} of {N} executions and restarted: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N);
+    assert_eq!(distinct, N);
     let client = connect(&url).await;
     eventually(
         Duration::from_secs(30),

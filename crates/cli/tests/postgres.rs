@@ -5,8 +5,7 @@
 
 mod support;
 
-use http::Method;
-use nimbus_queue::{InvocationRecord, State};
+use nimbus_queue::State;
 use nimbus_sources::pg::{Conn, Target};
 use std::time::Duration;
 use support::*;
@@ -20,39 +19,26 @@ async fn connect() -> Conn {
 /// The machine's PostgreSQL with logical decoding on, or `None` (after a
 /// loud warning) outside CI.
 async fn pg() -> Option<Conn> {
-    let why = match Conn::connect(&Target::parse(PG).unwrap()).await {
+    let usable = match Conn::connect(&Target::parse(PG).unwrap()).await {
         Ok(mut c) => {
             let level = c.execute("SHOW wal_level").await.unwrap();
-            if level[0][0].as_deref() == Some("logical") {
-                return Some(c);
+            match level[0][0].as_deref() {
+                Some("logical") => Ok(c),
+                other => Err(format!("wal_level is {other:?}, not logical")),
             }
-            "wal_level is not logical (.ci/run sets it)".to_owned()
         }
-        Err(e) => e.to_string(),
+        Err(e) => Err(e.to_string()),
     };
-    if std::env::var_os("CI").is_some() {
-        panic!("CI needs PostgreSQL at {PG} with wal_level = logical: {why}");
-    }
-    eprintln!("\n!!!!! SKIPPED: PostgreSQL at {PG} cannot be used: {why}\n");
-    None
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+    service(
+        &format!("PostgreSQL at {PG} with wal_level = logical"),
+        "the PostgreSQL lines of .ci/run",
+        usable,
     )
 }
 
 fn consumer(recorder: &Recorder, source: &str, relay_query: &str, extra: &str) -> String {
-    format!(
-        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\ntype = \"postgres\"\nurl = \"{PG}\"\n{source}\n",
-        url = recorder.url
-    )
+    let source = format!("type = \"postgres\"\nurl = \"{PG}\"\n{source}");
+    relay_consumer(recorder, &source, relay_query, extra)
 }
 
 async fn slot_exists(conn: &mut Conn, slot: &str) -> bool {
@@ -83,8 +69,8 @@ async fn postgres_changes_survive_kill_9_in_commit_order() {
     let Some(mut conn) = pg().await else {
         return;
     };
-    let table = unique("cdc");
-    let slot = unique("nimbus_t");
+    let table = unique("cdc", "_");
+    let slot = unique("nimbus_t", "_");
     conn.execute(&format!(
         "CREATE TABLE {table} (id serial PRIMARY KEY, n int NOT NULL, note text)"
     ))
@@ -140,13 +126,12 @@ async fn postgres_changes_survive_kill_9_in_commit_order() {
     })
     .await;
     let hits = recorder.hits();
-    let executions = recorder.executions();
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "postgres, kill -9 after {before} of {total} changes: {} distinct changes ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), total, "every change ran at least once");
+    assert_eq!(distinct, total, "every change ran at least once");
     // In commit order: each change first ran after every change committed
     // before it.
     let mut seen = std::collections::HashSet::new();
@@ -223,8 +208,8 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     let Some(mut conn) = pg().await else {
         return;
     };
-    let table = unique("cdc_fail");
-    let slot = unique("nimbus_t");
+    let table = unique("cdc_fail", "_");
+    let slot = unique("nimbus_t", "_");
     let recorder = Recorder::start().await;
     let node = Node::start();
     let g = guests();
@@ -281,19 +266,7 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     conn.execute(&format!("DELETE FROM {table} WHERE id = 1"))
         .await
         .unwrap();
-    let dlq: Vec<InvocationRecord> = eventually(
-        Duration::from_secs(60),
-        "5 dead-lettered changes",
-        || async {
-            let list: Vec<InvocationRecord> = node
-                .admin
-                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
-                .await
-                .unwrap();
-            (list.len() == 5).then_some(list)
-        },
-    )
-    .await;
+    let dlq = dead_letters(&node, 5).await;
     for r in &dlq {
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.attempts.len(), 2, "{r:?}");

@@ -4,8 +4,7 @@
 
 mod support;
 
-use http::Method;
-use nimbus_queue::{InvocationRecord, State};
+use nimbus_queue::State;
 use nimbus_sources::resp::{Conn, Target, Value};
 use std::time::Duration;
 use support::*;
@@ -15,25 +14,10 @@ const REDIS: &str = "redis://127.0.0.1:6379";
 /// A connection to the machine's Redis, or `None` (after a loud warning)
 /// when it is not running outside CI.
 async fn redis() -> Option<Conn> {
-    match Conn::connect(&Target::parse(REDIS).unwrap()).await {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "\n!!!!! SKIPPED: Redis is not reachable at {REDIS} ({e}); start it with\n!!!!! redis-server --daemonize yes --port 6379 --save \"\" --appendonly no\n"
-            );
-            None
-        }
-        Err(e) => panic!("CI needs Redis at {REDIS}: {e}"),
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+    service(
+        &format!("Redis at {REDIS}"),
+        "redis-server --daemonize yes --port 6379 --save \"\" --appendonly no",
+        Conn::connect(&Target::parse(REDIS).unwrap()).await,
     )
 }
 
@@ -75,11 +59,10 @@ fn consumer_of(
     relay_query: &str,
     extra: &str,
 ) -> String {
-    format!(
-        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
-         [[functions.consume.sources]]\ntype = \"redis-stream\"\nurl = \"{redis}\"\nstream = \"{stream}\"\nconcurrency = 8\nbatch = 32\nclaim_idle = \"2s\"\n",
-        url = recorder.url
-    )
+    let source = format!(
+        "type = \"redis-stream\"\nurl = \"{redis}\"\nstream = \"{stream}\"\nconcurrency = 8\nbatch = 32\nclaim_idle = \"2s\""
+    );
+    relay_consumer(recorder, &source, relay_query, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +72,7 @@ async fn redis_stream_messages_survive_kill_9() {
         return;
     };
     let recorder = Recorder::start().await;
-    let stream = unique("nimbus-test-orders");
+    let stream = unique("nimbus-test-orders", "-");
     let node = Node::start();
     let g = guests();
     node.deploy(&manifest(
@@ -115,13 +98,12 @@ async fn redis_stream_messages_survive_kill_9() {
         (recorder.executions().len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions();
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "redis stream, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N, "every entry ran at least once");
+    assert_eq!(distinct, N, "every entry ran at least once");
     let hit = recorder.hits().into_iter().next().unwrap();
     assert_eq!(hit.get("ce-type"), "redis.stream.entry");
     assert_eq!(
@@ -152,7 +134,7 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
         return;
     };
     let recorder = Recorder::start().await;
-    let stream = unique("nimbus-test-failing");
+    let stream = unique("nimbus-test-failing", "-");
     let node = Node::start();
     let g = guests();
 
@@ -223,19 +205,7 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
         .await
         .unwrap();
     }
-    let dlq: Vec<InvocationRecord> = eventually(
-        Duration::from_secs(60),
-        "20 dead-lettered messages",
-        || async {
-            let list: Vec<InvocationRecord> = node
-                .admin
-                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
-                .await
-                .unwrap();
-            (list.len() == 20).then_some(list)
-        },
-    )
-    .await;
+    let dlq = dead_letters(&node, 20).await;
     for r in &dlq {
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.attempts.len(), 2, "{r:?}");
@@ -313,16 +283,7 @@ async fn redis_stream_source_recovers_from_a_broker_restart() {
     // is added once it is up, while the source is still reconnecting.
     server.stop("KILL");
     let at_kill = recorder.hits().len();
-    let down = eventually(
-        Duration::from_secs(30),
-        "the source to turn unhealthy",
-        || async {
-            let s = node.status().await.sources.into_iter().next()?;
-            (!s.healthy).then_some(s)
-        },
-    )
-    .await;
-    assert!(down.last_error.is_some(), "{down:?}");
+    source_unhealthy(&node).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.spawn();
     let mut conn = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
@@ -331,13 +292,12 @@ async fn redis_stream_source_recovers_from_a_broker_restart() {
         (recorder.executions().len() >= N).then_some(())
     })
     .await;
-    let executions = recorder.executions();
-    let duplicates: usize = executions.values().map(|n| n - 1).sum();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "redis stream, broker killed after {at_kill} of {N} executions and restarted: {} distinct entries ran, {duplicates} duplicate executions",
-        executions.len()
+        distinct
     );
-    assert_eq!(executions.len(), N);
+    assert_eq!(distinct, N);
     eventually(
         Duration::from_secs(30),
         "every entry acknowledged",

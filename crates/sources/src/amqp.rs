@@ -15,13 +15,11 @@
 //! one channel, queue declare / delete, basic.qos / consume / publish /
 //! ack / reject.
 
-use crate::{
-    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
-    StatusCell, Verdict,
-};
+use crate::wire::{Cursor, Url, decode};
+use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::Amqp;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -50,70 +48,28 @@ pub struct Target {
     pub vhost: String,
 }
 
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl Target {
     /// Parses `amqp://[user:password@]host[:port][/vhost]` (vhost `/` when
     /// the path is empty; `%2F` for a slash inside it).
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let bad = |why: &str| {
-            SourceError::Config(format!(
-                "invalid amqp url `{}`: {why}",
-                nimbus_manifest::source::redact(url)
-            ))
+        let u = Url::parse(
+            url,
+            &["amqp://"],
+            "amqp",
+            "amqp://user:password@host:port/vhost",
+            5672,
+        )?;
+        let (user, password) = match (u.user, u.password) {
+            (None, _) => ("guest".to_owned(), "guest".to_owned()),
+            (Some(user), password) => (user, password.unwrap_or_default()),
         };
-        let rest = url
-            .strip_prefix("amqp://")
-            .ok_or_else(|| bad("write amqp://user:password@host:port/vhost"))?;
-        let (authority, vhost) = match rest.split_once('/') {
-            Some((a, v)) if !v.is_empty() => (a, unescape(v)),
-            Some((a, _)) => (a, "/".to_owned()),
-            None => (rest, "/".to_owned()),
+        let vhost = match u.path.as_str() {
+            "" => "/".to_owned(),
+            v => decode(v),
         };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
-            None => ("guest".to_owned(), "guest".to_owned()),
-            Some(Some((u, p))) => (unescape(u), unescape(p)),
-            Some(None) => (userinfo.map(unescape).unwrap_or_default(), String::new()),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
-            ),
-            None => (hostport, 5672),
-        };
-        if host.is_empty() {
-            return Err(bad("the host is missing"));
-        }
         Ok(Self {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port,
+            host: u.host,
+            port: u.port,
             user,
             password,
             vhost,
@@ -175,35 +131,9 @@ fn method(channel: u16, class: u16, id: u16, args: Args) -> Vec<u8> {
     frame(1, channel, &payload)
 }
 
-/// Reads method arguments and content headers.
-struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
+/// Method arguments and content headers: short and long strings, field
+/// values and tables.
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SourceError> {
-        let s = self
-            .b
-            .get(self.at..self.at + n)
-            .ok_or_else(|| SourceError::Protocol("an amqp frame is cut short".into()))?;
-        self.at += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, SourceError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, SourceError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, SourceError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, SourceError> {
-        Ok(((self.u32()? as u64) << 32) | self.u32()? as u64)
-    }
     fn short(&mut self) -> Result<String, SourceError> {
         let n = self.u8()? as usize;
         Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
@@ -885,19 +815,11 @@ impl EventSource for AmqpSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let mut backoff = RECONNECT_FIRST;
-            loop {
-                let started = Instant::now();
-                if let Err(e) = self.session(&deliver, &status).await {
-                    status.failed(&e);
-                    tracing::warn!(function = %self.function, queue = %self.queue, error = %e, retry_in = ?backoff, "amqp source disconnected");
-                }
-                if started.elapsed() > RECONNECT_MAX {
-                    backoff = RECONNECT_FIRST;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-            }
+            let this = self.clone();
+            crate::wire::reconnecting("amqp", &self.function, &self.queue, status.clone(), || {
+                this.session(&deliver, &status)
+            })
+            .await;
         })
     }
 }

@@ -14,14 +14,11 @@
 //! order; a message waiting for its retry does not hold back the next.
 
 use crate::nats::{Client, Msg, Target, unique_token};
-use crate::{
-    BoxFuture, Deliver, Delivery, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX,
-    SourceError, StatusCell, Verdict,
-};
+use crate::{BoxFuture, Deliver, Delivery, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::{JetStream, Nats, StartAt};
-use std::future::Future;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long one pull request waits for messages before the server ends it.
@@ -30,28 +27,6 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Redelivery delay of a message whose function is not serving.
 const NOT_SERVING_DELAY: Duration = Duration::from_secs(1);
-
-/// Runs `session` until the source is dropped, reconnecting with backoff and
-/// reporting health.
-async fn reconnecting<F, Fut>(what: &str, function: &str, status: StatusCell, mut session: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), SourceError>>,
-{
-    let mut backoff = RECONNECT_FIRST;
-    loop {
-        let started = Instant::now();
-        if let Err(e) = session().await {
-            status.failed(&e);
-            tracing::warn!(function = %function, source = %what, error = %e, retry_in = ?backoff, "nats source disconnected");
-        }
-        if started.elapsed() > RECONNECT_MAX {
-            backoff = RECONNECT_FIRST;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RECONNECT_MAX);
-    }
-}
 
 /// Headers a NATS message carries on to the function: its content type
 /// and trace context.
@@ -165,9 +140,13 @@ impl EventSource for SubjectSource {
         Box::pin(async move {
             let slots = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
-            reconnecting(&self.subject, &self.function, status.clone(), || {
-                this.session(&deliver, &status, &slots)
-            })
+            crate::wire::reconnecting(
+                "nats",
+                &self.function,
+                &self.subject,
+                status.clone(),
+                || this.session(&deliver, &status, &slots),
+            )
             .await;
         })
     }
@@ -527,9 +506,13 @@ impl EventSource for JetStreamSource {
             let room = Arc::new(Semaphore::new(2 * self.concurrency as usize));
             let running = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
-            reconnecting(&self.stream, &self.function, status.clone(), || {
-                this.session(&deliver, &status, &room, &running)
-            })
+            crate::wire::reconnecting(
+                "jetstream",
+                &self.function,
+                &self.stream,
+                status.clone(),
+                || this.session(&deliver, &status, &room, &running),
+            )
             .await;
         })
     }

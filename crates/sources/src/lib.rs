@@ -20,6 +20,7 @@ pub mod pg;
 pub mod postgres;
 pub mod redis;
 pub mod resp;
+mod wire;
 
 use nimbus_manifest::{BrokerUrl, Source, SourceKind};
 use serde::{Deserialize, Serialize};

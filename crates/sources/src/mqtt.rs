@@ -12,14 +12,12 @@
 //! Order: with `concurrency = 1`, messages of a topic run in the order the
 //! broker sends them.
 
-use crate::{
-    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
-    StatusCell, Verdict,
-};
+use crate::wire::{Url, bad_url};
+use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::Mqtt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -45,47 +43,15 @@ pub struct Target {
 impl Target {
     /// Parses `mqtt://[user[:password]@]host[:port]`.
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let bad = |why: &str| {
-            SourceError::Config(format!(
-                "invalid mqtt url `{}`: {why}",
-                nimbus_manifest::source::redact(url)
-            ))
-        };
-        let rest = url
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| bad("write mqtt://host:port"))?;
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') {
-            return Err(bad("an mqtt url has no path"));
-        }
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
-            None => (None, None),
-            Some(Some((u, p))) => (Some(u.to_owned()), Some(p.to_owned())),
-            Some(None) => (userinfo.map(str::to_owned), None),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
-            ),
-            None => (hostport, 1883),
-        };
-        if host.is_empty() {
-            return Err(bad("the host is missing"));
+        let u = Url::parse(url, &["mqtt://"], "mqtt", "mqtt://host:port", 1883)?;
+        if !u.path.trim_matches('/').is_empty() {
+            return Err(bad_url("mqtt", url, "an mqtt url has no path"));
         }
         Ok(Self {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port,
-            user,
-            password,
+            host: u.host,
+            port: u.port,
+            user: u.user,
+            password: u.password,
         })
     }
 }
@@ -532,19 +498,15 @@ impl EventSource for MqttSource {
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let slots = Arc::new(Semaphore::new(self.concurrency as usize));
-            let mut backoff = RECONNECT_FIRST;
-            loop {
-                let started = Instant::now();
-                if let Err(e) = self.session(&deliver, &status, &slots).await {
-                    status.failed(&e);
-                    tracing::warn!(function = %self.function, client_id = %self.client_id, error = %e, retry_in = ?backoff, "mqtt source disconnected");
-                }
-                if started.elapsed() > RECONNECT_MAX {
-                    backoff = RECONNECT_FIRST;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-            }
+            let this = self.clone();
+            crate::wire::reconnecting(
+                "mqtt",
+                &self.function,
+                &self.client_id,
+                status.clone(),
+                || this.session(&deliver, &status, &slots),
+            )
+            .await;
         })
     }
 }

@@ -7,6 +7,7 @@
 //! slow consumer pushes back on the server instead of growing memory.
 
 use crate::SourceError;
+use crate::wire::{Url, bad_url};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,47 +38,18 @@ pub struct Target {
 impl Target {
     /// Parses `nats://[user:password@|token@]host[:port]`.
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let bad = |why: &str| {
-            SourceError::Config(format!(
-                "invalid nats url `{}`: {why}",
-                nimbus_manifest::source::redact(url)
-            ))
-        };
-        let rest = url
-            .strip_prefix("nats://")
-            .ok_or_else(|| bad("write nats://host:port"))?;
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') {
-            return Err(bad("a nats url has no path"));
+        let u = Url::parse(url, &["nats://"], "nats", "nats://host:port", 4222)?;
+        if !u.path.trim_matches('/').is_empty() {
+            return Err(bad_url("nats", url, "a nats url has no path"));
         }
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+        // A userinfo without `:` is a token.
+        let (user, password, token) = match (u.user, u.password) {
+            (Some(t), None) => (None, None, Some(t)),
+            (user, password) => (user, password, None),
         };
-        let (user, password, token) = match userinfo {
-            None => (None, None, None),
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (Some(user.to_owned()), Some(pass.to_owned()), None),
-                None => (None, None, Some(u.to_owned())),
-            },
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
-            ),
-            None => (hostport, 4222),
-        };
-        if host.is_empty() {
-            return Err(bad("the host is missing"));
-        }
         Ok(Self {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port,
+            host: u.host,
+            port: u.port,
             user,
             password,
             token,

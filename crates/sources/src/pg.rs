@@ -4,6 +4,7 @@
 //! the logical decoding SQL functions.
 
 use crate::SourceError;
+use crate::wire::{Url, bad_url, decode};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use std::time::Duration;
@@ -25,75 +26,29 @@ pub struct Target {
     pub database: String,
 }
 
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl Target {
     /// Parses `postgres://[user[:password]@]host[:port]/database`.
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let bad = |why: &str| {
-            SourceError::Config(format!(
-                "invalid postgres url `{}`: {why}",
-                nimbus_manifest::source::redact(url)
-            ))
-        };
-        let rest = url
-            .strip_prefix("postgres://")
-            .or_else(|| url.strip_prefix("postgresql://"))
-            .ok_or_else(|| bad("write postgres://user@host:port/database"))?;
-        let rest = rest.split('?').next().unwrap_or(rest);
-        let (authority, database) = rest
-            .split_once('/')
-            .ok_or_else(|| bad("the database name is missing (…/database)"))?;
-        if database.is_empty() {
-            return Err(bad("the database name is missing (…/database)"));
-        }
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
-            None => ("postgres".to_owned(), None),
-            Some(Some((u, p))) => (unescape(u), Some(unescape(p))),
-            Some(None) => (userinfo.map(unescape).unwrap_or_default(), None),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
-            ),
-            None => (hostport, 5432),
-        };
-        if host.is_empty() {
-            return Err(bad("the host is missing"));
+        let u = Url::parse(
+            url,
+            &["postgres://", "postgresql://"],
+            "postgres",
+            "postgres://user@host:port/database",
+            5432,
+        )?;
+        if u.path.is_empty() {
+            return Err(bad_url(
+                "postgres",
+                url,
+                "the database name is missing (…/database)",
+            ));
         }
         Ok(Self {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port,
-            user,
-            password,
-            database: unescape(database),
+            host: u.host,
+            port: u.port,
+            user: u.user.unwrap_or_else(|| "postgres".to_owned()),
+            password: u.password,
+            database: decode(&u.path),
         })
     }
 }

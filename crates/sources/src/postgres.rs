@@ -13,15 +13,13 @@
 //! lost.
 
 use crate::pg::{Conn, Target, ident, literal};
-use crate::{
-    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
-    StatusCell, Verdict,
-};
+use crate::wire::Cursor;
+use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::{Operation, Postgres};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One decoded pgoutput message.
 #[derive(Debug, PartialEq)]
@@ -60,34 +58,8 @@ enum Cell {
     Text(String),
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SourceError> {
-        let s = self
-            .b
-            .get(self.at..self.at + n)
-            .ok_or_else(|| SourceError::Protocol("a pgoutput message is cut short".into()))?;
-        self.at += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, SourceError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, SourceError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, SourceError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, SourceError> {
-        Ok(((self.u32()? as u64) << 32) | self.u32()? as u64)
-    }
+/// pgoutput's strings and tuples.
+impl Cursor<'_> {
     fn cstr(&mut self) -> Result<String, SourceError> {
         let rest = self.b.get(self.at..).unwrap_or_default();
         let end = rest
@@ -122,7 +94,7 @@ impl<'a> Reader<'a> {
 
 /// Decodes one pgoutput (protocol 1) message.
 fn decode(b: &[u8]) -> Result<Decoded, SourceError> {
-    let mut r = Reader { b, at: 0 };
+    let mut r = Cursor::new(b);
     Ok(match r.u8()? {
         b'B' => {
             r.u64()?; // final lsn
@@ -592,19 +564,15 @@ impl EventSource for PostgresSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let mut backoff = RECONNECT_FIRST;
-            loop {
-                let started = Instant::now();
-                if let Err(e) = self.session(&deliver, &status).await {
-                    status.failed(&e);
-                    tracing::warn!(function = %self.function, slot = %self.slot, error = %e, retry_in = ?backoff, "postgres source disconnected");
-                }
-                if started.elapsed() > RECONNECT_MAX {
-                    backoff = RECONNECT_FIRST;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-            }
+            let this = self.clone();
+            crate::wire::reconnecting(
+                "postgres",
+                &self.function,
+                &self.slot,
+                status.clone(),
+                || this.session(&deliver, &status),
+            )
+            .await;
         })
     }
 }

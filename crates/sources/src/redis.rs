@@ -9,10 +9,7 @@
 //! stream order (a retried entry is retried before the next one starts).
 
 use crate::resp::{Conn, Target, Value};
-use crate::{
-    BoxFuture, Deliver, EventSource, Message, RECONNECT_FIRST, RECONNECT_MAX, SourceError,
-    StatusCell, Verdict,
-};
+use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::RedisStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -292,19 +289,15 @@ impl EventSource for RedisStreamSource {
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let slots = Arc::new(Semaphore::new(self.concurrency as usize));
-            let mut backoff = RECONNECT_FIRST;
-            loop {
-                let started = Instant::now();
-                if let Err(e) = self.session(&deliver, &status, &slots).await {
-                    status.failed(&e);
-                    tracing::warn!(function = %self.function, stream = %self.stream, error = %e, retry_in = ?backoff, "redis source disconnected");
-                }
-                if started.elapsed() > RECONNECT_MAX {
-                    backoff = RECONNECT_FIRST;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-            }
+            let this = self.clone();
+            crate::wire::reconnecting(
+                "redis",
+                &self.function,
+                &self.stream,
+                status.clone(),
+                || this.session(&deliver, &status, &slots),
+            )
+            .await;
         })
     }
 }

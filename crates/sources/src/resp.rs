@@ -2,6 +2,7 @@
 //! XREADGROUP, XAUTOCLAIM, XACK), authentication and database selection.
 
 use crate::SourceError;
+use crate::wire::{Url, bad_url};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -52,50 +53,28 @@ pub struct Target {
 impl Target {
     /// Parses `redis://[user[:password]@]host[:port][/db]`.
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let bad = |why: &str| {
-            SourceError::Config(format!(
-                "invalid redis url `{}`: {why}",
-                nimbus_manifest::source::redact(url)
-            ))
-        };
         if url.starts_with("rediss://") {
-            return Err(bad("TLS (rediss://) is not supported yet; use redis://"));
+            return Err(bad_url(
+                "redis",
+                url,
+                "TLS (rediss://) is not supported yet; use redis://",
+            ));
         }
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| bad("write redis://host:port"))?;
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+        let u = Url::parse(url, &["redis://"], "redis", "redis://host:port", 6379)?;
+        // A userinfo without `:` is a password alone.
+        let (user, password) = match (u.user, u.password) {
+            (Some(p), None) => (None, Some(p)),
+            (user, password) => (user.filter(|u| !u.is_empty()), password),
         };
-        let (user, password) = match userinfo {
-            None => (None, None),
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (
-                    (!user.is_empty()).then(|| user.to_owned()),
-                    Some(pass.to_owned()),
-                ),
-                None => (None, Some(u.to_owned())),
-            },
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-                p.parse().map_err(|_| bad("the port is not a number"))?,
-            ),
-            _ => (hostport.to_owned(), 6379),
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let db = match path.trim_start_matches('/') {
+        let db = match u.path.trim_matches('/') {
             "" => 0,
-            d => d.parse().map_err(|_| bad("the database is not a number"))?,
+            d => d
+                .parse()
+                .map_err(|_| bad_url("redis", url, "the database is not a number"))?,
         };
         Ok(Self {
-            host,
-            port,
+            host: u.host,
+            port: u.port,
             user,
             password,
             db,

@@ -482,3 +482,100 @@ impl Drop for Daemon {
         self.stop("KILL");
     }
 }
+
+/// A shared broker or database the test needs: `Some` when `connected`
+/// worked; otherwise a failure under CI and a loud skip elsewhere.
+pub fn service<T, E: std::fmt::Display>(
+    what: &str,
+    start_with: &str,
+    connected: Result<T, E>,
+) -> Option<T> {
+    match connected {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "\n!!!!! SKIPPED: {what} cannot be used ({e}); start it with\n!!!!! {start_with}\n"
+            );
+            None
+        }
+        Err(e) => panic!("CI needs {what}: {e}"),
+    }
+}
+
+/// A name no earlier run used: `prefix`, `sep`, the time in ns.
+pub fn unique(prefix: &str, sep: &str) -> String {
+    format!(
+        "{prefix}{sep}{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// The manifest lines of function `consume`: the testbed's relay reporting
+/// to `recorder` (with `relay_query` added), `extra` settings, and one
+/// source given by its TOML lines.
+pub fn relay_consumer(recorder: &Recorder, source: &str, relay_query: &str, extra: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\nallowed_outbound_hosts = [\"{url}\"]\n{extra}\n\
+         [[functions.consume.sources]]\n{source}\n",
+        url = recorder.url
+    )
+}
+
+/// Waits until function `consume` has `n` dead-lettered invocations.
+pub async fn dead_letters(node: &Node, n: usize) -> Vec<nimbus_queue::InvocationRecord> {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{n} dead-lettered messages"),
+        || async {
+            let list: Vec<nimbus_queue::InvocationRecord> = node
+                .admin
+                .call(Method::GET, "/v1/functions/consume/dlq", None::<&()>)
+                .await
+                .unwrap();
+            (list.len() == n).then_some(list)
+        },
+    )
+    .await
+}
+
+/// Waits until the node's first source reports healthy.
+pub async fn source_healthy(node: &Node) {
+    eventually(
+        Duration::from_secs(30),
+        "the source to be healthy",
+        || async {
+            node.status()
+                .await
+                .sources
+                .first()
+                .is_some_and(|s| s.healthy)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until the node's first source reports unhealthy, and returns it.
+pub async fn source_unhealthy(node: &Node) -> nimbus_api::SourceHealth {
+    let down = eventually(
+        Duration::from_secs(30),
+        "the source to turn unhealthy",
+        || async {
+            let s = node.status().await.sources.into_iter().next()?;
+            (!s.healthy).then_some(s)
+        },
+    )
+    .await;
+    assert!(down.last_error.is_some(), "{down:?}");
+    down
+}
+
+/// Distinct events run and duplicate executions, counted by `key`.
+pub fn tally(recorder: &Recorder, key: &str) -> (usize, usize) {
+    let executions = recorder.executions_by(key);
+    let duplicates = executions.values().map(|n| n - 1).sum();
+    (executions.len(), duplicates)
+}
