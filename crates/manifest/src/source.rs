@@ -282,6 +282,14 @@ fn check_subject(what: &str, subject: &str, wildcards: bool) -> Result<(), Strin
     Ok(())
 }
 
+/// `value` must lie within `min..=max`.
+fn check_period(what: &str, value: Period, min: Period, max: Period) -> Result<(), String> {
+    if value.get() < min.get() || value.get() > max.get() {
+        return Err(format!("invalid {what} {value}: use {min} to {max}"));
+    }
+    Ok(())
+}
+
 impl SourceKind {
     fn validate(&self) -> Result<(), String> {
         let scheme = |url: &BrokerUrl, schemes: &[&str], form: &str| match url {
@@ -295,6 +303,12 @@ impl SourceKind {
                 if s.stream.is_empty() {
                     return Err("a redis-stream source needs a stream name".into());
                 }
+                check_period(
+                    "claim_idle",
+                    s.claim_idle,
+                    Period::from_secs(1),
+                    Period::from_secs(86_400),
+                )?;
                 scheme(
                     &s.url,
                     &["redis://", "rediss://"],
@@ -327,6 +341,12 @@ impl SourceKind {
                 if let Some(f) = &s.filter_subject {
                     check_subject("filter_subject", f, true)?;
                 }
+                check_period(
+                    "ack_wait",
+                    s.ack_wait,
+                    Period::from_secs(1),
+                    Period::from_secs(12 * 3600),
+                )?;
                 scheme(&s.url, &["nats://"], "nats://[user:password@]host[:port]")
             }
             SourceKind::Mqtt(s) => {
@@ -379,6 +399,12 @@ impl SourceKind {
                         return Err(format!("invalid table `{t}`: write table or schema.table"));
                     }
                 }
+                check_period(
+                    "poll",
+                    s.poll,
+                    Period::from_millis(10),
+                    Period::from_secs(60),
+                )?;
                 if s.operations.is_empty() {
                     return Err(
                         "a postgres source needs at least one operation (insert, update, delete)"
@@ -609,6 +635,9 @@ mod tests {
             "type = \"mqtt\"\nurl = \"nats://h\"\ntopics = [\"a\"]",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = []",
             "type = \"amqp\"\nurl = \"amqp://h\"\nqueue = \"\"",
+            "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"S\"\nack_wait = \"0s\"",
+            "type = \"redis-stream\"\nurl = \"redis://h\"\nstream = \"s\"\nclaim_idle = \"0s\"",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\npoll = \"0ms\"",
             "type = \"amqp\"\nurl = \"http://h\"\nqueue = \"q\"",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"a;drop\"]",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\nslot = \"Bad\"",
