@@ -309,3 +309,89 @@ async fn redis_stream_source_recovers_from_a_broker_restart() {
     .await;
     assert!(node.status().await.sources[0].healthy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_passwords_never_show() {
+    const CANARY: &str = "canary-5b7e0c1d";
+    // A Redis of the test's own that requires a password.
+    let Some(server) = Daemon::start("/usr/bin/redis-server", |port, dir| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir.display().to_string(),
+            "--save",
+            "",
+            "--requirepass",
+            CANARY,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }) else {
+        return;
+    };
+    let good = format!("redis://:{CANARY}@127.0.0.1:{}", server.port);
+    let wrong = format!("redis://:{CANARY}-wrong@127.0.0.1:{}", server.port);
+    let recorder = Recorder::start().await;
+    let node = Node::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &[("ORDERS_REDIS", good.as_str())],
+    );
+    let g = guests();
+
+    // A wrong password written in the manifest: refused, without the
+    // password in the error.
+    let out = node.deploy_cli(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer_of(&wrong, &recorder, "orders", "", ""),
+        )],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains(":***@127.0.0.1") && !err.contains(CANARY),
+        "{err}"
+    );
+
+    // The right one from the node's environment: it works.
+    let source = "type = \"redis-stream\"\nurl_env = \"ORDERS_REDIS\"\nstream = \"orders\"";
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    let mut conn = Conn::connect(&Target::parse(&good).unwrap()).await.unwrap();
+    xadd_many(&mut conn, "orders", 3, "").await;
+    eventually(Duration::from_secs(30), "3 entries to run", || async {
+        (recorder.hits().len() >= 3).then_some(())
+    })
+    .await;
+
+    // Nowhere a user or operator looks.
+    let status = String::from_utf8_lossy(&node.cli(&["status", "-o", "json"]).stdout).into_owned();
+    let text = String::from_utf8_lossy(&node.cli(&["status"]).stdout).into_owned();
+    let logs = String::from_utf8_lossy(&node.cli(&["logs", "consume"]).stdout).into_owned();
+    let ls = String::from_utf8_lossy(&node.cli(&["ls"]).stdout).into_owned();
+    for (what, seen) in [
+        ("status -o json", &status),
+        ("status", &text),
+        ("logs", &logs),
+        ("ls", &ls),
+        ("the node's log", &node.log()),
+    ] {
+        assert!(
+            !seen.contains(CANARY),
+            "the password shows in {what}:\n{seen}"
+        );
+    }
+    assert!(status.contains("$ORDERS_REDIS"), "{status}");
+}
