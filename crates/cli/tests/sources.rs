@@ -394,4 +394,28 @@ async fn broker_passwords_never_show() {
         );
     }
     assert!(status.contains("$ORDERS_REDIS"), "{status}");
+
+    // Or from a secrets file on the node.
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("orders-redis");
+    std::fs::write(&file, format!("{good}\n")).unwrap();
+    let source = format!(
+        "type = \"redis-stream\"\nurl_file = \"{}\"\nstream = \"orders\"",
+        file.display()
+    );
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    let status = String::from_utf8_lossy(&node.cli(&["status", "-o", "json"]).stdout).into_owned();
+    assert!(
+        status.contains("file:") && !status.contains(CANARY),
+        "{status}"
+    );
+    assert!(!node.log().contains(CANARY));
 }

@@ -11,31 +11,42 @@ pub const MAX_SOURCE_CONCURRENCY: u32 = 256;
 pub const MAX_BATCH: u32 = 1000;
 
 /// Where a broker's address (and credentials) come from: written in the
-/// manifest, or read from the node's environment so that secrets stay out
-/// of the manifest, the registry and every listing.
+/// manifest, or read on the node from its environment or from a secrets
+/// file (as container platforms mount them), so that secrets stay out of
+/// the manifest, the registry and every listing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "RawUrl", into = "RawUrl")]
 pub enum BrokerUrl {
     Literal(String),
     Env(EnvName),
+    /// An absolute path on the node; the file holds the URL.
+    File(String),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUrl {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     url_env: Option<EnvName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url_file: Option<String>,
 }
 
 impl TryFrom<RawUrl> for BrokerUrl {
     type Error = String;
     fn try_from(r: RawUrl) -> Result<Self, String> {
-        match (r.url, r.url_env) {
-            (Some(u), None) => Ok(Self::Literal(u)),
-            (None, Some(e)) => Ok(Self::Env(e)),
-            _ => Err("give the broker as url = \"...\" or url_env = \"VARIABLE\"".into()),
+        match (r.url, r.url_env, r.url_file) {
+            (Some(u), None, None) => Ok(Self::Literal(u)),
+            (None, Some(e), None) => Ok(Self::Env(e)),
+            (None, None, Some(f)) if f.starts_with('/') => Ok(Self::File(f)),
+            (None, None, Some(f)) => Err(format!(
+                "url_file `{f}` must be an absolute path on the node"
+            )),
+            _ => Err(
+                "give the broker as one of url = \"...\", url_env = \"VARIABLE\" or url_file = \"/path/on/the/node\"".into(),
+            ),
         }
     }
 }
@@ -45,11 +56,15 @@ impl From<BrokerUrl> for RawUrl {
         match u {
             BrokerUrl::Literal(url) => Self {
                 url: Some(url),
-                url_env: None,
+                ..Self::default()
             },
             BrokerUrl::Env(e) => Self {
-                url: None,
                 url_env: Some(e),
+                ..Self::default()
+            },
+            BrokerUrl::File(f) => Self {
+                url_file: Some(f),
+                ..Self::default()
             },
         }
     }
@@ -495,6 +510,7 @@ impl Source {
         let shown = |url: &BrokerUrl| match url {
             BrokerUrl::Literal(u) => redact(u),
             BrokerUrl::Env(e) => format!("${}", e.as_str()),
+            BrokerUrl::File(f) => format!("file:{f}"),
         };
         match &self.kind {
             SourceKind::RedisStream(s) => format!("redis-stream:{}:{}", shown(&s.url), s.stream),
@@ -576,6 +592,15 @@ mod tests {
             toml::from_str("type = \"redis-stream\"\nurl_env = \"REDIS_URL\"\nstream = \"s\"")
                 .unwrap();
         assert!(e.key().contains("$REDIS_URL"));
+        let f: Source = toml::from_str(
+            "type = \"redis-stream\"\nurl_file = \"/run/secrets/redis\"\nstream = \"s\"",
+        )
+        .unwrap();
+        assert_eq!(f.key(), "redis-stream:file:/run/secrets/redis:s");
+        assert_eq!(
+            serde_json::from_str::<Source>(&serde_json::to_string(&f).unwrap()).unwrap(),
+            f
+        );
     }
 
     #[test]
@@ -584,6 +609,8 @@ mod tests {
             "type = \"kafka\"\nurl = \"x\"\nstream = \"s\"",
             "type = \"redis-stream\"\nurl = \"http://x\"\nstream = \"s\"",
             "type = \"redis-stream\"\nstream = \"s\"",
+            "type = \"redis-stream\"\nurl_file = \"secrets/redis\"\nstream = \"s\"",
+            "type = \"redis-stream\"\nurl = \"redis://h\"\nurl_env = \"X\"\nstream = \"s\"",
             "type = \"redis-stream\"\nurl = \"redis://x\"\nstream = \"s\"\nconcurrency = 0",
         ] {
             assert!(toml::from_str::<Source>(bad).is_err(), "{bad}");

@@ -180,6 +180,22 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
                     var.as_str()
                 ))
             }),
+        // Read when the consumer is built (at the deploy that starts it and
+        // at node start): a rotated secret takes a redeploy or a restart.
+        BrokerUrl::File(path) => std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| {
+                SourceError::Config(format!("cannot read the broker URL file {path}: {e}"))
+            })
+            .and_then(|t| {
+                if t.is_empty() {
+                    Err(SourceError::Config(format!(
+                        "the broker URL file {path} is empty"
+                    )))
+                } else {
+                    Ok(t)
+                }
+            }),
     };
     match &source.kind {
         SourceKind::RedisStream(s) => Ok(Arc::new(redis::RedisStreamSource::new(
