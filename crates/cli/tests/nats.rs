@@ -408,3 +408,72 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     .await;
     assert!(node.status().await.sources[0].healthy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_notifications_become_object_events() {
+    let Some(client) = nats().await else {
+        return;
+    };
+    let recorder = Recorder::start().await;
+    let stream = unique("NIMBUS_S3", "_");
+    let subject = stream.to_lowercase();
+    create_stream(&client, &stream, &format!("{subject}.>")).await;
+    let node = Node::start();
+    let g = guests();
+    let source = format!(
+        "type = \"jetstream\"\nurl = \"{NATS}\"\nstream = \"{stream}\"\nformat = \"s3\"\nconcurrency = 1"
+    );
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
+    ));
+    // What MinIO publishes for a bucket notification target.
+    let notification = r#"{"EventName":"s3:ObjectCreated:Put","Key":"photos/cat 1.jpg","Records":[
+        {"eventVersion":"2.0","eventSource":"minio:s3","eventTime":"2026-11-27T06:00:00.000Z",
+         "eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"photos"},
+         "object":{"key":"cat+1.jpg","size":2048,"eTag":"9b2cf535f27731c974343645a3985328"}}},
+        {"eventVersion":"2.0","eventSource":"minio:s3","eventTime":"2026-11-27T06:00:01.000Z",
+         "eventName":"s3:ObjectRemoved:Delete","s3":{"bucket":{"name":"photos"},
+         "object":{"key":"old.jpg"}}}]}"#;
+    let target = format!("{subject}.minio");
+    for body in [notification, "not a notification"] {
+        client
+            .request(&target, body.as_bytes(), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let hits = eventually(Duration::from_secs(30), "3 events", || async {
+        let hits = recorder.hits();
+        (hits.len() >= 3).then_some(hits)
+    })
+    .await;
+    assert_eq!(hits[0].get("ce-type"), "object.created");
+    assert_eq!(hits[0].get("ce-source"), "s3://photos");
+    assert_eq!(hits[0].get("ce-subject"), "cat 1.jpg");
+    let created: Value = serde_json::from_str(hits[0].get("body")).unwrap();
+    assert_eq!(created["key"], "cat 1.jpg");
+    assert_eq!(created["size"], 2048);
+    assert_eq!(created["etag"], "9b2cf535f27731c974343645a3985328");
+    assert_eq!(hits[1].get("ce-type"), "object.deleted");
+    assert_eq!(hits[1].get("ce-subject"), "old.jpg");
+    // Anything else passes on as it is.
+    assert_eq!(hits[2].get("ce-type"), "nats.jetstream.message");
+    assert_eq!(hits[2].get("body"), "not a notification");
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async {
+            settled(&client, &stream, "nimbus-consume")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(recorder.hits().len(), 3);
+    delete_stream(&client, &stream).await;
+}

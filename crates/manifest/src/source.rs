@@ -442,6 +442,25 @@ impl SourceKind {
     }
 }
 
+/// What a source's messages are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Each message is one event, passed on as it is.
+    #[default]
+    Message,
+    /// Each message is an S3 event notification (as S3 and MinIO send
+    /// them); every record in it becomes one `object.created` or
+    /// `object.deleted` event.
+    S3,
+}
+
+impl Format {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// An event source of a function.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "RawSource", into = "RawSource")]
@@ -451,6 +470,7 @@ pub struct Source {
     pub concurrency: u32,
     /// Messages fetched per read (default 16).
     pub batch: u32,
+    pub format: Format,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -461,6 +481,8 @@ struct RawSource {
     concurrency: u32,
     #[serde(default = "default_batch")]
     batch: u32,
+    #[serde(default, skip_serializing_if = "Format::is_default")]
+    format: Format,
 }
 
 fn default_concurrency() -> u32 {
@@ -486,10 +508,17 @@ impl TryFrom<RawSource> for Source {
             ));
         }
         r.kind.validate()?;
+        if r.format == Format::S3 && matches!(r.kind, SourceKind::Postgres(_)) {
+            return Err(
+                "format = \"s3\" is for brokers that carry S3 notifications, not for postgres"
+                    .into(),
+            );
+        }
         Ok(Self {
             kind: r.kind,
             concurrency: r.concurrency,
             batch: r.batch,
+            format: r.format,
         })
     }
 }
@@ -500,6 +529,7 @@ impl From<Source> for RawSource {
             kind: s.kind,
             concurrency: s.concurrency,
             batch: s.batch,
+            format: s.format,
         }
     }
 }
@@ -585,6 +615,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.concurrency, 1);
         assert_eq!(s.batch, 16);
+        assert_eq!(s.format, Format::Message);
         assert_eq!(s.key(), "redis-stream:redis://127.0.0.1:6379:orders");
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Source>(&json).unwrap(), s);
@@ -639,6 +670,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.key(), "mqtt:mqtt://h:1883");
+        let s3: Source = toml::from_str(
+            "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"minio.events\"\nformat = \"s3\"",
+        )
+        .unwrap();
+        assert_eq!(s3.format, Format::S3);
+        assert_eq!(
+            serde_json::from_str::<Source>(&serde_json::to_string(&s3).unwrap()).unwrap(),
+            s3
+        );
         let p: Source = toml::from_str(
             "type = \"postgres\"\nurl = \"postgres://app:pw@h/shop\"\ntables = [\"public.orders\", \"items\"]\noperations = [\"insert\"]",
         )
@@ -661,6 +701,8 @@ mod tests {
             "type = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2",
             "type = \"mqtt\"\nurl = \"nats://h\"\ntopics = [\"a\"]",
             "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = []",
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\nformat = \"s3\"",
+            "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"s\"\nformat = \"xml\"",
             "type = \"amqp\"\nurl = \"amqp://h\"\nqueue = \"\"",
             "type = \"jetstream\"\nurl = \"nats://h\"\nstream = \"S\"\nack_wait = \"0s\"",
             "type = \"redis-stream\"\nurl = \"redis://h\"\nstream = \"s\"\nclaim_idle = \"0s\"",

@@ -760,9 +760,8 @@ impl AmqpSource {
             .map_err(|e| self.not_found(e))?;
         let tag = format!("nimbus:{}", self.function);
         // The broker sends at most `prefetch` unacknowledged messages: those
-        // running and as many again waiting for a slot, so the next ones
-        // are already here when a slot frees up.
-        let prefetch = (2 * self.concurrency).min(u16::MAX as u32) as u16;
+        // running and, but for one slot, as many again waiting.
+        let prefetch = crate::wire::room(self.concurrency).min(u16::MAX as usize) as u16;
         let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
         status.healthy();
         let running = Arc::new(tokio::sync::Semaphore::new(self.concurrency as usize));

@@ -501,9 +501,7 @@ impl EventSource for JetStreamSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            // Room for the messages running and as many again waiting (so
-            // the next ones are already here when a slot frees up).
-            let room = Arc::new(Semaphore::new(2 * self.concurrency as usize));
+            let room = Arc::new(Semaphore::new(crate::wire::room(self.concurrency)));
             let running = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
             crate::wire::reconnecting(

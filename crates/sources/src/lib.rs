@@ -20,9 +20,10 @@ pub mod pg;
 pub mod postgres;
 pub mod redis;
 pub mod resp;
+pub mod s3;
 mod wire;
 
-use nimbus_manifest::{BrokerUrl, Source, SourceKind};
+use nimbus_manifest::{BrokerUrl, Format, Source, SourceKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
@@ -304,7 +305,13 @@ impl Supervisor {
             let task = match build(&function, &source) {
                 Ok(consumer) => {
                     tracing::info!(function = %function, source = %source, "source started");
-                    tokio::spawn(consumer.run(self.deliver.clone(), status.clone()))
+                    let deliver: Arc<dyn Deliver> = match source.format {
+                        Format::Message => self.deliver.clone(),
+                        Format::S3 => Arc::new(s3::S3Events {
+                            inner: self.deliver.clone(),
+                        }),
+                    };
+                    tokio::spawn(consumer.run(deliver, status.clone()))
                 }
                 Err(e) => {
                     status.failed(&e);

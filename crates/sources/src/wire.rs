@@ -133,6 +133,16 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// How many messages a consumer holds: those running and as many again
+/// waiting, so the next ones are already here when a slot frees up. With
+/// one slot, one message: waiting ones could take the slot out of order.
+pub(crate) fn room(concurrency: u32) -> usize {
+    match concurrency {
+        1 => 1,
+        n => 2 * n as usize,
+    }
+}
+
 /// Runs `session` again and again until the source is dropped: a session
 /// returns only on an error, which is reported in the source's status and
 /// logged, then retried after a backoff doubling from [`RECONNECT_FIRST`]
