@@ -640,3 +640,63 @@ async fn one_trace_id_follows_the_work() {
     assert!(summary["peak_memory_bytes"].as_u64().unwrap() > 0, "{line}");
     assert_eq!(summary["status"], 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_notifications_on_a_route_become_object_events() {
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let f = relay(
+        &recorder,
+        "routes = [{ path = \"/hooks/minio\", methods = [\"POST\"], format = \"s3\" }]",
+    );
+    node.deploy(&manifest("objects", &[("thumbs", &g.testbed, &f)]));
+    // What MinIO's webhook target posts.
+    let notification = r#"{"EventName":"s3:ObjectCreated:Put","Key":"photos/a b.png","Records":[
+        {"eventVersion":"2.0","eventSource":"minio:s3","eventTime":"2026-11-27T06:00:00.000Z",
+         "eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"photos"},
+         "object":{"key":"a+b.png","size":512,"eTag":"d41d8cd98f00b204e9800998ecf8427e"}}},
+        {"eventVersion":"2.0","eventSource":"minio:s3","eventTime":"2026-11-27T06:00:01.000Z",
+         "eventName":"s3:ObjectRemoved:Delete","s3":{"bucket":{"name":"photos"},
+         "object":{"key":"old.png"}}}]}"#;
+    let reply = client::send(
+        Method::POST,
+        &node.url("/hooks/minio"),
+        &[("content-type", "application/json")],
+        Bytes::from_static(notification.as_bytes()),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    let accepted: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(accepted["invocation_ids"].as_array().unwrap().len(), 2);
+    let hits = eventually(Duration::from_secs(30), "2 object events", || async {
+        let mut hits = recorder.hits();
+        hits.sort_by_key(|h| h.get("ce-type").to_owned());
+        (hits.len() >= 2).then_some(hits)
+    })
+    .await;
+    assert_eq!(hits[0].get("ce-type"), "object.created");
+    assert_eq!(hits[0].get("ce-source"), "s3://photos");
+    let created: serde_json::Value = serde_json::from_str(hits[0].get("body")).unwrap();
+    assert_eq!(created["key"], "a b.png");
+    assert_eq!(created["size"], 512);
+    assert_eq!(hits[1].get("ce-type"), "object.deleted");
+    assert_eq!(hits[1].get("nimbus-trigger"), "http");
+
+    // Anything else is refused, and nothing runs.
+    let reply = client::send(
+        Method::POST,
+        &node.url("/hooks/minio"),
+        &[],
+        Bytes::from_static(b"{\"hello\":1}"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&reply.body).contains("Records"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(recorder.hits().len(), 2);
+}

@@ -213,6 +213,7 @@ impl Gateway {
         req: hyper::Request<hyper::body::Incoming>,
         route_path: &str,
         webhook: Option<&crate::webhook::Verifier>,
+        s3: bool,
     ) -> hyper::Response<Body> {
         let Some(intake) = self.intake.as_deref() else {
             return json_error(
@@ -300,6 +301,9 @@ impl Gateway {
                 window_ms: deployed.config.retry.idempotency_window.get().as_millis() as i64,
             });
         }
+        if s3 {
+            return accept_object_events(intake, deployed, new).await;
+        }
         match intake.accept(new).await {
             Ok(e) => {
                 tracing::info!(
@@ -316,6 +320,60 @@ impl Gateway {
             Err(e) => unavailable(&e),
         }
     }
+}
+
+/// Queues one invocation per object change in an S3 event notification
+/// (the request `new` carries), each with its own CloudEvents type, source
+/// and subject, and answers 202 with their ids.
+async fn accept_object_events(
+    intake: &dyn Intake,
+    deployed: &Deployed,
+    new: NewInvocation,
+) -> hyper::Response<Body> {
+    let Some(events) = nimbus_sources::s3::records(&new.body) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "not_s3_notification",
+            "this route takes S3 event notifications: a JSON object with a Records array, as S3 and MinIO send them",
+            None,
+        );
+    };
+    let mut ids = Vec::with_capacity(events.len());
+    for (i, e) in events.into_iter().enumerate() {
+        let mut one = new.clone();
+        one.ce_type = e.kind.to_owned();
+        one.ce_source = format!("s3://{}", e.bucket);
+        one.headers
+            .retain(|(k, _)| k != "content-type" && k != "content-length" && k != "ce-subject");
+        one.headers.extend([
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("ce-subject".to_owned(), e.key.clone()),
+        ]);
+        // A redelivered notification queues each record once.
+        if let Some(idem) = &mut one.idempotency {
+            idem.key = format!("{}#{i}", idem.key);
+        }
+        one.body = serde_json::to_vec(&e.to_json()).unwrap_or_default();
+        match intake.accept(one).await {
+            Ok(q) => {
+                tracing::info!(
+                    target: "nimbus::invocation",
+                    invocation_id = %q.id,
+                    function = %deployed.name,
+                    trigger = new.trigger.as_str(),
+                    event = e.kind,
+                    status = 202,
+                    "accepted"
+                );
+                ids.push(q.id);
+            }
+            Err(err) => return unavailable(&err),
+        }
+    }
+    json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "invocation_ids": ids, "status": "queued" }),
+    )
 }
 
 /// The CloudEvents type of a verified webhook delivery.

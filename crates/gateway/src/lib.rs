@@ -190,6 +190,7 @@ impl Gateway {
         let (deployed, info) = match table.router.lookup(method, path) {
             Lookup::Found(m) => {
                 let route = m.route.path.to_string();
+                let s3 = m.route.format == nimbus_manifest::Format::S3;
                 if m.route.webhook.is_some() {
                     let deployed = m.target.clone();
                     drop(table);
@@ -202,13 +203,13 @@ impl Gateway {
                         );
                     };
                     return self
-                        .accept_async(&deployed, req, &route, Some(&verifier))
+                        .accept_async(&deployed, req, &route, Some(&verifier), s3)
                         .await;
                 }
-                if intake::wants_async(req.headers()) {
+                if s3 || intake::wants_async(req.headers()) {
                     let deployed = m.target.clone();
                     drop(table);
-                    return self.accept_async(&deployed, req, &route, None).await;
+                    return self.accept_async(&deployed, req, &route, None, s3).await;
                 }
                 (
                     m.target.clone(),

@@ -213,6 +213,7 @@ mod tests {
     fn route(path: &str, methods: &[&str]) -> Route {
         Route {
             webhook: None,
+            format: Default::default(),
             path: path.parse().unwrap(),
             methods: methods
                 .iter()

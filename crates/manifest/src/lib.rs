@@ -215,6 +215,7 @@ impl<'de> Deserialize<'de> for RouteEntry {
                 let path = v.parse::<RoutePattern>().map_err(E::custom)?;
                 Ok(RouteEntry(Route {
                     webhook: None,
+                    format: Default::default(),
                     path,
                     methods: Vec::new(),
                 }))

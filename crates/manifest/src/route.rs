@@ -182,6 +182,11 @@ pub struct Route {
     /// request and runs the function asynchronously.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<crate::Webhook>,
+    /// `s3`: requests are S3 event notifications (as MinIO's webhook target
+    /// and S3 send them); each record becomes its own asynchronous
+    /// `object.created` or `object.deleted` invocation.
+    #[serde(default, skip_serializing_if = "crate::Format::is_default")]
+    pub format: crate::Format,
 }
 
 impl Route {
@@ -221,6 +226,7 @@ mod tests {
     fn route(path: &str, methods: &[&str]) -> Route {
         Route {
             webhook: None,
+            format: Default::default(),
             path: path.parse().unwrap(),
             methods: methods
                 .iter()

@@ -456,7 +456,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn is_default(&self) -> bool {
+    pub(crate) fn is_default(&self) -> bool {
         *self == Self::default()
     }
 }

@@ -118,6 +118,7 @@ mod tests {
         FunctionConfig {
             routes: vec![Route {
                 webhook: None,
+                format: Default::default(),
                 path: route.parse().unwrap(),
                 methods: vec![],
             }],

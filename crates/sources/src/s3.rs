@@ -22,6 +22,20 @@ pub struct ObjectEvent {
     pub time: Option<String>,
 }
 
+impl ObjectEvent {
+    /// The event's body for the function.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "bucket": self.bucket,
+            "key": self.key,
+            "size": self.size,
+            "etag": self.etag,
+            "event": self.event,
+            "time": self.time,
+        })
+    }
+}
+
 /// A key as S3 writes it in notifications: form-encoded.
 fn decode_key(key: &str) -> String {
     crate::wire::decode(&key.replace('+', " "))
@@ -102,14 +116,7 @@ impl Deliver for S3Events {
                     ("content-type".to_owned(), "application/json".to_owned()),
                     ("ce-subject".to_owned(), e.key.clone()),
                 ]);
-                let body = json!({
-                    "bucket": e.bucket,
-                    "key": e.key,
-                    "size": e.size,
-                    "etag": e.etag,
-                    "event": e.event,
-                    "time": e.time,
-                });
+                let body = e.to_json();
                 let verdict = self
                     .inner
                     .deliver(Message {
