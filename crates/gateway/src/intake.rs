@@ -338,13 +338,18 @@ async fn accept_object_events(
             None,
         );
     };
+    // Each record's invocation starts from the request without its body
+    // (a notification can be large and hold many records).
+    let mut template = new;
+    template.body = Vec::new();
+    template
+        .headers
+        .retain(|(k, _)| k != "content-type" && k != "content-length" && k != "ce-subject");
     let mut ids = Vec::with_capacity(events.len());
     for (i, e) in events.into_iter().enumerate() {
-        let mut one = new.clone();
+        let mut one = template.clone();
         one.ce_type = e.kind.to_owned();
         one.ce_source = format!("s3://{}", e.bucket);
-        one.headers
-            .retain(|(k, _)| k != "content-type" && k != "content-length" && k != "ce-subject");
         one.headers.extend([
             ("content-type".to_owned(), "application/json".to_owned()),
             ("ce-subject".to_owned(), e.key.clone()),
@@ -360,7 +365,7 @@ async fn accept_object_events(
                     target: "nimbus::invocation",
                     invocation_id = %q.id,
                     function = %deployed.name,
-                    trigger = new.trigger.as_str(),
+                    trigger = template.trigger.as_str(),
                     event = e.kind,
                     status = 202,
                     "accepted"

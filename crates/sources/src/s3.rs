@@ -104,14 +104,16 @@ impl Deliver for S3Events {
                 tracing::warn!(function = %message.function, source = %message.ce_source, "a message that is not an S3 event notification; passed on as it is");
                 return self.inner.deliver(message).await;
             };
+            // Each record's event starts from the message without its body
+            // (a notification can be large and hold many records).
+            let mut template = message;
+            template.body = Vec::new();
+            template
+                .headers
+                .retain(|(k, _)| k != "content-type" && k != "ce-subject");
             let mut worst = Verdict::Succeeded;
             for (i, e) in events.into_iter().enumerate() {
-                let mut headers: Vec<(String, String)> = message
-                    .headers
-                    .iter()
-                    .filter(|(k, _)| k != "content-type" && k != "ce-subject")
-                    .cloned()
-                    .collect();
+                let mut headers = template.headers.clone();
                 headers.extend([
                     ("content-type".to_owned(), "application/json".to_owned()),
                     ("ce-subject".to_owned(), e.key.clone()),
@@ -120,12 +122,12 @@ impl Deliver for S3Events {
                 let verdict = self
                     .inner
                     .deliver(Message {
-                        id: format!("{}-{i}", message.id),
+                        id: format!("{}-{i}", template.id),
                         ce_source: format!("s3://{}", e.bucket),
                         ce_type: e.kind.to_owned(),
                         headers,
                         body: serde_json::to_vec(&body).unwrap_or_default(),
-                        ..message.clone()
+                        ..template.clone()
                     })
                     .await;
                 if severity(&verdict) > severity(&worst) {
