@@ -14,7 +14,7 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// Local time of a Unix ms timestamp, for listings.
-fn when(ms: i64) -> String {
+pub fn when(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.strftime("%Y-%m-%d %H:%M:%S%.3fZ").to_string())
         .unwrap_or_else(|_| ms.to_string())

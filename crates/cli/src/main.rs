@@ -67,6 +67,12 @@ enum Command {
         /// Most function output kept, in MiB; the oldest goes first.
         #[arg(long, default_value_t = 256)]
         log_max_mb: u64,
+        /// Where buckets keep their objects: `local` (under the data
+        /// directory) or `s3://BUCKET[/PREFIX]` on an S3-compatible service
+        /// configured by AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+        /// AWS_REGION, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP.
+        #[arg(long, env = "NIMBUS_OBJECT_STORE", default_value = "local")]
+        object_store: String,
     },
     /// A live view of every function: requests/s, errors, latency,
     /// in-flight, queued, cold starts.
@@ -151,6 +157,11 @@ enum Command {
     },
     /// List cron schedules with their next fire times.
     Schedules,
+    /// Objects of the node's buckets.
+    Objects {
+        #[command(subcommand)]
+        command: ObjectsCommand,
+    },
     /// Remove a function.
     Rm { name: String },
     /// Activate an earlier version of a function.
@@ -160,6 +171,26 @@ enum Command {
         #[arg(long)]
         to: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum ObjectsCommand {
+    /// Store a file (`-` for stdin) as BUCKET/KEY; functions watching the
+    /// bucket get an object.created event.
+    Put {
+        target: String,
+        file: String,
+        /// Content type stored with the object and served back.
+        #[arg(long)]
+        content_type: Option<String>,
+    },
+    /// Write BUCKET/KEY to a file, or to stdout.
+    Get { target: String, out: Option<String> },
+    /// List the objects of BUCKET, or those under BUCKET/PREFIX.
+    Ls { target: String },
+    /// Delete BUCKET/KEY; functions watching the bucket get an
+    /// object.deleted event.
+    Rm { target: String },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_format,
             log_retention,
             log_max_mb,
+            object_store,
         } => {
             init_logging(*log_format);
             // Config errors surface before any port is bound.
@@ -264,6 +296,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                     .map_err(|e| anyhow::anyhow!(e))?,
                     max_bytes: log_max_mb.saturating_mul(1 << 20),
+                },
+                objects: match object_store.as_str() {
+                    "local" => nimbus_node::ObjectStorage::Local,
+                    url if url.starts_with("s3://") => {
+                        nimbus_node::ObjectStorage::S3(url.to_owned())
+                    }
+                    other => anyhow::bail!(
+                        "invalid --object-store `{other}`: write local or s3://BUCKET[/PREFIX]"
+                    ),
                 },
             };
             let node = nimbus_node::start(config).await?;
@@ -540,6 +581,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Schedules => nimbus_cli::invocations::schedules(&admin()?, cli.output).await,
+        Command::Objects { command } => match command {
+            ObjectsCommand::Put {
+                target,
+                file,
+                content_type,
+            } => {
+                nimbus_cli::objects::put(
+                    &admin()?,
+                    target,
+                    file,
+                    content_type.as_deref(),
+                    cli.output,
+                )
+                .await
+            }
+            ObjectsCommand::Get { target, out } => {
+                nimbus_cli::objects::get(&admin()?, target, out.as_deref()).await
+            }
+            ObjectsCommand::Ls { target } => {
+                nimbus_cli::objects::ls(&admin()?, target, cli.output).await
+            }
+            ObjectsCommand::Rm { target } => {
+                nimbus_cli::objects::rm(&admin()?, target, cli.output).await
+            }
+        },
         Command::Top { interval, once } => {
             if !(0.1..=3600.0).contains(interval) {
                 anyhow::bail!("--interval must be between 0.1 and 3600 seconds");

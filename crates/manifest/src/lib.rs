@@ -7,6 +7,7 @@
 //! The same types describe a function on the admin API's wire, so the node
 //! validates what it receives with exactly the rules the CLI applied.
 
+pub mod bucket;
 pub mod invocation;
 pub mod limits;
 pub mod names;
@@ -20,12 +21,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use bucket::{BucketTrigger, ObjectChange};
 pub use invocation::{
     CatchUp, Destination, Destinations, Period, RetryPolicy, Schedule, SignatureEncoding, Webhook,
     WebhookPreset,
 };
 pub use limits::{Limits, Timeout};
-pub use names::{AppName, EnvName, FunctionName};
+pub use names::{AppName, BucketName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
 pub use source::{
@@ -59,6 +61,9 @@ pub struct FunctionConfig {
     /// Brokers whose messages invoke the function.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<Source>,
+    /// Buckets whose object changes invoke the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<BucketTrigger>,
 }
 
 /// A parsed `nimbus.toml`.
@@ -190,6 +195,8 @@ struct RawFunction {
     schedules: Vec<toml::Spanned<Schedule>>,
     #[serde(default)]
     sources: Vec<toml::Spanned<Source>>,
+    #[serde(default)]
+    buckets: Vec<toml::Spanned<BucketTrigger>>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +299,11 @@ impl Manifest {
                     first_repeat(&f.sources, Source::key).map(|(at, key)| {
                         (at, format!("the source `{key}` twice: remove one (every message would run twice)"))
                     })
+                })
+                .or_else(|| {
+                    first_repeat(&f.buckets, BucketTrigger::key).map(|(at, key)| {
+                        (at, format!("two triggers on `{key}`: merge them (every change would run twice)"))
+                    })
                 });
             if let Some((at, what)) = twice {
                 return Err(ManifestError::at(
@@ -325,6 +337,11 @@ impl Manifest {
                         .collect(),
                     sources: f
                         .sources
+                        .into_iter()
+                        .map(toml::Spanned::into_inner)
+                        .collect(),
+                    buckets: f
+                        .buckets
                         .into_iter()
                         .map(toml::Spanned::into_inner)
                         .collect(),

@@ -90,6 +90,11 @@ name_type!(
     AppName,
     "app name"
 );
+name_type!(
+    /// The name of a bucket of the node's object storage.
+    BucketName,
+    "bucket name"
+);
 
 /// An environment variable name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ const MAX_INVOKE_RESPONSE_BYTES: usize = 16 << 20;
 type Response = hyper::Response<Body>;
 
 /// An admin API failure, as status + code + message.
-struct ApiError(StatusCode, &'static str, String);
+pub(crate) struct ApiError(StatusCode, &'static str, String);
 
 impl ApiError {
     fn bad_request(msg: impl Into<String>) -> Self {
@@ -39,7 +39,7 @@ impl ApiError {
     fn not_found(msg: impl Into<String>) -> Self {
         Self(StatusCode::NOT_FOUND, "not_found", msg.into())
     }
-    fn into_response(self) -> Response {
+    pub(crate) fn into_response(self) -> Response {
         json_error(self.0, self.1, self.2, None)
     }
 }
@@ -166,6 +166,10 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
         }
         (&Method::PUT, ["v1", "components", digest]) => upload(&state, digest, req).await,
         (&Method::POST, ["v1", "deploy"]) => deploy(&state, req).await,
+        (_, ["v1", "buckets", bucket, "objects", ..]) => {
+            let bucket = (*bucket).to_owned();
+            Ok(crate::buckets::handle(&state, &method, &bucket, req).await)
+        }
         (_, ["v1", ..]) => Err(ApiError(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -516,8 +520,22 @@ fn query_param<'a>(req: &'a hyper::Request<Incoming>, key: &str) -> Option<&'a s
     })
 }
 
+/// The query parameter `key`, decoded.
+pub(crate) fn query_value(req: &hyper::Request<Incoming>, key: &str) -> Option<String> {
+    query_param(req, key).map(percent_decode)
+}
+
 /// Decodes `%XX` escapes of a query value (invalid ones stay as written).
 fn percent_decode(text: &str) -> String {
+    decode(text, true)
+}
+
+/// Decodes `%XX` escapes of a path, where `+` is itself.
+pub(crate) fn percent_decode_path(text: &str) -> String {
+    decode(text, false)
+}
+
+fn decode(text: &str, plus_is_space: bool) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -531,7 +549,7 @@ fn percent_decode(text: &str) -> String {
                 out.push(b);
                 i += 3;
             }
-            (b'+', _) => {
+            (b'+', _) if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -545,7 +563,7 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// The `limit` query parameter: 100 when absent, else 1 to `max`.
-fn limit_param(req: &hyper::Request<Incoming>, max: usize) -> Result<usize, ApiError> {
+pub(crate) fn limit_param(req: &hyper::Request<Incoming>, max: usize) -> Result<usize, ApiError> {
     match query_param(req, "limit") {
         None => Ok(100.min(max)),
         Some(l) => l

@@ -9,6 +9,7 @@
 //! registry and swaps the gateway's route table atomically.
 
 mod admin;
+mod buckets;
 mod deliver;
 mod deploy;
 pub mod state;
@@ -38,6 +39,44 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// How much function output is kept.
     pub log_retention: nimbus_telemetry::logs::Retention,
+    /// Where buckets keep their objects.
+    pub objects: ObjectStorage,
+}
+
+/// Where buckets keep their objects.
+#[derive(Clone, Debug, Default)]
+pub enum ObjectStorage {
+    /// Under the data directory (`objects/`).
+    #[default]
+    Local,
+    /// In an S3-compatible service: `s3://BUCKET[/PREFIX]`, configured by
+    /// the `AWS_*` environment variables.
+    S3(String),
+}
+
+/// Opens the object store and proves it answers.
+async fn open_objects(
+    storage: &ObjectStorage,
+    data_dir: &Path,
+) -> anyhow::Result<Arc<dyn nimbus_buckets::BucketStore>> {
+    Ok(match storage {
+        ObjectStorage::Local => {
+            let dir = data_dir.join("objects");
+            Arc::new(
+                nimbus_buckets::LocalDisk::open(&dir).with_context(|| {
+                    format!("cannot open the object store in {}", dir.display())
+                })?,
+            )
+        }
+        ObjectStorage::S3(url) => {
+            let store = nimbus_buckets::S3Store::connect(url)?;
+            store
+                .check()
+                .await
+                .context("cannot use the object store (check the AWS_* settings)")?;
+            Arc::new(store)
+        }
+    })
 }
 
 /// A node whose listeners are bound.
@@ -96,6 +135,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             .with_context(|| format!("cannot open {}", data_dir.join("queue.db").display()))?,
     );
 
+    let objects = open_objects(&config.objects, &data_dir).await?;
+
     let gateway_listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another node running? use --listen to pick another address)",
@@ -151,6 +192,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         scheduler.clone(),
         sources,
         logs,
+        objects,
     ));
     state.load_all().await?;
 

@@ -87,6 +87,8 @@ pub struct NodeState {
     pub logs: Arc<nimbus_telemetry::logs::LogStore>,
     /// Set when the node starts stopping: ends live log streams.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Where buckets keep their objects.
+    pub buckets: Arc<dyn nimbus_buckets::BucketStore>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -128,6 +130,7 @@ impl NodeState {
         scheduler: Arc<Scheduler>,
         sources: Arc<nimbus_sources::Supervisor>,
         logs: Arc<nimbus_telemetry::logs::LogStore>,
+        buckets: Arc<dyn nimbus_buckets::BucketStore>,
     ) -> Self {
         Self {
             engine,
@@ -149,6 +152,7 @@ impl NodeState {
             sources,
             logs,
             stopping: tokio::sync::watch::Sender::new(false),
+            buckets,
         }
     }
 

@@ -59,6 +59,8 @@ pub enum Trigger {
     Destination,
     /// A broker message (its source in `ce_source`).
     Source,
+    /// A change to an object of one of the node's buckets.
+    Bucket,
 }
 
 impl Trigger {
@@ -70,6 +72,7 @@ impl Trigger {
             Self::Schedule => "schedule",
             Self::Destination => "destination",
             Self::Source => "source",
+            Self::Bucket => "bucket",
         }
     }
 
@@ -81,6 +84,7 @@ impl Trigger {
             "schedule" => Self::Schedule,
             "destination" => Self::Destination,
             "source" => Self::Source,
+            "bucket" => Self::Bucket,
             _ => return None,
         })
     }

@@ -425,7 +425,7 @@ impl Daemon {
     /// Starts `binary` with `args(port, dir)`, or returns `None` (loudly)
     /// when it is not installed outside CI.
     pub fn start(binary: &'static str, args: fn(u16, &Path) -> Vec<String>) -> Option<Daemon> {
-        if !Path::new(binary).exists() {
+        if binary.starts_with('/') && !Path::new(binary).exists() {
             if std::env::var_os("CI").is_some() {
                 panic!("CI needs {binary}");
             }
@@ -457,7 +457,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        for _ in 0..100 {
+        for _ in 0..400 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
