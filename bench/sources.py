@@ -224,17 +224,26 @@ def latency(broker, count, rate, work, mqtt=None):
     return {"received": len(seen), "p50_ms": percentile(seen, 50), "p99_ms": percentile(seen, 99)}
 
 
+ALL_BROKERS = ["redis", "jetstream", "amqp", "mqtt"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="5,000 messages per run instead of 20,000")
+    ap.add_argument("--brokers", default=",".join(ALL_BROKERS),
+                    help="comma-separated subset of redis, jetstream, amqp, mqtt")
     args = ap.parse_args()
     count = 5_000 if args.quick else 20_000
     results = {"machine": suite.machine(), "messages": count, "concurrency": CONCURRENCY, "brokers": {}}
+    # A run of some brokers keeps the others' latest figures.
+    previous = RESULTS / "sources.json"
+    if previous.exists() and set(args.brokers.split(",")) != set(ALL_BROKERS):
+        results["brokers"] = json.loads(previous.read_text()).get("brokers", {})
     mqtt = Mosquitto()
     try:
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
-            for broker in ["redis", "jetstream", "amqp", "mqtt"]:
+            for broker in args.brokers.split(","):
                 base, nimbus = throughput(broker, count, work, mqtt)
                 lat = latency(broker, 5_000 if not args.quick else 2_000, 1_000, work, mqtt)
                 results["brokers"][broker] = {

@@ -231,3 +231,161 @@ async fn amqp_failures_are_dead_lettered_and_acknowledged() {
     );
     client.delete_queue(&queue).await.unwrap();
 }
+
+/// A RabbitMQ node of the test's own (the machine's is shared), on free
+/// ports with its data in a temporary directory that outlives restarts.
+struct OwnRabbit {
+    port: u16,
+    dist_port: u16,
+    dir: tempfile::TempDir,
+}
+
+const RABBIT_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnRabbit {
+    /// Starts one, or returns `None` (loudly) outside CI when RabbitMQ is
+    /// not installed.
+    fn start() -> Option<OwnRabbit> {
+        if !std::path::Path::new(RABBIT_SERVER).exists() {
+            assert!(std::env::var_os("CI").is_none(), "CI needs {RABBIT_SERVER}");
+            eprintln!("\n!!!!! SKIPPED: {RABBIT_SERVER} is not installed\n");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rabbit = OwnRabbit {
+            port: free_port(),
+            dist_port: free_port(),
+            dir,
+        };
+        std::fs::write(
+            rabbit.dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{}\n", rabbit.port),
+        )
+        .unwrap();
+        rabbit.spawn();
+        Some(rabbit)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the node (again) and waits until it accepts connections.
+    fn spawn(&self) {
+        let d = self.dir.path();
+        std::process::Command::new(RABBIT_SERVER)
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("nimbus-test-{}@localhost", self.port),
+            )
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("HOME", d)
+            .current_dir(d)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("RabbitMQ did not start on port {}", self.port);
+    }
+
+    /// Stops the broker's VM with `signal` and waits until it is gone.
+    fn stop(&self, signal: &str) {
+        let Ok(pid) = std::fs::read_to_string(self.dir.path().join("pid")) else {
+            return;
+        };
+        let pid = pid.trim().to_owned();
+        let _ = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        for _ in 0..600 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("RabbitMQ (pid {pid}) did not stop");
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        self.stop("KILL");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_source_recovers_from_a_broker_restart() {
+    const N: usize = 3_000;
+    let Some(broker) = OwnRabbit::start() else {
+        return;
+    };
+    let url = broker.url();
+    let target = Target::parse(&url).unwrap();
+    let client = Client::connect(&target, "nimbus-test").await.unwrap();
+    let queue = "nimbus-test-restart";
+    client.declare_queue(queue).await.unwrap();
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let source = format!("type = \"amqp\"\nurl = \"{url}\"\nqueue = \"{queue}\"\nconcurrency = 8");
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    publish_many(&client, queue, "before-", N / 2).await;
+    eventually(Duration::from_secs(120), "some messages to run", || async {
+        (recorder.hits().len() >= N / 10).then_some(())
+    })
+    .await;
+    // A clean shutdown: the durable queue and its persistent messages,
+    // including those delivered but not yet acknowledged, are on disk.
+    broker.stop("TERM");
+    let at_stop = recorder.hits().len();
+    source_unhealthy(&node).await;
+    broker.spawn();
+    let client = Client::connect(&target, "nimbus-test").await.unwrap();
+    publish_many(&client, queue, "after-", N / 2).await;
+    eventually(Duration::from_secs(240), "every message to run", || async {
+        (recorder.executions_by("body").len() >= N).then_some(())
+    })
+    .await;
+    let (distinct, duplicates) = tally(&recorder, "body");
+    eprintln!(
+        "amqp, broker restarted after {at_stop} of {N} executions: {distinct} distinct messages ran, {duplicates} duplicate executions"
+    );
+    assert_eq!(distinct, N);
+    source_healthy(&node).await;
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async { drained(&client, queue).await.then_some(()) },
+    )
+    .await;
+}

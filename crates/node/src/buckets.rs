@@ -57,7 +57,6 @@ fn store_error(e: BucketError) -> Response {
     }
 }
 
-
 /// Serves `/v1/buckets/{bucket}/objects[/{key...}]`.
 pub async fn handle(
     state: &NodeState,

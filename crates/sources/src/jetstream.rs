@@ -416,15 +416,25 @@ impl JetStreamSource {
             "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
             self.stream, self.consumer
         );
+        let most = self.batch.max(self.concurrency) as usize;
+        // A pull waits until half the room is free: the other half still
+        // holds messages for every running slot, so functions never starve
+        // while the next batch comes, and a busy consumer pulls in batches
+        // rather than one message per request.
+        let least = (crate::wire::room(self.concurrency) / 2).clamp(1, most);
         loop {
             // Ask only for as many messages as there is room for.
-            let first = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| SourceError::Disconnected("stopping".into()))?;
-            let mut held = vec![first];
-            while held.len() < self.batch.max(self.concurrency) as usize {
+            let mut held = Vec::with_capacity(most);
+            while held.len() < least {
+                held.push(
+                    slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SourceError::Disconnected("stopping".into()))?,
+                );
+            }
+            while held.len() < most {
                 match slots.clone().try_acquire_owned() {
                     Ok(p) => held.push(p),
                     Err(_) => break,
