@@ -236,13 +236,6 @@ pub struct Postgres {
     /// created at deploy, dropped when the source is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
-    /// How often an idle slot is read (default 200ms).
-    #[serde(default = "default_poll")]
-    pub poll: Period,
-}
-
-fn default_poll() -> Period {
-    Period::from_millis(200)
 }
 
 /// A PostgreSQL name Nimbus writes into SQL: letters, digits and `_`.
@@ -414,12 +407,6 @@ impl SourceKind {
                         return Err(format!("invalid table `{t}`: write table or schema.table"));
                     }
                 }
-                check_period(
-                    "poll",
-                    s.poll,
-                    Period::from_millis(10),
-                    Period::from_secs(60),
-                )?;
                 if s.operations.is_empty() {
                     return Err(
                         "a postgres source needs at least one operation (insert, update, delete)"

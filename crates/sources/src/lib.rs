@@ -228,7 +228,6 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             function,
             &url(&s.url)?,
             s,
-            source.batch,
         )?)),
         SourceKind::JetStream(s) => Ok(Arc::new(jetstream::JetStreamSource::new(
             function,

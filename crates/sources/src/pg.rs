@@ -1,7 +1,8 @@
 //! A PostgreSQL connection speaking the frontend/backend protocol 3.0:
-//! startup, authentication (trust, password, SCRAM-SHA-256) and simple
-//! queries with rows in text form. Enough for change data capture through
-//! the logical decoding SQL functions.
+//! startup, authentication (trust, password, SCRAM-SHA-256), simple
+//! queries with rows in text form, and the streaming replication protocol
+//! of a logical slot (`START_REPLICATION`: changes as they commit, the
+//! client confirming how far it has handled them).
 
 use crate::SourceError;
 use crate::wire::{Url, bad_url, decode};
@@ -186,13 +187,23 @@ impl Scram {
 impl Conn {
     /// Connects and logs in.
     pub async fn connect(target: &Target) -> Result<Self, SourceError> {
+        Self::connect_as(target, false).await
+    }
+
+    /// Connects as a logical replication client of the database, which
+    /// can [`Conn::start_replication`].
+    pub async fn connect_replication(target: &Target) -> Result<Self, SourceError> {
+        Self::connect_as(target, true).await
+    }
+
+    async fn connect_as(target: &Target, replication: bool) -> Result<Self, SourceError> {
         let addr = format!("{}:{}", target.host, target.port);
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::open(target, &addr))
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open(target, &addr, replication))
             .await
             .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))?
     }
 
-    async fn open(target: &Target, addr: &str) -> Result<Self, SourceError> {
+    async fn open(target: &Target, addr: &str, replication: bool) -> Result<Self, SourceError> {
         let stream = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| SourceError::Unreachable(format!("{addr} ({e})")))?;
@@ -209,6 +220,10 @@ impl Conn {
         ] {
             cstr(&mut startup, k);
             cstr(&mut startup, v);
+        }
+        if replication {
+            cstr(&mut startup, "replication");
+            cstr(&mut startup, "database");
         }
         startup.push(0);
         let mut first = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
@@ -346,6 +361,152 @@ impl Conn {
     }
 }
 
+/// What a replication stream carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replicated {
+    /// One decoded change message (`XLogData`) at `lsn`.
+    Data { lsn: u64, data: Vec<u8> },
+    /// The server's position; it wants a status update soon when
+    /// `reply` is set.
+    Keepalive { wal_end: u64, reply: bool },
+}
+
+/// Microseconds since 2000-01-01, PostgreSQL's epoch.
+fn pg_now() -> i64 {
+    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            d.as_micros() as i64 - (PG_EPOCH_UNIX_SECS as i64 * 1_000_000)
+        })
+}
+
+/// A standby status update: everything up to `lsn` is handled and may be
+/// discarded from the slot.
+fn status_update(lsn: u64) -> Vec<u8> {
+    let mut body = vec![b'r'];
+    for v in [lsn, lsn, lsn] {
+        body.extend_from_slice(&v.to_be_bytes());
+    }
+    body.extend_from_slice(&pg_now().to_be_bytes());
+    body.push(0);
+    message(b'd', &body)
+}
+
+fn replicated(body: &[u8]) -> Result<Replicated, SourceError> {
+    let short = || SourceError::Protocol("a short replication message".into());
+    let u64_at = |at: usize| -> Result<u64, SourceError> {
+        body.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(short)
+    };
+    match body.first() {
+        Some(b'w') => Ok(Replicated::Data {
+            lsn: u64_at(1)?,
+            data: body.get(25..).ok_or_else(short)?.to_vec(),
+        }),
+        Some(b'k') => Ok(Replicated::Keepalive {
+            wal_end: u64_at(1)?,
+            reply: *body.get(17).ok_or_else(short)? == 1,
+        }),
+        other => Err(SourceError::Protocol(format!(
+            "an unknown replication message {other:?}"
+        ))),
+    }
+}
+
+/// Reads a replication stream.
+pub struct ReplicationStream {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+}
+
+/// Tells the server how far the client has got; shared with a timer so
+/// the server hears from the client while a change is being handled.
+#[derive(Clone)]
+pub struct Feedback {
+    writer: std::sync::Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+}
+
+impl Feedback {
+    /// Confirms everything up to `lsn`.
+    pub async fn confirm(&self, lsn: u64) -> Result<(), SourceError> {
+        self.writer
+            .lock()
+            .await
+            .write_all(&status_update(lsn))
+            .await
+            .map_err(|e| SourceError::Disconnected(e.to_string()))
+    }
+}
+
+impl Conn {
+    /// Starts streaming the logical slot `slot` with pgoutput, from where
+    /// it was last confirmed. Needs a [`Conn::connect_replication`]
+    /// connection.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        publication: &str,
+    ) -> Result<(ReplicationStream, Feedback), SourceError> {
+        let mut body = Vec::new();
+        cstr(
+            &mut body,
+            &format!(
+                "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
+                ident(slot),
+                literal(&ident(publication))
+            ),
+        );
+        self.write(&message(b'Q', &body)).await?;
+        loop {
+            let (kind, body) = self.read().await?;
+            match kind {
+                // CopyBothResponse: the stream begins.
+                b'W' => break,
+                b'E' => return Err(SourceError::Server(server_error(&body).1)),
+                _ => {}
+            }
+        }
+        let (read, write) = self.stream.into_inner().into_split();
+        Ok((
+            ReplicationStream {
+                reader: BufReader::new(read),
+            },
+            Feedback {
+                writer: std::sync::Arc::new(tokio::sync::Mutex::new(write)),
+            },
+        ))
+    }
+}
+
+impl ReplicationStream {
+    /// The next message of the stream.
+    pub async fn next(&mut self) -> Result<Replicated, SourceError> {
+        loop {
+            let broken = |e: std::io::Error| SourceError::Disconnected(e.to_string());
+            let kind = self.reader.read_u8().await.map_err(broken)?;
+            let len = self.reader.read_u32().await.map_err(broken)? as usize;
+            if !(4..=MAX_MESSAGE).contains(&len) {
+                return Err(SourceError::Protocol(format!("a message of {len} bytes")));
+            }
+            let mut body = vec![0; len - 4];
+            self.reader.read_exact(&mut body).await.map_err(broken)?;
+            match kind {
+                b'd' => return replicated(&body),
+                b'E' => return Err(SourceError::Server(server_error(&body).1)),
+                b'c' | b'C' | b'Z' => {
+                    return Err(SourceError::Disconnected(
+                        "the server ended the replication stream".into(),
+                    ));
+                }
+                // Notices, parameter changes.
+                _ => {}
+            }
+        }
+    }
+}
+
 fn parse_row(body: &[u8]) -> Result<Row, SourceError> {
     let short = || SourceError::Protocol("a data row is cut short".into());
     let n = u16::from_be_bytes([
@@ -404,6 +565,39 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn replication_messages_parse() {
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&0x16B3748u64.to_be_bytes());
+        w.extend_from_slice(&0x16B3800u64.to_be_bytes());
+        w.extend_from_slice(&0i64.to_be_bytes());
+        w.extend_from_slice(b"B...");
+        assert_eq!(
+            replicated(&w).unwrap(),
+            Replicated::Data {
+                lsn: 0x16B3748,
+                data: b"B...".to_vec()
+            }
+        );
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&42u64.to_be_bytes());
+        k.extend_from_slice(&0i64.to_be_bytes());
+        k.push(1);
+        assert_eq!(
+            replicated(&k).unwrap(),
+            Replicated::Keepalive {
+                wal_end: 42,
+                reply: true
+            }
+        );
+        assert!(replicated(&k[..5]).is_err());
+        assert!(replicated(b"x").is_err());
+        let update = status_update(7);
+        assert_eq!(update[0], b'd');
+        assert_eq!(update.len(), 1 + 4 + 1 + 8 * 3 + 8 + 1);
+        assert_eq!(&update[6..14], &7u64.to_be_bytes());
     }
 
     #[test]

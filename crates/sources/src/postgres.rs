@@ -4,22 +4,30 @@
 //! consumer, once the deploy succeeded, creates a publication for the
 //! source's tables and operations and a `pgoutput` slot, both named after
 //! the source; removing the source drops both, so no slot is left behind to
-//! hold WAL. The consumer reads
-//! whole transactions from the slot with `pg_logical_slot_peek_binary_changes`,
-//! delivers their row changes one at a time in commit order, and only
-//! after every change of a transaction succeeded (or was dead-lettered)
-//! advances the slot past its commit (`pg_replication_slot_advance`). A
-//! crash in between reads the transaction again: at least once, nothing
+//! hold WAL. The consumer streams the slot over the replication protocol
+//! (`START_REPLICATION`), so a change reaches the function as soon as its
+//! transaction commits. It delivers a transaction's row changes one at a
+//! time in commit order, and only after every change of the transaction
+//! succeeded (or was dead-lettered) confirms the slot past its commit. A
+//! crash in between streams the transaction again: at least once, nothing
 //! lost.
 
-use crate::pg::{Conn, Target, ident, literal};
+use crate::pg::{Conn, Replicated, Target, ident, literal};
 use crate::wire::Cursor;
 use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::{Operation, Postgres};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// How often the consumer tells PostgreSQL how far it got, at the least
+/// (PostgreSQL ends a silent stream after `wal_sender_timeout`, 60 s by
+/// default).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Wait before offering a change again that the node did not take.
+const NOT_TAKEN_DELAY: Duration = Duration::from_secs(1);
 
 /// One decoded pgoutput message.
 #[derive(Debug, PartialEq)]
@@ -223,15 +231,6 @@ fn parse_lsn(text: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-/// `\x…` (bytea in hex form) as bytes.
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let hex = text.strip_prefix("\\x")?;
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// A change ready for its function.
 struct Change {
     lsn: String,
@@ -249,17 +248,10 @@ pub struct PostgresSource {
     tables: Vec<(String, String)>,
     operations: Vec<Operation>,
     slot: String,
-    poll: Duration,
-    batch: u32,
 }
 
 impl PostgresSource {
-    pub fn new(
-        function: &str,
-        url: &str,
-        config: &Postgres,
-        batch: u32,
-    ) -> Result<Self, SourceError> {
+    pub fn new(function: &str, url: &str, config: &Postgres) -> Result<Self, SourceError> {
         let target = Target::parse(url)?;
         let tables = config
             .tables
@@ -278,8 +270,6 @@ impl PostgresSource {
             tables,
             operations: config.operations.clone(),
             slot,
-            poll: config.poll.get(),
-            batch,
         })
     }
 
@@ -412,33 +402,68 @@ impl PostgresSource {
         }
     }
 
-    /// Reads up to `batch` changes (whole transactions) from the slot
-    /// without consuming them.
-    async fn peek(&self, conn: &mut Conn) -> Result<Vec<(Vec<Change>, u64)>, SourceError> {
-        let rows = conn
-            .execute(&format!(
-                "SELECT lsn, data FROM pg_logical_slot_peek_binary_changes({}, NULL, {}, 'proto_version', '1', 'publication_names', {})",
-                literal(&self.slot),
-                self.batch,
-                literal(&self.slot)
-            ))
-            .await?;
+    /// One connected session: streams the slot and delivers each
+    /// transaction's changes in order once it has committed; returns only
+    /// on an error.
+    async fn session(
+        &self,
+        deliver: &Arc<dyn Deliver>,
+        status: &StatusCell,
+    ) -> Result<(), SourceError> {
+        {
+            let mut conn = Conn::connect(&self.target).await?;
+            self.ensure(&mut conn).await?;
+        }
+        let conn = Conn::connect_replication(&self.target).await?;
+        let (mut stream, feedback) = conn.start_replication(&self.slot, &self.slot).await?;
+        status.healthy();
+        // How far every change is handled; the server hears it at least
+        // every STATUS_INTERVAL, also while a function runs (or PostgreSQL
+        // would end the stream after its wal_sender_timeout).
+        let confirmed = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (feedback, confirmed) = (feedback.clone(), confirmed.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(STATUS_INTERVAL);
+                loop {
+                    every.tick().await;
+                    if feedback
+                        .confirm(confirmed.load(Ordering::Acquire))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let _ticker = AbortOnDrop(ticker);
         let mut relations: HashMap<u32, Relation> = HashMap::new();
-        let mut transactions = Vec::new();
         let mut current: Vec<Change> = Vec::new();
         let mut xid = 0;
-        for r in rows {
-            let lsn = r.first().cloned().flatten().unwrap_or_default();
-            let data = r
-                .get(1)
-                .cloned()
-                .flatten()
-                .and_then(|d| unhex(&d))
-                .ok_or_else(|| SourceError::Protocol("a change without its data".into()))?;
+        let mut in_transaction = false;
+        loop {
+            let data = match stream.next().await? {
+                Replicated::Keepalive { wal_end, reply } => {
+                    // Between transactions everything sent so far is
+                    // handled: confirming it lets PostgreSQL recycle WAL
+                    // that held only other tables' changes.
+                    if !in_transaction {
+                        confirmed.fetch_max(wal_end, Ordering::AcqRel);
+                    }
+                    if reply {
+                        feedback.confirm(confirmed.load(Ordering::Acquire)).await?;
+                    }
+                    continue;
+                }
+                Replicated::Data { lsn, data } => (lsn, data),
+            };
+            let (lsn, data) = data;
             match decode(&data)? {
                 Decoded::Begin { xid: x } => {
                     xid = x;
                     current.clear();
+                    in_transaction = true;
                 }
                 Decoded::Relation(rel) => {
                     relations.insert(rel.id, rel);
@@ -453,7 +478,7 @@ impl PostgresSource {
                         SourceError::Protocol(format!("a change to unknown relation {relation}"))
                     })?;
                     current.push(Change {
-                        lsn,
+                        lsn: lsn_text(lsn),
                         xid,
                         commit_lsn: 0,
                         old: old.map(|c| row(&rel, &c)),
@@ -463,60 +488,37 @@ impl PostgresSource {
                     });
                 }
                 Decoded::Commit { end_lsn } => {
-                    let mut changes = std::mem::take(&mut current);
-                    for c in &mut changes {
-                        c.commit_lsn = end_lsn;
+                    for (i, change) in current.iter_mut().enumerate() {
+                        change.commit_lsn = end_lsn;
+                        let message = self.message(change, i);
+                        loop {
+                            let verdict = deliver.deliver(message.clone()).await;
+                            status.counted(&verdict);
+                            if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
+                                break;
+                            }
+                            // Not taken (the function is not being served
+                            // right now): the order holds, so wait.
+                            tokio::time::sleep(NOT_TAKEN_DELAY).await;
+                        }
                     }
-                    transactions.push((changes, end_lsn));
+                    current.clear();
+                    in_transaction = false;
+                    confirmed.fetch_max(end_lsn, Ordering::AcqRel);
+                    feedback.confirm(confirmed.load(Ordering::Acquire)).await?;
                 }
                 Decoded::Other => {}
             }
         }
-        Ok(transactions)
     }
+}
 
-    /// One connected session: returns only on an error.
-    async fn session(
-        &self,
-        deliver: &Arc<dyn Deliver>,
-        status: &StatusCell,
-    ) -> Result<(), SourceError> {
-        let mut conn = Conn::connect(&self.target).await?;
-        self.ensure(&mut conn).await?;
-        status.healthy();
-        // Changes of the transaction at the slot's head already handled in
-        // this session, should it be read again after a failed delivery.
-        let mut done: Option<(u64, usize)> = None;
-        'read: loop {
-            let transactions = self.peek(&mut conn).await?;
-            if transactions.is_empty() {
-                tokio::time::sleep(self.poll).await;
-                continue;
-            }
-            for (changes, end_lsn) in transactions {
-                let skip = match done {
-                    Some((lsn, n)) if lsn == end_lsn => n,
-                    _ => 0,
-                };
-                for (i, change) in changes.iter().enumerate().skip(skip) {
-                    let verdict = deliver.deliver(self.message(change, i)).await;
-                    status.counted(&verdict);
-                    if !matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
-                        // Not taken: read the transaction again shortly.
-                        done = Some((end_lsn, i));
-                        tokio::time::sleep(self.poll.max(Duration::from_secs(1))).await;
-                        continue 'read;
-                    }
-                    done = Some((end_lsn, i + 1));
-                }
-                conn.execute(&format!(
-                    "SELECT pg_replication_slot_advance({}, {})",
-                    literal(&self.slot),
-                    literal(&lsn_text(end_lsn))
-                ))
-                .await?;
-            }
-        }
+/// Aborts a background task when its owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -659,11 +661,9 @@ mod tests {
     }
 
     #[test]
-    fn lsns_and_hex() {
+    fn lsns_and_types() {
         assert_eq!(lsn_text(0x1_0000_0020), "1/20");
         assert_eq!(parse_lsn("1/20"), Some(0x1_0000_0020));
-        assert_eq!(unhex("\\x4a00ff"), Some(vec![0x4a, 0, 0xff]));
-        assert_eq!(unhex("4a"), None);
         assert_eq!(typed(114, "{\"a\":1}"), json!({"a": 1}));
         assert_eq!(typed(1700, "1.50"), json!("1.50"));
     }
