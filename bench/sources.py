@@ -4,9 +4,10 @@ queue into a hello function, beside a plain consumer draining the same
 broker with the same client code (read, acknowledge each, nothing else);
 and publish-to-function latency at a paced 1,000 messages/s.
 
-Brokers: the machine's Redis (6379), NATS JetStream (4222) and RabbitMQ
-(5672), and a Mosquitto this script starts (with no cap on what it queues
-for a session). Run through bench/run-sources, which builds what it needs.
+Brokers: the machine's Redis (6379), NATS JetStream (4222), RabbitMQ
+(5672) and PostgreSQL (5432, change data capture: one row per
+transaction), and a Mosquitto this script starts (with no cap on what it
+queues for a session). `--brokers` runs some of them. Run through bench/run-sources, which builds what it needs.
 Results: bench/results/sources.md and bench/results/sources.json.
 """
 import argparse
@@ -30,6 +31,7 @@ RESULTS = ROOT / "bench/results"
 REDIS = "redis://127.0.0.1:6379"
 NATS = "nats://127.0.0.1:4222"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+PG = "postgres://postgres@127.0.0.1:5432/test"
 CONCURRENCY = 16
 
 
@@ -96,6 +98,7 @@ def source_for(broker, name, mqtt=None):
         "jetstream": f'type = "jetstream"\nurl = "{NATS}"\nstream = "{name}"\nstart = "all"',
         "amqp": f'type = "amqp"\nurl = "{AMQP}"\nqueue = "{name}"',
         "mqtt": f'type = "mqtt"\nurl = "mqtt://127.0.0.1:{mqtt.port if mqtt else 0}"\ntopics = ["{name}/#"]',
+        "postgres": f'type = "postgres"\nurl = "{PG}"\ntables = ["{name.lower()}"]\nslot = "{name.lower()}"',
     }[broker]
 
 
@@ -115,6 +118,9 @@ def prefill(broker, name, count, mqtt=None):
         peer("publish", "amqp", AMQP, name, count, 0)
     elif broker == "mqtt":
         mqtt.publish(f"{name}/x", count)
+    elif broker == "postgres":
+        peer("setup", "postgres", PG, name.lower())
+        peer("publish", "postgres", PG, name.lower(), count, 0)
 
 
 def baseline(broker, name, count, mqtt=None):
@@ -124,9 +130,18 @@ def baseline(broker, name, count, mqtt=None):
         return peer("drain", "jetstream", NATS, name, "peer", count, CONCURRENCY)["rate"]
     if broker == "amqp":
         return peer("drain", "amqp", AMQP, name, count, CONCURRENCY)["rate"]
+    if broker == "postgres":
+        return peer("drain", "postgres", PG, name.lower(), count)["rate"]
     start = time.perf_counter()
     mqtt.subscribe("peer-" + name, f"{name}/#", count)
     return count / (time.perf_counter() - start)
+
+
+def drop_tables(*names):
+    """PostgreSQL runs leave their tables behind otherwise."""
+    for n in names:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
+                        f'DROP TABLE IF EXISTS "{n.lower()}"'], check=False)
 
 
 def throughput(broker, count, work, mqtt=None):
@@ -157,6 +172,8 @@ def throughput(broker, count, work, mqtt=None):
         node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
     finally:
         node.stop()
+        if broker == "postgres":
+            drop_tables(base_name, name)
     return base, count / (end - start)
 
 
@@ -175,8 +192,11 @@ def latency(broker, count, rate, work, mqtt=None):
             q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
             try:
                 body = json.loads(q["body"][0])
-                # A Redis entry arrives as its fields: {"body": "..."}.
-                if "t" not in body:
+                # A Redis entry arrives as its fields: {"body": "..."};
+                # a PostgreSQL change as its row: {"new": {"body": "..."}}.
+                if "new" in body:
+                    body = json.loads(body["new"]["body"])
+                elif "t" not in body:
                     body = json.loads(body["body"])
                 t = body["t"]
                 seen.append((now - t) / 1e6)
@@ -204,13 +224,15 @@ def latency(broker, count, rate, work, mqtt=None):
             peer("setup", "jetstream", NATS, name, f"{name.lower()}.>")
         elif broker == "amqp":
             peer("setup", "amqp", AMQP, name)
+        elif broker == "postgres":
+            peer("setup", "postgres", PG, name.lower())
         node.deploy(manifest(source_for(broker, name, mqtt), component=TESTBED, extra=env, function="latency"))
         time.sleep(1)
         if broker == "mqtt":
             mqtt.publish(f"{name}/x", count, rate)
         else:
-            target = f"{name.lower()}.x" if broker == "jetstream" else name
-            url_of = {"redis": REDIS, "jetstream": NATS, "amqp": AMQP}[broker]
+            target = {"jetstream": f"{name.lower()}.x", "postgres": name.lower()}.get(broker, name)
+            url_of = {"redis": REDIS, "jetstream": NATS, "amqp": AMQP, "postgres": PG}[broker]
             peer("publish", broker, url_of, target, count, rate)
         deadline = time.time() + 60
         while len(seen) < count and time.time() < deadline:
@@ -219,12 +241,14 @@ def latency(broker, count, rate, work, mqtt=None):
     finally:
         node.stop()
         server.shutdown()
+        if broker == "postgres":
+            drop_tables(name)
     if not seen:
         raise RuntimeError(f"no message reached the function through {broker}; see {work}/node.log")
     return {"received": len(seen), "p50_ms": percentile(seen, 50), "p99_ms": percentile(seen, 99)}
 
 
-ALL_BROKERS = ["redis", "jetstream", "amqp", "mqtt"]
+ALL_BROKERS = ["redis", "jetstream", "amqp", "mqtt", "postgres"]
 
 
 def main():

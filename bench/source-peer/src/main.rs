@@ -3,18 +3,25 @@
 //! each, nothing else) with the client code Nimbus's sources use, so the
 //! two rates compare the consumer machinery, not the clients.
 //!
-//!   source-peer publish redis|jetstream|amqp|mqtt URL TARGET COUNT RATE
+//!   source-peer publish redis|jetstream|amqp|mqtt|postgres URL TARGET COUNT RATE
 //!   source-peer drain redis URL STREAM GROUP COUNT BATCH
 //!   source-peer drain jetstream URL STREAM CONSUMER COUNT BATCH
 //!   source-peer drain amqp URL QUEUE COUNT PREFETCH
+//!   source-peer drain postgres URL TABLE COUNT
 //!   source-peer setup jetstream URL STREAM SUBJECTS
 //!   source-peer setup amqp URL QUEUE
+//!   source-peer setup postgres URL TABLE
+//!
+//! For PostgreSQL, TABLE also names the publication and the slot that
+//! `setup` creates (Nimbus, given `slot = TABLE`, reuses them); each row is
+//! inserted in a transaction of its own, and `drain` streams the slot and
+//! confirms each transaction, then drops the slot and the publication.
 //!
 //! A message's body is `{"t":<publish time, ns since the epoch>,"i":<n>}`.
 //! RATE 0 publishes as fast as the broker takes them. Results are printed
 //! as one JSON line.
 
-use nimbus_sources::{amqp, mqtt, nats, resp};
+use nimbus_sources::{amqp, mqtt, nats, pg, resp};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 type Error = Box<dyn std::error::Error>;
@@ -75,6 +82,18 @@ async fn publish(
             for i in 0..count {
                 pace(start, i, rate).await;
                 c.publish(target, stamp(i).as_bytes()).await?;
+            }
+        }
+        "postgres" => {
+            let mut c = pg::Conn::connect(&pg::Target::parse(url)?).await?;
+            for i in 0..count {
+                pace(start, i, rate).await;
+                c.execute(&format!(
+                    "INSERT INTO {} (body) VALUES ({})",
+                    pg::ident(target),
+                    pg::literal(&stamp(i))
+                ))
+                .await?;
             }
         }
         other => return Err(format!("unknown broker {other}").into()),
@@ -197,6 +216,52 @@ async fn drain_amqp(url: &str, queue: &str, count: usize, prefetch: u16) -> Resu
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
 
+async fn drain_postgres(url: &str, table: &str, count: usize) -> Result<f64, Error> {
+    let target = pg::Target::parse(url)?;
+    let conn = pg::Conn::connect_replication(&target).await?;
+    let (mut stream, feedback) = conn.start_replication(table, table).await?;
+    let mut done = 0;
+    let start = Instant::now();
+    while done < count {
+        match stream.next().await? {
+            pg::Replicated::Data { data, .. } => match data.first() {
+                Some(b'I') => done += 1,
+                // Commit: flags, commit LSN, end LSN.
+                Some(b'C') => {
+                    let end = data
+                        .get(10..18)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .ok_or("a short commit message")?;
+                    feedback.confirm(end).await?;
+                }
+                _ => {}
+            },
+            pg::Replicated::Keepalive { reply: true, .. } => feedback.confirm(0).await?,
+            pg::Replicated::Keepalive { .. } => {}
+        }
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    drop(stream);
+    drop(feedback);
+    let mut c = pg::Conn::connect(&target).await?;
+    for _ in 0..50 {
+        let dropped = c
+            .query(&format!(
+                "SELECT pg_drop_replication_slot({})",
+                pg::literal(table)
+            ))
+            .await?;
+        if dropped.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.execute(&format!("DROP PUBLICATION IF EXISTS {}", pg::ident(table)))
+        .await?;
+    Ok(rate)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -233,6 +298,27 @@ async fn main() -> Result<(), Error> {
                 )
                 .await?;
             println!("{}", String::from_utf8_lossy(&reply.payload));
+            Ok(())
+        }
+        ["drain", "postgres", url, table, count] => {
+            let rate = drain_postgres(url, table, num(count)?).await?;
+            println!("{{\"rate\":{rate}}}");
+            Ok(())
+        }
+        ["setup", "postgres", url, table] => {
+            let mut c = pg::Conn::connect(&pg::Target::parse(url)?).await?;
+            let t = pg::ident(table);
+            c.execute(&format!(
+                "CREATE TABLE {t} (id bigserial PRIMARY KEY, body text)"
+            ))
+            .await?;
+            c.execute(&format!("CREATE PUBLICATION {t} FOR TABLE {t}"))
+                .await?;
+            c.execute(&format!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+                pg::literal(table)
+            ))
+            .await?;
             Ok(())
         }
         ["setup", "amqp", url, queue] => {

@@ -220,3 +220,86 @@ async fn mqtt_source_recovers_from_a_broker_restart() {
     let status = node.status().await;
     assert!(status.sources[0].healthy, "{:?}", status.sources);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_outlives_the_node_and_carries_properties() {
+    const N: usize = 500;
+    let Some(broker) = mosquitto() else {
+        return;
+    };
+    let port = broker.port;
+    let recorder = Recorder::start().await;
+    let mut node = Node::start();
+    let g = guests();
+    let source = format!(
+        "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"plant/+/temp\"]\nversion = \"5\"\nconcurrency = 4"
+    );
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    // MQTT 5 properties: a content type and the publisher's trace.
+    let out = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+        ])
+        .args(["-t", "plant/1/temp", "-m", "{\"c\":21}"])
+        .args(["-D", "publish", "content-type", "application/json"])
+        .args(["-D", "publish", "user-property", "traceparent"])
+        .arg("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .args(["-D", "publish", "user-property", "Sensor-Room", "boiler"])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hit = eventually(Duration::from_secs(30), "the first message", || async {
+        recorder.hits().into_iter().next()
+    })
+    .await;
+    assert_eq!(hit.get("body"), "{\"c\":21}");
+    assert_eq!(
+        hit.get("content-type"),
+        "application/json",
+        "{:?}",
+        hit.query
+    );
+    assert!(
+        hit.get("traceparent")
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{:?}",
+        hit.query
+    );
+    assert_eq!(hit.get("ce-mqtttopic"), "plant/1/temp");
+    assert_eq!(hit.get("mqtt-property-sensor-room"), "boiler");
+
+    // Published while the node is down: the session (which never expires)
+    // keeps them for the node's return.
+    node.kill9();
+    publish(port, "plant/2/temp", numbered("down-", N));
+    let _node = node.restart_after_kill9();
+    eventually(Duration::from_secs(120), "every message to run", || async {
+        (recorder.executions_by("body").len() > N).then_some(())
+    })
+    .await;
+    let (distinct, duplicates) = tally(&recorder, "body");
+    eprintln!(
+        "mqtt 5, {N} published while the node was down: {} ran, {duplicates} duplicates",
+        distinct - 1
+    );
+    assert_eq!(distinct, N + 1);
+}

@@ -31,8 +31,8 @@ pub use names::{AppName, BucketName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
 pub use source::{
-    Amqp, BrokerUrl, Format, JetStream, Mqtt, Nats, Operation, Postgres, RedisStream, Source,
-    SourceKind, StartAt,
+    Amqp, BrokerUrl, Format, JetStream, Mqtt, MqttVersion, Nats, Operation, Postgres, RedisStream,
+    Source, SourceKind, StartAt,
 };
 
 /// What a function is, apart from its code: the part of a function that the

@@ -171,6 +171,27 @@ pub struct Mqtt {
     /// keeps messages for it while the node is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// The protocol version spoken to the broker.
+    #[serde(default, skip_serializing_if = "MqttVersion::is_default")]
+    pub version: MqttVersion,
+}
+
+/// An MQTT protocol version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MqttVersion {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5: flow control by the broker (receive maximum), user
+    /// properties and the content type carried to the function.
+    #[serde(rename = "5")]
+    V5,
+}
+
+impl MqttVersion {
+    fn is_default(&self) -> bool {
+        *self == Self::V311
+    }
 }
 
 fn default_qos() -> u8 {
