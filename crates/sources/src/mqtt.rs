@@ -586,7 +586,7 @@ impl MqttSource {
                 }
             })
         };
-        let _pinger = AbortOnDrop(pinger);
+        let _pinger = crate::wire::AbortOnDrop(pinger);
         let acks = Arc::new(Mutex::new(AckOrder::default()));
         // A message left unacknowledged (its function not serving, or its
         // acknowledgement could not be sent) comes back only with a new
@@ -670,13 +670,6 @@ impl MqttSource {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 impl EventSource for MqttSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {

@@ -437,7 +437,7 @@ impl PostgresSource {
                 }
             })
         };
-        let _ticker = AbortOnDrop(ticker);
+        let _ticker = crate::wire::AbortOnDrop(ticker);
         let mut relations: HashMap<u32, Relation> = HashMap::new();
         let mut current: Vec<Change> = Vec::new();
         let mut xid = 0;
@@ -513,14 +513,6 @@ impl PostgresSource {
     }
 }
 
-/// Aborts a background task when its owner ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 impl EventSource for PostgresSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {

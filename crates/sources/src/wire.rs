@@ -210,3 +210,13 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
     }
 }
+
+/// Aborts a background task (a pinger, a status ticker) when the session
+/// that owns it ends.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
