@@ -305,3 +305,137 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     .await;
     conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
 }
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL server of the test's own (the machine's is shared), with
+/// logical decoding on, run as the `postgres` user on a free port, its data
+/// in a temporary directory that outlives restarts.
+fn own_postgres() -> Option<Daemon> {
+    if !std::path::Path::new(PG_BIN).join("initdb").exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs {PG_BIN}/initdb");
+        eprintln!("\n!!!!! SKIPPED: {PG_BIN}/initdb is not installed\n");
+        return None;
+    }
+    Daemon::start("/usr/bin/setpriv", |port, dir| {
+        let data = dir.join("data");
+        if !data.exists() {
+            let owned = std::process::Command::new("chown")
+                .args(["postgres:postgres", &dir.display().to_string()])
+                .status()
+                .unwrap();
+            assert!(owned.success());
+            let init = std::process::Command::new("/usr/bin/setpriv")
+                .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+                .arg(format!("{PG_BIN}/initdb"))
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&data)
+                .output()
+                .unwrap();
+            assert!(
+                init.status.success(),
+                "{}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+        [
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            &format!("{PG_BIN}/postgres"),
+            "-D",
+            &data.display().to_string(),
+            "-p",
+            &port.to_string(),
+            "-k",
+            &dir.display().to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "wal_level=logical",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_source_recovers_from_a_server_crash() {
+    const TRANSACTIONS: usize = 300;
+    const ROWS: usize = 10;
+    let Some(mut server) = own_postgres() else {
+        return;
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port);
+    let target = Target::parse(&url).unwrap();
+    // Accepting connections comes a moment after the port opens.
+    let mut conn = eventually(
+        Duration::from_secs(30),
+        "the server to accept logins",
+        || async { Conn::connect(&target).await.ok() },
+    )
+    .await;
+    conn.execute("CREATE TABLE readings (id serial PRIMARY KEY, n int NOT NULL)")
+        .await
+        .unwrap();
+    let insert = |from: usize| {
+        let rows: Vec<String> = (from..from + ROWS).map(|n| format!("({n})")).collect();
+        format!("INSERT INTO readings (n) VALUES {}", rows.join(","))
+    };
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let source = format!("type = \"postgres\"\nurl = \"{url}\"\ntables = [\"readings\"]");
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &relay_consumer(&recorder, &source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    for t in 0..TRANSACTIONS / 2 {
+        conn.execute(&insert(t * ROWS)).await.unwrap();
+    }
+    eventually(Duration::from_secs(120), "some changes to run", || async {
+        (recorder.hits().len() >= TRANSACTIONS * ROWS / 10).then_some(())
+    })
+    .await;
+    // The server crashes mid-stream; committed transactions are in its WAL.
+    server.stop("KILL");
+    let at_crash = recorder.hits().len();
+    source_unhealthy(&node).await;
+    server.spawn();
+    let mut conn = eventually(Duration::from_secs(60), "the server to recover", || async {
+        Conn::connect(&target).await.ok()
+    })
+    .await;
+    for t in TRANSACTIONS / 2..TRANSACTIONS {
+        conn.execute(&insert(t * ROWS)).await.unwrap();
+    }
+    let n_of = |h: &Hit| -> Option<i64> {
+        let body: serde_json::Value = serde_json::from_str(h.get("body")).ok()?;
+        body["new"]["n"].as_i64()
+    };
+    eventually(Duration::from_secs(240), "every change to run", || async {
+        let seen: std::collections::HashSet<i64> =
+            recorder.hits().iter().filter_map(n_of).collect();
+        (seen.len() >= TRANSACTIONS * ROWS).then_some(())
+    })
+    .await;
+    let hits = recorder.hits();
+    let seen: std::collections::HashSet<i64> = hits.iter().filter_map(n_of).collect();
+    eprintln!(
+        "postgres, server killed after {at_crash} of {} changes: {} distinct changes ran, {} duplicate executions",
+        TRANSACTIONS * ROWS,
+        seen.len(),
+        hits.len() - seen.len()
+    );
+    assert_eq!(seen.len(), TRANSACTIONS * ROWS);
+    assert!(
+        seen.iter()
+            .all(|n| (0..(TRANSACTIONS * ROWS) as i64).contains(n))
+    );
+    source_healthy(&node).await;
+}

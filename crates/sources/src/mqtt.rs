@@ -670,7 +670,6 @@ impl MqttSource {
     }
 }
 
-
 impl EventSource for MqttSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {

@@ -513,7 +513,6 @@ impl PostgresSource {
     }
 }
 
-
 impl EventSource for PostgresSource {
     fn check(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
