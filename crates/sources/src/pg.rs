@@ -416,9 +416,14 @@ fn replicated(body: &[u8]) -> Result<Replicated, SourceError> {
     }
 }
 
+/// What a replication stream reads from: the bytes the connection had
+/// already buffered, then the socket.
+type StreamReader =
+    BufReader<tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>>;
+
 /// Reads a replication stream.
 pub struct ReplicationStream {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: StreamReader,
 }
 
 /// Tells the server how far the client has got; shared with a timer so
@@ -468,10 +473,13 @@ impl Conn {
                 _ => {}
             }
         }
+        // The first changes may have arrived with the CopyBothResponse:
+        // they are in the buffer, and must be read before the socket.
+        let buffered = self.stream.buffer().to_vec();
         let (read, write) = self.stream.into_inner().into_split();
         Ok((
             ReplicationStream {
-                reader: BufReader::new(read),
+                reader: BufReader::new(std::io::Cursor::new(buffered).chain(read)),
             },
             Feedback {
                 writer: std::sync::Arc::new(tokio::sync::Mutex::new(write)),
@@ -543,6 +551,46 @@ pub fn ident(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that logs the client in, answers START_REPLICATION and
+    /// sends the first change in the same write: the change must not be
+    /// lost with the connection's read buffer.
+    #[tokio::test]
+    async fn changes_sent_with_the_stream_start_are_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let _ = s.read(&mut buf).await.unwrap(); // startup
+            let mut hello = message(b'R', &0u32.to_be_bytes());
+            hello.extend(message(b'Z', b"I"));
+            s.write_all(&hello).await.unwrap();
+            let _ = s.read(&mut buf).await.unwrap(); // START_REPLICATION
+            let mut w = vec![b'w'];
+            w.extend_from_slice(&[0; 24]);
+            w.extend_from_slice(b"B-first");
+            let mut burst = message(b'W', &[0, 0, 0]);
+            burst.extend(message(b'd', &w));
+            s.write_all(&burst).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let target = Target::parse(&format!("postgres://u@127.0.0.1:{port}/db")).unwrap();
+        let conn = Conn::connect_replication(&target).await.unwrap();
+        let (mut stream, _feedback) = conn.start_replication("s", "s").await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .expect("the first change was lost")
+            .unwrap();
+        assert_eq!(
+            first,
+            Replicated::Data {
+                lsn: 0,
+                data: b"B-first".to_vec()
+            }
+        );
+        server.abort();
+    }
 
     #[test]
     fn urls_parse() {
