@@ -347,18 +347,8 @@ async fn amqp_source_recovers_from_a_broker_restart() {
     let queue = "nimbus-test-restart";
     client.declare_queue(queue).await.unwrap();
     let recorder = Recorder::start().await;
-    let node = Node::start();
-    let g = guests();
     let source = format!("type = \"amqp\"\nurl = \"{url}\"\nqueue = \"{queue}\"\nconcurrency = 8");
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
-    source_healthy(&node).await;
+    let node = consumer_node(&recorder, &source).await;
     publish_many(&client, queue, "before-", N / 2).await;
     eventually(Duration::from_secs(120), "some messages to run", || async {
         (recorder.hits().len() >= N / 10).then_some(())

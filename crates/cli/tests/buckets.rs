@@ -59,6 +59,20 @@ async fn call(
         .unwrap()
 }
 
+async fn req(node: &Node, method: Method, path: &str) -> Reply {
+    call(node, method, path, &[], Bytes::new()).await
+}
+
+async fn put(node: &Node, path: &str, body: &'static [u8]) -> Reply {
+    call(node, Method::PUT, path, &[], Bytes::from_static(body)).await
+}
+
+/// `reply` has `status` and says `what`.
+fn refused(reply: &Reply, status: StatusCode, what: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert!(reply.text().contains(what), "{}", reply.text());
+}
+
 fn json(reply: &Reply) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.text()))
 }
@@ -93,24 +107,15 @@ async fn exercise(node: &Node, recorder: &Recorder, sha_etags: bool) {
     assert!(!etag.is_empty());
 
     // Outside the watched prefix: stored, no event.
-    let reply = call(
-        node,
-        Method::PUT,
-        "/v1/buckets/uploads/objects/docs/a.txt",
-        &[],
-        Bytes::from_static(b"hello"),
-    )
-    .await;
+    let reply = put(node, "/v1/buckets/uploads/objects/docs/a.txt", b"hello").await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     assert_eq!(json(&reply)["invocation_ids"].as_array().unwrap().len(), 0);
 
     // Read back whole, with its type and tag; unchanged is 304.
-    let reply = call(
+    let reply = req(
         node,
         Method::GET,
         "/v1/buckets/uploads/objects/images/cat%201.png",
-        &[],
-        Bytes::new(),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -128,37 +133,21 @@ async fn exercise(node: &Node, recorder: &Recorder, sha_etags: bool) {
     )
     .await;
     assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
-    let reply = call(
-        node,
-        Method::HEAD,
-        "/v1/buckets/uploads/objects/docs/a.txt",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let reply = req(node, Method::HEAD, "/v1/buckets/uploads/objects/docs/a.txt").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers["content-length"], "5");
     assert!(reply.body.is_empty());
 
     // Listing: by prefix, and page by page.
     for k in ["images/b.png", "images/a.png"] {
-        let reply = call(
-            node,
-            Method::PUT,
-            &format!("/v1/buckets/uploads/objects/{k}"),
-            &[],
-            Bytes::from_static(b"x"),
-        )
-        .await;
+        let reply = put(node, &format!("/v1/buckets/uploads/objects/{k}"), b"x").await;
         assert_eq!(reply.status, StatusCode::CREATED);
     }
     let list = json(
-        &call(
+        &req(
             node,
             Method::GET,
             "/v1/buckets/uploads/objects?prefix=images/",
-            &[],
-            Bytes::new(),
         )
         .await,
     );
@@ -169,26 +158,15 @@ async fn exercise(node: &Node, recorder: &Recorder, sha_etags: bool) {
         .map(|o| o["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["images/a.png", "images/b.png", "images/cat 1.png"]);
-    let first = json(
-        &call(
-            node,
-            Method::GET,
-            "/v1/buckets/uploads/objects?limit=2",
-            &[],
-            Bytes::new(),
-        )
-        .await,
-    );
+    let first = json(&req(node, Method::GET, "/v1/buckets/uploads/objects?limit=2").await);
     assert_eq!(first["objects"].as_array().unwrap().len(), 2);
     assert_eq!(first["objects"][0]["key"], "docs/a.txt");
     let after = first["next_after"].as_str().unwrap();
     let rest = json(
-        &call(
+        &req(
             node,
             Method::GET,
             &format!("/v1/buckets/uploads/objects?limit=2&after={after}"),
-            &[],
-            Bytes::new(),
         )
         .await,
     );
@@ -200,82 +178,42 @@ async fn exercise(node: &Node, recorder: &Recorder, sha_etags: bool) {
         .collect();
     assert_eq!(keys, ["images/b.png", "images/cat 1.png"]);
     assert!(rest.get("next_after").is_none());
-    let empty = json(
-        &call(
-            node,
-            Method::GET,
-            "/v1/buckets/elsewhere/objects",
-            &[],
-            Bytes::new(),
-        )
-        .await,
-    );
+    let empty = json(&req(node, Method::GET, "/v1/buckets/elsewhere/objects").await);
     assert_eq!(empty["objects"].as_array().unwrap().len(), 0);
 
     // Delete: an event, then the object is gone.
-    let reply = call(
+    let reply = req(
         node,
         Method::DELETE,
         "/v1/buckets/uploads/objects/images/cat%201.png",
-        &[],
-        Bytes::new(),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(json(&reply)["invocation_ids"].as_array().unwrap().len(), 1);
-    let reply = call(
+    let reply = req(
         node,
         Method::DELETE,
         "/v1/buckets/uploads/objects/images/cat%201.png",
-        &[],
-        Bytes::new(),
     )
     .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    let reply = call(
+    let reply = req(
         node,
         Method::GET,
         "/v1/buckets/uploads/objects/images/cat%201.png",
-        &[],
-        Bytes::new(),
     )
     .await;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    assert!(
-        reply.text().contains("no object `images/cat 1.png`"),
-        "{}",
-        reply.text()
+    refused(
+        &reply,
+        StatusCode::NOT_FOUND,
+        "no object `images/cat 1.png`",
     );
 
     // Bad names are refused with what to do.
-    let reply = call(
-        node,
-        Method::PUT,
-        "/v1/buckets/uploads/objects/a//b",
-        &[],
-        Bytes::from_static(b"x"),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(
-        reply.text().contains("invalid object key"),
-        "{}",
-        reply.text()
-    );
-    let reply = call(
-        node,
-        Method::PUT,
-        "/v1/buckets/Uploads/objects/a",
-        &[],
-        Bytes::from_static(b"x"),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(
-        reply.text().contains("invalid bucket name"),
-        "{}",
-        reply.text()
-    );
+    let reply = put(node, "/v1/buckets/uploads/objects/a//b", b"x").await;
+    refused(&reply, StatusCode::BAD_REQUEST, "invalid object key");
+    let reply = put(node, "/v1/buckets/Uploads/objects/a", b"x").await;
+    refused(&reply, StatusCode::BAD_REQUEST, "invalid bucket name");
 
     // The watcher saw: cat created, a.png and b.png created, cat deleted.
     let hits = eventually(Duration::from_secs(30), "4 object events", || async {
@@ -321,14 +259,7 @@ async fn objects_on_local_disk_round_trip_raise_events_and_survive_a_crash() {
     exercise(&node, &recorder, true).await;
 
     // A watcher that always fails: its events retry, then dead-letter.
-    let reply = call(
-        &node,
-        Method::PUT,
-        "/v1/buckets/uploads/objects/strict/x",
-        &[],
-        Bytes::from_static(b"x"),
-    )
-    .await;
+    let reply = put(&node, "/v1/buckets/uploads/objects/strict/x", b"x").await;
     assert_eq!(reply.status, StatusCode::CREATED);
     let dead = eventually(Duration::from_secs(30), "the event in the DLQ", || async {
         let list: Vec<nimbus_queue::InvocationRecord> = node
@@ -384,14 +315,7 @@ async fn objects_on_local_disk_round_trip_raise_events_and_survive_a_crash() {
     // What was acknowledged survives kill -9; nothing half-written shows.
     node.kill9();
     let node = node.restart_after_kill9();
-    let reply = call(
-        &node,
-        Method::GET,
-        "/v1/buckets/uploads/objects/docs/a.txt",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let reply = req(&node, Method::GET, "/v1/buckets/uploads/objects/docs/a.txt").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(&reply.body[..], b"hello");
     let out = node.cli(&["objects", "rm", "uploads/reports/q1.csv"]);
@@ -400,12 +324,10 @@ async fn objects_on_local_disk_round_trip_raise_events_and_survive_a_crash() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reply = call(
+    let reply = req(
         &node,
         Method::HEAD,
         "/v1/buckets/uploads/objects/reports/q1.csv",
-        &[],
-        Bytes::new(),
     )
     .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);

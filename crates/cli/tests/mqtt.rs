@@ -229,20 +229,10 @@ async fn mqtt5_session_outlives_the_node_and_carries_properties() {
     };
     let port = broker.port;
     let recorder = Recorder::start().await;
-    let mut node = Node::start();
-    let g = guests();
     let source = format!(
         "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"plant/+/temp\"]\nversion = \"5\"\nconcurrency = 4"
     );
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
-    source_healthy(&node).await;
+    let mut node = consumer_node(&recorder, &source).await;
     // MQTT 5 properties: a content type and the publisher's trace.
     let out = std::process::Command::new("mosquitto_pub")
         .args([

@@ -284,18 +284,8 @@ async fn nats_subjects_reach_functions_with_their_trace() {
     };
     let recorder = Recorder::start().await;
     let subject = unique("nimbus-core", "_").replace('_', ".");
-    let node = Node::start();
-    let g = guests();
     let source = format!("type = \"nats\"\nurl = \"{NATS}\"\nsubject = \"{subject}.*\"");
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
-    source_healthy(&node).await;
+    let _node = consumer_node(&recorder, &source).await;
     // The subscription is made before the health turns; give the server a
     // round trip to register it.
     let probe = connect(NATS).await;

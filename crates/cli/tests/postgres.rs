@@ -383,18 +383,8 @@ async fn postgres_source_recovers_from_a_server_crash() {
         format!("INSERT INTO readings (n) VALUES {}", rows.join(","))
     };
     let recorder = Recorder::start().await;
-    let node = Node::start();
-    let g = guests();
     let source = format!("type = \"postgres\"\nurl = \"{url}\"\ntables = [\"readings\"]");
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
-    source_healthy(&node).await;
+    let node = consumer_node(&recorder, &source).await;
     for t in 0..TRANSACTIONS / 2 {
         conn.execute(&insert(t * ROWS)).await.unwrap();
     }

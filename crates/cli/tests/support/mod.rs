@@ -524,6 +524,22 @@ pub fn relay_consumer(recorder: &Recorder, source: &str, relay_query: &str, extr
     )
 }
 
+/// A node running function `consume` (the relay reporting to `recorder`)
+/// with one source given by its TOML lines, once the source is healthy.
+pub async fn consumer_node(recorder: &Recorder, source: &str) -> Node {
+    let node = Node::start();
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &guests().testbed,
+            &relay_consumer(recorder, source, "", ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    node
+}
+
 /// Waits until function `consume` has `n` dead-lettered invocations.
 pub async fn dead_letters(node: &Node, n: usize) -> Vec<nimbus_queue::InvocationRecord> {
     eventually(
