@@ -33,6 +33,10 @@ NATS = "nats://127.0.0.1:4222"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 PG = "postgres://postgres@127.0.0.1:5432/test"
 CONCURRENCY = 16
+# What Nimbus reads at a time with its defaults at that concurrency (Redis:
+# COUNT = batch 16; JetStream: pulls of max(concurrency, batch 128);
+# RabbitMQ: prefetch 2 x concurrency); the plain consumer reads the same.
+READ_SIZE = {"redis": 16, "jetstream": 128, "amqp": 2 * CONCURRENCY}
 
 
 def peer(*args):
@@ -88,7 +92,7 @@ def manifest(source, component=None, extra="", function="consume"):
     component = component or suite.HELLO
     return (f'[app]\nname = "bench"\n\n[functions.{function}]\ncomponent = "{component}"\n'
             f'limits = {{ max_concurrency = 64 }}\n{extra}\n'
-            f'[[functions.{function}.sources]]\n{source}\nconcurrency = {CONCURRENCY}\nbatch = {CONCURRENCY}\n')
+            f'[[functions.{function}.sources]]\n{source}\nconcurrency = {CONCURRENCY}\n')
 
 
 def source_for(broker, name, mqtt=None):
@@ -125,11 +129,11 @@ def prefill(broker, name, count, mqtt=None):
 
 def baseline(broker, name, count, mqtt=None):
     if broker == "redis":
-        return peer("drain", "redis", REDIS, name, "peer", count, CONCURRENCY)["rate"]
+        return peer("drain", "redis", REDIS, name, "peer", count, READ_SIZE["redis"])["rate"]
     if broker == "jetstream":
-        return peer("drain", "jetstream", NATS, name, "peer", count, CONCURRENCY)["rate"]
+        return peer("drain", "jetstream", NATS, name, "peer", count, READ_SIZE["jetstream"])["rate"]
     if broker == "amqp":
-        return peer("drain", "amqp", AMQP, name, count, CONCURRENCY)["rate"]
+        return peer("drain", "amqp", AMQP, name, count, READ_SIZE["amqp"])["rate"]
     if broker == "postgres":
         return peer("drain", "postgres", PG, name.lower(), count)["rate"]
     start = time.perf_counter()
@@ -288,7 +292,8 @@ def main():
         "",
         f"{count} messages pre-filled per run; Nimbus at source concurrency {CONCURRENCY} into "
         "`examples/hello`; the plain consumer drains the same broker with the same client code "
-        f"(prefetch/batch {CONCURRENCY}), acknowledging each message and doing nothing else "
+        "(reading as many at a time as Nimbus does with its defaults: Redis COUNT 16, JetStream "
+        "pulls of 128, RabbitMQ prefetch 32), acknowledging each message and doing nothing else "
         "(`mosquitto_sub` for MQTT). Latency: publish to the function's start (its first "
         "outbound request) at a paced 1,000 messages/s.",
         "",

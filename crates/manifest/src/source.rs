@@ -487,8 +487,8 @@ struct RawSource {
     kind: SourceKind,
     #[serde(default = "default_concurrency")]
     concurrency: u32,
-    #[serde(default = "default_batch")]
-    batch: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch: Option<u32>,
     #[serde(default, skip_serializing_if = "Format::is_default")]
     format: Format,
 }
@@ -496,8 +496,14 @@ struct RawSource {
 fn default_concurrency() -> u32 {
     4
 }
-fn default_batch() -> u32 {
-    16
+/// Messages fetched per read when the manifest does not say: JetStream
+/// pulls in larger batches (NATS's own clients pull 500 at a time), which
+/// amortises a pull's round trip; other brokers push or read cheaply.
+fn default_batch(kind: &SourceKind) -> u32 {
+    match kind {
+        SourceKind::JetStream(_) => 128,
+        _ => 16,
+    }
 }
 
 impl TryFrom<RawSource> for Source {
@@ -509,10 +515,10 @@ impl TryFrom<RawSource> for Source {
                 r.concurrency
             ));
         }
-        if r.batch == 0 || r.batch > MAX_BATCH {
+        let batch = r.batch.unwrap_or_else(|| default_batch(&r.kind));
+        if batch == 0 || batch > MAX_BATCH {
             return Err(format!(
-                "invalid source batch {}: use 1 to {MAX_BATCH}",
-                r.batch
+                "invalid source batch {batch}: use 1 to {MAX_BATCH}"
             ));
         }
         r.kind.validate()?;
@@ -525,7 +531,7 @@ impl TryFrom<RawSource> for Source {
         Ok(Self {
             kind: r.kind,
             concurrency: r.concurrency,
-            batch: r.batch,
+            batch,
             format: r.format,
         })
     }
@@ -536,7 +542,7 @@ impl From<Source> for RawSource {
         Self {
             kind: s.kind,
             concurrency: s.concurrency,
-            batch: s.batch,
+            batch: Some(s.batch),
             format: s.format,
         }
     }

@@ -324,6 +324,16 @@ impl JetStreamSource {
         Ok(())
     }
 
+    /// Messages the consumer holds (running, waiting for a slot, or on
+    /// their way): twice the larger of `concurrency` and `batch`, so a pull
+    /// asks for a whole batch; with one slot, one message (order).
+    fn room(&self) -> usize {
+        match self.concurrency {
+            1 => 1,
+            c => 2 * c.max(self.batch) as usize,
+        }
+    }
+
     fn message(&self, msg: Msg, info: &AckInfo) -> Message {
         let mut headers = carried_headers(&msg);
         headers.extend([
@@ -416,16 +426,15 @@ impl JetStreamSource {
             "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
             self.stream, self.consumer
         );
-        let most = self.batch.max(self.concurrency) as usize;
-        // A pull waits until half the room is free: the other half still
-        // holds messages for every running slot, so functions never starve
-        // while the next batch comes, and a busy consumer pulls in batches
-        // rather than one message per request.
-        let least = (crate::wire::room(self.concurrency) / 2).clamp(1, most);
+        // A pull asks for half the room once half the room is free: the
+        // other half still holds messages for the running slots, so
+        // functions do not starve while the next batch comes, and a busy
+        // consumer pays one pull round trip per half-room of messages.
+        let half = (self.room() / 2).max(1);
         loop {
             // Ask only for as many messages as there is room for.
-            let mut held = Vec::with_capacity(most);
-            while held.len() < least {
+            let mut held = Vec::with_capacity(half);
+            while held.len() < half {
                 held.push(
                     slots
                         .clone()
@@ -433,12 +442,6 @@ impl JetStreamSource {
                         .await
                         .map_err(|_| SourceError::Disconnected("stopping".into()))?,
                 );
-            }
-            while held.len() < most {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => held.push(p),
-                    Err(_) => break,
-                }
             }
             let request = serde_json::json!({
                 "batch": held.len(),
@@ -511,7 +514,7 @@ impl EventSource for JetStreamSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let room = Arc::new(Semaphore::new(crate::wire::room(self.concurrency)));
+            let room = Arc::new(Semaphore::new(self.room()));
             let running = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
             crate::wire::reconnecting(
