@@ -238,6 +238,8 @@ struct OwnRabbit {
     port: u16,
     dist_port: u16,
     dir: tempfile::TempDir,
+    /// The start script, which ends when the broker does.
+    script: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 const RABBIT_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -264,6 +266,7 @@ impl OwnRabbit {
             port: free_port(),
             dist_port: free_port(),
             dir,
+            script: std::sync::Mutex::new(None),
         };
         std::fs::write(
             rabbit.dir.path().join("rabbitmq.conf"),
@@ -281,7 +284,7 @@ impl OwnRabbit {
     /// Starts the node (again) and waits until it accepts connections.
     fn spawn(&self) {
         let d = self.dir.path();
-        std::process::Command::new(RABBIT_SERVER)
+        let script = std::process::Command::new(RABBIT_SERVER)
             .env(
                 "RABBITMQ_NODENAME",
                 format!("nimbus-test-{}@localhost", self.port),
@@ -299,6 +302,7 @@ impl OwnRabbit {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        *self.script.lock().unwrap() = Some(script);
         for _ in 0..600 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
@@ -321,6 +325,10 @@ impl OwnRabbit {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists()
                 && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
             {
+                if let Some(mut script) = self.script.lock().unwrap().take() {
+                    let _ = script.kill();
+                    let _ = script.wait();
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -1,6 +1,7 @@
 //! Observability from the command line: `nimbus logs` (function output
-//! stored with its invocation id, read back with filters, followed live) and
-//! `nimbus top` (live traffic per function).
+//! stored with its invocation id, read back with filters, followed live),
+//! `nimbus top` (live traffic per function), and alert rules reaching
+//! their webhook.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -171,4 +172,70 @@ async fn top_shows_live_traffic() {
         text.contains("REQ/S") && text.contains("busy") && text.contains("idle"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_fire_and_resolve_through_their_webhook() {
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let extra = format!(
+        "routes = [\"/svc/*\"]\nalerts = [{{ metric = \"error_rate\", above = 0.5, window = \"2s\", webhook = \"{}/alert\" }}]",
+        recorder.url
+    );
+    node.deploy(&manifest("alerting", &[("svc", &g.testbed, &extra)]));
+    let notices = |state: &'static str| {
+        let recorder = &recorder;
+        move || async move {
+            recorder
+                .hits()
+                .into_iter()
+                .filter(|h| h.path == "/alert")
+                .map(|h| serde_json::from_slice::<serde_json::Value>(&h.body).unwrap())
+                .find(|n| n["state"] == state)
+        }
+    };
+    // Every request fails: the error rate goes over 0.5.
+    for _ in 0..10 {
+        let reply = node.get("/svc/trap").await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let fired = eventually(
+        Duration::from_secs(20),
+        "the alert to fire",
+        notices("firing"),
+    )
+    .await;
+    assert_eq!(fired["function"], "svc");
+    assert_eq!(fired["alert"], "error_rate");
+    assert_eq!(fired["threshold"], 0.5);
+    assert!(fired["value"].as_f64().unwrap() > 0.5, "{fired}");
+    let states: Vec<serde_json::Value> = node
+        .admin
+        .call(http::Method::GET, "/v1/alerts", None::<&()>)
+        .await
+        .unwrap();
+    assert_eq!(states[0]["firing"], true, "{states:?}");
+    // Then only successes, long enough for the failures to leave the
+    // window: it resolves.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_status(&node.get("/svc/ok").await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resolved = eventually(
+        Duration::from_secs(20),
+        "the alert to resolve",
+        notices("resolved"),
+    )
+    .await;
+    assert!(resolved["value"].as_f64().unwrap() <= 0.5, "{resolved}");
+    let hits = recorder.hits();
+    let log = node.log();
+    assert!(
+        log.contains("alert firing") && log.contains("alert resolved"),
+        "{log}"
+    );
+    // One notice per change, not one per evaluation.
+    assert_eq!(hits.iter().filter(|h| h.path == "/alert").count(), 2);
 }

@@ -233,23 +233,32 @@ struct RawDestination {
     url: Option<String>,
 }
 
+/// `url` must be an absolute `http://` or `https://` URL.
+pub(crate) fn check_http_url(what: &str, url: &str) -> Result<(), String> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"));
+    match rest {
+        Some(rest)
+            if !rest.is_empty()
+                && !rest.starts_with('/')
+                && !rest.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "invalid {what} `{url}`: write an absolute http:// or https:// URL"
+        )),
+    }
+}
+
 impl TryFrom<RawDestination> for Destination {
     type Error = String;
     fn try_from(r: RawDestination) -> Result<Self, String> {
         match (r.function, r.url) {
             (Some(f), None) => Ok(Self::Function(f)),
-            (None, Some(url)) => {
-                let lower = url.to_ascii_lowercase();
-                let rest = lower
-                    .strip_prefix("http://")
-                    .or_else(|| lower.strip_prefix("https://"));
-                match rest {
-                    Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(Self::Url(url)),
-                    _ => Err(format!(
-                        "invalid destination url `{url}`: write an absolute http:// or https:// URL"
-                    )),
-                }
-            }
+            (None, Some(url)) => check_http_url("destination url", &url).map(|()| Self::Url(url)),
             _ => Err(
                 "a destination is either { function = \"name\" } or { url = \"https://...\" }"
                     .into(),

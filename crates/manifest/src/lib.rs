@@ -7,6 +7,7 @@
 //! The same types describe a function on the admin API's wire, so the node
 //! validates what it receives with exactly the rules the CLI applied.
 
+pub mod alert;
 pub mod bucket;
 pub mod invocation;
 pub mod limits;
@@ -21,6 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use alert::{Alert, AlertMetric, Threshold};
 pub use bucket::{BucketTrigger, ObjectChange};
 pub use invocation::{
     CatchUp, Destination, Destinations, Period, RetryPolicy, Schedule, SignatureEncoding, Webhook,
@@ -64,6 +66,9 @@ pub struct FunctionConfig {
     /// Buckets whose object changes invoke the function.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<BucketTrigger>,
+    /// Thresholds on the function's measures, sent to webhooks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<Alert>,
 }
 
 /// A parsed `nimbus.toml`.
@@ -197,6 +202,8 @@ struct RawFunction {
     sources: Vec<toml::Spanned<Source>>,
     #[serde(default)]
     buckets: Vec<toml::Spanned<BucketTrigger>>,
+    #[serde(default)]
+    alerts: Vec<toml::Spanned<Alert>>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +311,11 @@ impl Manifest {
                     first_repeat(&f.buckets, BucketTrigger::key).map(|(at, key)| {
                         (at, format!("two triggers on `{key}`: merge them (every change would run twice)"))
                     })
+                })
+                .or_else(|| {
+                    first_repeat(&f.alerts, Alert::key).map(|(at, key)| {
+                        (at, format!("the alert `{key}` twice: remove one (it would be sent twice)"))
+                    })
                 });
             if let Some((at, what)) = twice {
                 return Err(ManifestError::at(
@@ -342,6 +354,11 @@ impl Manifest {
                         .collect(),
                     buckets: f
                         .buckets
+                        .into_iter()
+                        .map(toml::Spanned::into_inner)
+                        .collect(),
+                    alerts: f
+                        .alerts
                         .into_iter()
                         .map(toml::Spanned::into_inner)
                         .collect(),

@@ -160,6 +160,9 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
         (&Method::DELETE, ["v1", "functions", name, "dlq"]) => purge(&state, name).await,
         (&Method::GET, ["v1", "invocations", id]) => invocation(&state, id).await,
         (&Method::GET, ["v1", "schedules"]) => schedules(&state).await,
+        (&Method::GET, ["v1", "alerts"]) => {
+            Ok(json_response(StatusCode::OK, &state.alerts.states()))
+        }
         (&Method::GET, ["v1", "functions", name, "logs"]) => logs(&state, name, &req),
         (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
             has_component(&state, digest)

@@ -9,6 +9,7 @@
 //! registry and swaps the gateway's route table atomically.
 
 mod admin;
+mod alerts;
 mod buckets;
 mod deliver;
 mod deploy;
@@ -209,6 +210,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         rx.clone(),
     ));
     let dispatch_task = tokio::spawn(dispatcher.run(rx.clone()));
+    let alert_task = tokio::spawn(alerts::run(state.clone(), state.alerts.clone(), rx.clone()));
     let schedule_task = tokio::spawn(scheduler.run(rx.clone()));
     let admin_state = state.clone();
     let admin_task = tokio::spawn(nimbus_gateway::server::serve(
@@ -230,7 +232,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         gateway_addr,
         admin_addr,
         shutdown,
-        tasks: vec![gateway_task, admin_task, dispatch_task, schedule_task],
+        tasks: vec![
+            gateway_task,
+            admin_task,
+            dispatch_task,
+            schedule_task,
+            alert_task,
+        ],
         state,
     })
 }

@@ -89,6 +89,8 @@ pub struct NodeState {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Where buckets keep their objects.
     pub buckets: Arc<dyn nimbus_buckets::BucketStore>,
+    /// The functions' alert rules and their states.
+    pub alerts: Arc<crate::alerts::Alerts>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -153,6 +155,7 @@ impl NodeState {
             logs,
             stopping: tokio::sync::watch::Sender::new(false),
             buckets,
+            alerts: Arc::default(),
         }
     }
 

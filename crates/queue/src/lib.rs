@@ -61,6 +61,8 @@ pub enum Trigger {
     Source,
     /// A change to an object of one of the node's buckets.
     Bucket,
+    /// An alert firing or resolving, sent to its webhook.
+    Alert,
 }
 
 impl Trigger {
@@ -73,6 +75,7 @@ impl Trigger {
             Self::Destination => "destination",
             Self::Source => "source",
             Self::Bucket => "bucket",
+            Self::Alert => "alert",
         }
     }
 
@@ -85,6 +88,7 @@ impl Trigger {
             "destination" => Self::Destination,
             "source" => Self::Source,
             "bucket" => Self::Bucket,
+            "alert" => Self::Alert,
             _ => return None,
         })
     }

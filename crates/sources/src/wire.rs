@@ -172,6 +172,16 @@ pub(crate) async fn reconnecting<F, Fut>(
     }
 }
 
+/// Aborts a background task (a pinger, a status ticker) when the session
+/// that owns it ends.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,15 +218,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("secret"), "{e}");
-    }
-}
-
-/// Aborts a background task (a pinger, a status ticker) when the session
-/// that owns it ends.
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
