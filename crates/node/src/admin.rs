@@ -116,6 +116,12 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
     if path == "/healthz" {
         return json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
     }
+    // The dashboard's page and files (its data needs the token).
+    if req.method() == Method::GET
+        && let Some(page) = crate::ui::serve(&path)
+    {
+        return page;
+    }
     if !authorized(&state, &req) {
         let mut resp = json_error(
             StatusCode::UNAUTHORIZED,

@@ -14,6 +14,7 @@ mod buckets;
 mod deliver;
 mod deploy;
 pub mod state;
+mod ui;
 
 use anyhow::Context as _;
 use nimbus_api::{NODE_FILE, NodeInfo, TOKEN_FILE};
