@@ -366,3 +366,139 @@ async fn outbound_http_is_denied_unless_listed() {
     }
     assert!(node.log().contains("outbound request refused"));
 }
+
+/// Bytes of every file under `dir`.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_credentials_never_show() {
+    const SECRET: &str = "canary-secret-5f1d9a";
+    const TOKEN: &str = "canary-token-83c2e7";
+    const COOKIE: &str = "canary-cookie-0b6e41";
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("db-password");
+    std::fs::write(&secret_file, "canary-file-secret-77aa\n").unwrap();
+    let node = Node::start_with_env(dir, &[("NIMBUS_TEST_CANARY", SECRET)]);
+    let g = guests();
+    let config = format!(
+        "routes = [\"/leak/*\"]\nsecrets = {{ API_KEY = {{ env = \"NIMBUS_TEST_CANARY\" }}, DB_PASSWORD = {{ file = \"{}\" }} }}\nretry = {{ attempts = 1 }}",
+        secret_file.display()
+    );
+    node.deploy(&manifest("leaky", &[("leaky", &g.testbed, &config)]));
+    let auth = format!("Bearer {TOKEN}");
+    let cookie = format!("session={COOKIE}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("cookie", cookie.as_str()),
+    ];
+    // The function gets its secrets and the caller's credentials...
+    let reply = client::send(
+        Method::GET,
+        &node.url("/leak/leak?name=API_KEY"),
+        &headers,
+        Bytes::new(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        reply.text().contains(SECRET),
+        "the function sees its secret"
+    );
+    let reply = client::send(
+        Method::GET,
+        &node.url("/leak/leak?name=DB_PASSWORD"),
+        &headers,
+        Bytes::new(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert!(
+        reply.text().contains("canary-file-secret-77aa"),
+        "{}",
+        reply.text()
+    );
+    // ...also asynchronously, failing into the dead-letter queue.
+    let mut async_headers = headers.to_vec();
+    async_headers.push(("nimbus-invocation-type", "async"));
+    let reply = client::send(
+        Method::GET,
+        &node.url("/leak/leak?name=API_KEY"),
+        &async_headers,
+        Bytes::new(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let accepted: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let id = accepted["invocation_id"].as_str().unwrap().to_owned();
+    let dlq = eventually(Duration::from_secs(30), "the DLQ entry", || async {
+        let reply = node
+            .admin
+            .raw(Method::GET, "/v1/functions/leaky/dlq", "", Bytes::new())
+            .await
+            .unwrap();
+        reply.text().contains(&id).then(|| reply.text())
+    })
+    .await;
+    let record = node
+        .admin
+        .raw(
+            Method::GET,
+            &format!("/v1/invocations/{id}"),
+            "",
+            Bytes::new(),
+        )
+        .await
+        .unwrap()
+        .text();
+    let logs = node.cli(&["logs", "leaky", "--limit", "100"]);
+    let logs = String::from_utf8_lossy(&logs.stdout).into_owned();
+    assert!(logs.contains("my secret is [redacted]"), "{logs}");
+    assert!(
+        logs.contains("called with [redacted] and [redacted]"),
+        "{logs}"
+    );
+    assert!(logs.contains("token only: [redacted]"), "{logs}");
+    assert!(record.contains("secret [redacted] auth"), "{record}");
+    // ...and none of it shows anywhere a user can read.
+    let canaries = [SECRET, TOKEN, COOKIE, "canary-file-secret-77aa"];
+    let status = node.cli(&["status", "leaky", "-o", "json"]);
+    let shown = [
+        ("logs", logs),
+        ("the DLQ", dlq),
+        ("the invocation", record),
+        (
+            "status",
+            String::from_utf8_lossy(&status.stdout).into_owned(),
+        ),
+        ("the node's log", node.log()),
+    ];
+    for (what, text) in &shown {
+        for c in canaries {
+            assert!(!text.contains(c), "{c} shows in {what}:\n{text}");
+        }
+    }
+    // Nor is any secret stored by the node (the queue keeps the async
+    // request's own headers to replay it; nothing else holds them).
+    for (path, bytes) in files_under(&node.data_dir()) {
+        let text = String::from_utf8_lossy(&bytes);
+        for c in [SECRET, "canary-file-secret-77aa"] {
+            assert!(!text.contains(c), "{c} is stored in {}", path.display());
+        }
+    }
+}

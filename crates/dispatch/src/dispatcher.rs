@@ -597,7 +597,22 @@ impl Dispatcher {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let (body, truncated) = read_capped(body).await;
-        let stored = stored_response(parts.status.as_u16(), &parts.headers, body, truncated);
+        let mut stored = stored_response(parts.status.as_u16(), &parts.headers, body, truncated);
+        // What is kept and shown (DLQ, invocation records, destinations)
+        // never holds the function's secrets nor the request's credentials.
+        let secrets = deployed
+            .runtime
+            .spec()
+            .secrets
+            .with(nimbus_telemetry::redact::credentials(
+                c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+        if !secrets.is_empty() {
+            stored.body = secrets.text(&stored.body).into_owned();
+            for (_, v) in &mut stored.headers {
+                *v = secrets.text(v).into_owned();
+            }
+        }
         (Some(parts.status.as_u16()), error, Some(stored))
     }
 
@@ -710,7 +725,7 @@ fn stored_response(
         status,
         headers: headers
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "set-cookie" | "authorization"))
+            .filter(|(k, _)| !nimbus_telemetry::redact::sensitive_header(k.as_str()))
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
             .collect(),
         body: text,

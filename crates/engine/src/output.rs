@@ -13,6 +13,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 #[derive(Clone)]
 pub(crate) struct OutputTag {
     pub sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
+    /// Secret values replaced in every line.
+    pub redactor: nimbus_telemetry::redact::Redactor,
     pub trace_id: Option<Arc<str>>,
     pub function: Arc<str>,
     pub version: u64,
@@ -48,7 +50,8 @@ impl FunctionOutput {
 
     fn emit(&self, line: &[u8]) {
         let line = String::from_utf8_lossy(line);
-        let text = line.trim_end_matches('\r');
+        let text = self.tag.redactor.text(line.trim_end_matches('\r'));
+        let text = text.as_ref();
         tracing::info!(
             target: "nimbus::function",
             function = &*self.tag.function,

@@ -103,6 +103,8 @@ pub struct FunctionSpec {
     pub env: Vec<(String, String)>,
     pub limits: FunctionLimits,
     pub outbound: OutboundPolicy,
+    /// The function's secret values, kept out of its captured output.
+    pub secrets: nimbus_telemetry::redact::Redactor,
 }
 
 /// The node's wasmtime engine.
@@ -400,7 +402,21 @@ impl FunctionRuntime {
             .get(nimbus_telemetry::trace::TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(nimbus_telemetry::trace::TraceContext::parse);
+        // Output never shows the function's secrets nor the credentials
+        // this request carried.
+        let credentials = nimbus_telemetry::redact::credentials(
+            request
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+        );
+        let redactor = if credentials.is_empty() {
+            f.spec.secrets.clone()
+        } else {
+            f.spec.secrets.with(credentials)
+        };
         let tag = OutputTag {
+            redactor,
             trace_id: trace.map(|t| t.trace_id_hex().into()),
             sink: f.log_sink.clone(),
             function: f.name.clone(),

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod names;
 pub mod outbound;
 pub mod route;
+pub mod secret;
 pub mod source;
 
 use serde::de::{self, MapAccess, Visitor};
@@ -32,6 +33,7 @@ pub use limits::{Limits, Timeout};
 pub use names::{AppName, BucketName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
+pub use secret::SecretSource;
 pub use source::{
     Amqp, BrokerUrl, Format, JetStream, Mqtt, MqttVersion, Nats, Operation, Postgres, RedisStream,
     Source, SourceKind, StartAt,
@@ -47,6 +49,9 @@ pub struct FunctionConfig {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub env: BTreeMap<EnvName, String>,
+    /// Environment variables whose values are read on the node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<EnvName, SecretSource>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -189,6 +194,8 @@ struct RawFunction {
     #[serde(default)]
     env: BTreeMap<EnvName, String>,
     #[serde(default)]
+    secrets: BTreeMap<EnvName, SecretSource>,
+    #[serde(default)]
     limits: Limits,
     #[serde(default)]
     allowed_outbound_hosts: Vec<OutboundRule>,
@@ -285,6 +292,17 @@ impl Manifest {
 
         let mut seen: Vec<(&FunctionName, &Route)> = Vec::new();
         for (name, f) in &raw.functions {
+            if let Some(both) = f.secrets.keys().find(|k| f.env.contains_key(*k)) {
+                return Err(ManifestError::at(
+                    path,
+                    text,
+                    None,
+                    format!(
+                        "function `{name}` sets {} in both env and secrets: keep one",
+                        both.as_str()
+                    ),
+                ));
+            }
             for spanned in &f.routes {
                 let route = &spanned.get_ref().0;
                 if let Some((other, existing)) = seen.iter().find(|(_, r)| r.conflicts_with(route))
@@ -338,6 +356,7 @@ impl Manifest {
                 let config = FunctionConfig {
                     routes: f.routes.into_iter().map(|r| r.into_inner().0).collect(),
                     env: f.env,
+                    secrets: f.secrets,
                     limits: f.limits,
                     allowed_outbound_hosts: f.allowed_outbound_hosts,
                     retry: f.retry,

@@ -60,7 +60,7 @@ impl From<ChangeError> for ApiError {
                 Self(StatusCode::CONFLICT, "no_earlier_version", msg)
             }
             ChangeError::Store(StoreError::NoSuchVersion { .. }) => Self::not_found(msg),
-            ChangeError::MissingSecret { .. } => {
+            ChangeError::MissingSecret { .. } | ChangeError::SecretUnavailable { .. } => {
                 Self(StatusCode::BAD_REQUEST, "missing_secret", msg)
             }
             ChangeError::Source { .. } => Self(StatusCode::BAD_REQUEST, "bad_source", msg),

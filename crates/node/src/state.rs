@@ -50,6 +50,14 @@ pub enum ChangeError {
         "function `{function}` sends its results to function `{target}`, which is not deployed: deploy it too or change destinations"
     )]
     NoSuchDestination { function: String, target: String },
+    #[error(
+        "function `{function}`: the secret {name} is read from {from}, which is not set or not readable on the node; set it where `nimbus up` runs"
+    )]
+    SecretUnavailable {
+        function: String,
+        name: String,
+        from: String,
+    },
     #[error("function `{function}`: source {source_key} cannot be used: {reason}")]
     Source {
         function: String,
@@ -101,8 +109,9 @@ fn spec_of(
     version: u64,
     digest: &ComponentDigest,
     config: &FunctionConfig,
-) -> FunctionSpec {
-    FunctionSpec {
+) -> Result<FunctionSpec, ChangeError> {
+    let secrets = resolve_secrets(name, config)?;
+    Ok(FunctionSpec {
         name: name.to_string(),
         version,
         digest: digest.clone(),
@@ -110,13 +119,42 @@ fn spec_of(
             .env
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+            .chain(secrets.iter().cloned())
             .collect(),
         limits: FunctionLimits {
             memory_bytes: config.limits.memory.get() << 20,
             timeout: config.limits.timeout.get(),
         },
         outbound: OutboundPolicy::new(config.allowed_outbound_hosts.clone()),
-    }
+        secrets: nimbus_telemetry::redact::Redactor::new(secrets.into_iter().map(|(_, v)| v)),
+    })
+}
+
+/// Reads the function's secrets where they live on the node.
+fn resolve_secrets(
+    name: &FunctionName,
+    config: &FunctionConfig,
+) -> Result<Vec<(String, String)>, ChangeError> {
+    config
+        .secrets
+        .iter()
+        .map(|(var, from)| {
+            let value = match from {
+                nimbus_manifest::SecretSource::Env(e) => std::env::var(e.as_str()).ok(),
+                nimbus_manifest::SecretSource::File(path) => std::fs::read_to_string(path)
+                    .ok()
+                    .map(|v| v.strip_suffix('\n').unwrap_or(&v).to_owned()),
+            };
+            value
+                .filter(|v| !v.is_empty())
+                .map(|v| (var.as_str().to_owned(), v))
+                .ok_or_else(|| ChangeError::SecretUnavailable {
+                    function: name.to_string(),
+                    name: var.as_str().to_owned(),
+                    from: from.to_string(),
+                })
+        })
+        .collect()
 }
 
 impl NodeState {
@@ -238,7 +276,7 @@ impl NodeState {
                 return Err(ChangeError::MissingComponent(digest.to_string()));
             }
         }
-        let spec = spec_of(name, version, &digest, config);
+        let spec = spec_of(name, version, &digest, config)?;
         let engine = self.engine.clone();
         let runtime = tokio::task::spawn_blocking(move || engine.prepare(spec))
             .await

@@ -9,6 +9,7 @@
 //! `faas.invoke_duration`), written the Prometheus way (`faas_invocations_total`).
 
 pub mod logs;
+pub mod redact;
 pub mod trace;
 
 use std::fmt::Write as _;
