@@ -62,8 +62,9 @@ def wait_until_serving(port, path, timeout=60):
 class Node:
     """A `nimbus up` process on ephemeral ports."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, flags=()):
         self.data_dir = Path(data_dir)
+        self.flags = list(flags)
         self.proc = None
         self.port = None
 
@@ -75,7 +76,7 @@ class Node:
         log = open(self.data_dir.parent / "node.log", "a")
         self.proc = subprocess.Popen(
             [str(NIMBUS), "--data-dir", str(self.data_dir), "up", "--listen", f"127.0.0.1:{self.port}",
-             "--admin-listen", "127.0.0.1:0", "--log-format", "json"],
+             "--admin-listen", "127.0.0.1:0", "--log-format", "json", *self.flags],
             stdout=log, stderr=log, env={**os.environ, "NIMBUS_LOG": "warn"})
         deadline = time.time() + 60
         while time.time() < deadline:

@@ -73,6 +73,10 @@ enum Command {
         /// AWS_REGION, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP.
         #[arg(long, env = "NIMBUS_OBJECT_STORE", default_value = "local")]
         object_store: String,
+        /// Count nothing for /metrics, `nimbus top`, the dashboard and
+        /// alerts (to measure what counting costs).
+        #[arg(long)]
+        no_metrics: bool,
     },
     /// A live view of every function: requests/s, errors, latency,
     /// in-flight, queued, cold starts.
@@ -272,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_retention,
             log_max_mb,
             object_store,
+            no_metrics,
         } => {
             init_logging(*log_format);
             // Config errors surface before any port is bound.
@@ -297,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!(e))?,
                     max_bytes: log_max_mb.saturating_mul(1 << 20),
                 },
+                metrics: !*no_metrics,
                 objects: match object_store.as_str() {
                     "local" => nimbus_node::ObjectStorage::Local,
                     url if url.starts_with("s3://") => {

@@ -43,6 +43,9 @@ pub struct NodeConfig {
     pub log_retention: nimbus_telemetry::logs::Retention,
     /// Where buckets keep their objects.
     pub objects: ObjectStorage,
+    /// Whether invocations are counted for `/metrics`, `nimbus top`, the
+    /// dashboard and alerts (off only to measure what counting costs).
+    pub metrics: bool,
 }
 
 /// Where buckets keep their objects.
@@ -196,6 +199,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         logs,
         objects,
     ));
+    state
+        .metrics
+        .store(config.metrics, std::sync::atomic::Ordering::Relaxed);
     state.load_all().await?;
 
     write_node_file(&data_dir, &info)?;

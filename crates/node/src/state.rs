@@ -99,6 +99,8 @@ pub struct NodeState {
     pub buckets: Arc<dyn nimbus_buckets::BucketStore>,
     /// The functions' alert rules and their states.
     pub alerts: Arc<crate::alerts::Alerts>,
+    /// Whether new versions count their invocations.
+    pub metrics: std::sync::atomic::AtomicBool,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -194,6 +196,7 @@ impl NodeState {
             stopping: tokio::sync::watch::Sender::new(false),
             buckets,
             alerts: Arc::default(),
+            metrics: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -320,7 +323,11 @@ impl NodeState {
             config: config.clone(),
             webhooks,
             warm: std::sync::atomic::AtomicBool::new(false),
-            metrics: Default::default(),
+            metrics: if self.metrics.load(std::sync::atomic::Ordering::Relaxed) {
+                nimbus_telemetry::FunctionMetrics::default()
+            } else {
+                nimbus_telemetry::FunctionMetrics::off()
+            },
         }))
     }
 

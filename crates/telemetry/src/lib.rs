@@ -116,9 +116,12 @@ impl Histogram {
     }
 }
 
-/// Counters of one function version.
+/// Counters of one function version. A node started without metrics
+/// builds them [`FunctionMetrics::off`]: nothing is recorded (the
+/// benchmark's baseline for what recording costs).
 #[derive(Default)]
 pub struct FunctionMetrics {
+    off: bool,
     invocations: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     coldstarts: AtomicU64,
@@ -127,30 +130,48 @@ pub struct FunctionMetrics {
 }
 
 impl FunctionMetrics {
+    /// Counters that record nothing.
+    pub fn off() -> Self {
+        Self {
+            off: true,
+            ..Self::default()
+        }
+    }
+
     /// An invocation was admitted or refused.
     pub fn invoked(&self) {
-        self.invocations.fetch_add(1, Ordering::Relaxed);
+        if !self.off {
+            self.invocations.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The invocation was the first of its version.
     pub fn coldstart(&self) {
-        self.coldstarts.fetch_add(1, Ordering::Relaxed);
+        if !self.off {
+            self.coldstarts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The invocation failed.
     pub fn failed(&self, kind: ErrorKind) {
-        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        self.errors[i].fetch_add(1, Ordering::Relaxed);
+        if !self.off {
+            let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// An instance was created in `d`.
     pub fn instantiated(&self, d: Duration) {
-        self.instantiate.observe(d);
+        if !self.off {
+            self.instantiate.observe(d);
+        }
     }
 
     /// The invocation ended (its response fully sent, or failed) after `d`.
     pub fn finished(&self, d: Duration) {
-        self.duration.observe(d);
+        if !self.off {
+            self.duration.observe(d);
+        }
     }
 
     /// The counters now, for rates computed by a reader (`nimbus top`).
