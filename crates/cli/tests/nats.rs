@@ -467,3 +467,64 @@ async fn s3_notifications_become_object_events() {
     assert_eq!(recorder.hits().len(), 3);
     delete_stream(&client, &stream).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_large_messages_come_in_byte_bounded_pulls() {
+    const N: usize = 40;
+    let Some(client) = nats().await else {
+        return;
+    };
+    let stream = unique("NIMBUS_BIG", "_");
+    let subject = format!("{}.x", stream.to_lowercase());
+    create_stream(&client, &stream, &format!("{}.>", stream.to_lowercase())).await;
+    // 40 messages of ~900 KB: a pull of the default batch asks for at most
+    // 8 MiB, which the server answers with a few messages and a 409.
+    let big = "x".repeat(900_000);
+    for i in 0..N {
+        let reply = client
+            .request(
+                &subject,
+                format!("{i:03}{big}").as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert!(reply.payload.starts_with(b"{\"stream\""), "not stored");
+    }
+    let recorder = Recorder::start().await;
+    let source = format!(
+        "type = \"jetstream\"\nurl = \"{NATS}\"\nstream = \"{stream}\"\nstart = \"all\"\nconcurrency = 4"
+    );
+    let node = consumer_node(&recorder, &source).await;
+    eventually(
+        Duration::from_secs(120),
+        "every large message to run",
+        || async {
+            let sizes: Vec<String> = recorder
+                .hits()
+                .iter()
+                .map(|h| h.get("body_len").to_owned())
+                .collect();
+            (sizes.len() >= N).then_some(sizes)
+        },
+    )
+    .await
+    .iter()
+    .for_each(|len| assert_eq!(len, "900003"));
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async {
+            settled(&client, &stream, "nimbus-consume")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    // A spent byte budget ends a pull, it is no broker failure: the
+    // session never broke.
+    let status = node.status().await;
+    assert!(status.sources[0].healthy);
+    assert_eq!(status.sources[0].last_error, None, "{:?}", status.sources);
+    delete_stream(&client, &stream).await;
+}

@@ -23,6 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long one pull request waits for messages before the server ends it.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Most bytes one pull asks for (a whole batch of large messages would
+/// otherwise sit in memory); never less than the server's largest message,
+/// or a larger one could never be pulled.
+const PULL_MAX_BYTES: u64 = 8 << 20;
 /// Longest wait for an answer of the JetStream API.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Redelivery delay of a message whose function is not serving.
@@ -445,6 +449,7 @@ impl JetStreamSource {
             }
             let request = serde_json::json!({
                 "batch": held.len(),
+                "max_bytes": PULL_MAX_BYTES.max(client.max_payload()),
                 "expires": PULL_EXPIRES.as_nanos() as u64,
             });
             client
@@ -464,6 +469,8 @@ impl JetStreamSource {
                     Some(100) => continue,
                     // No messages, or the request expired.
                     Some(404 | 408) => break,
+                    // The request's byte budget is spent: ask again.
+                    Some(409) if msg.description.contains("MaxBytes") => break,
                     Some(code) => {
                         return Err(SourceError::Server(format!(
                             "pulling from {}: {code} {}",

@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Longest a connection attempt (and the handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// NATS's default `max_payload`, for a server that does not say.
+const DEFAULT_MAX_PAYLOAD: u64 = 1 << 20;
+
 /// Largest message accepted from a server (its `max_payload` is 1 MiB by
 /// default, 64 MiB at most).
 const MAX_PAYLOAD: usize = 64 << 20;
@@ -115,6 +118,8 @@ pub struct Client {
     inbox: String,
     closed: Arc<Mutex<Option<String>>>,
     reader: tokio::task::JoinHandle<()>,
+    /// The largest message the server takes (its INFO's `max_payload`).
+    max_payload: u64,
 }
 
 impl Drop for Client {
@@ -151,11 +156,15 @@ impl Client {
             let (read, mut write) = stream.into_split();
             let mut read = BufReader::new(read);
             let info = read_line(&mut read).await?;
-            if !info.starts_with("INFO ") {
+            let Some(info) = info.strip_prefix("INFO ") else {
                 return Err(SourceError::Protocol(format!(
                     "{addr} did not greet as a NATS server"
                 )));
-            }
+            };
+            let max_payload = serde_json::from_str::<serde_json::Value>(info)
+                .ok()
+                .and_then(|i| i.get("max_payload").and_then(serde_json::Value::as_u64))
+                .unwrap_or(DEFAULT_MAX_PAYLOAD);
             let mut connect = serde_json::json!({
                 "verbose": false,
                 "pedantic": false,
@@ -180,7 +189,7 @@ impl Client {
             loop {
                 let line = read_line(&mut read).await?;
                 match line.as_str() {
-                    "PONG" => return Ok((read, write)),
+                    "PONG" => return Ok((read, write, max_payload)),
                     "+OK" => {}
                     "PING" => {
                         let _ = write.write_all(b"PONG\r\n").await;
@@ -197,9 +206,10 @@ impl Client {
                 }
             }
         };
-        let (read, write) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-            .await
-            .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))??;
+        let (read, write, max_payload) =
+            tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                .await
+                .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))??;
         let writer = Arc::new(tokio::sync::Mutex::new(write));
         let subs: Subscriptions = Default::default();
         let pending: Pending = Default::default();
@@ -221,6 +231,7 @@ impl Client {
             inbox,
             closed,
             reader,
+            max_payload,
         };
         // Replies to every request arrive on one wildcard subscription.
         let sid = client.next.fetch_add(1, Ordering::Relaxed);
@@ -228,6 +239,11 @@ impl Client {
             .send(format!("SUB {}.r.* {sid}\r\n", client.inbox).into_bytes())
             .await?;
         Ok(client)
+    }
+
+    /// The largest message the server takes.
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
     }
 
     /// Why the connection closed, once it has.
