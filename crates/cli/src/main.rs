@@ -77,6 +77,13 @@ enum Command {
         /// alerts (to measure what counting costs).
         #[arg(long)]
         no_metrics: bool,
+        /// Export spans over OTLP to this collector, e.g.
+        /// http://127.0.0.1:4318 (http) or http://127.0.0.1:4317 (grpc).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
+        /// How spans travel: http (protobuf over HTTP) or grpc.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "http")]
+        otlp_protocol: String,
     },
     /// A live view of every function: requests/s, errors, latency,
     /// in-flight, queued, cold starts.
@@ -277,6 +284,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_max_mb,
             object_store,
             no_metrics,
+            otlp_endpoint,
+            otlp_protocol,
         } => {
             init_logging(*log_format);
             // Config errors surface before any port is bound.
@@ -303,6 +312,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_bytes: log_max_mb.saturating_mul(1 << 20),
                 },
                 metrics: !*no_metrics,
+                otlp: match otlp_endpoint {
+                    Some(endpoint) => Some((endpoint.clone(), otlp_protocol.parse()?)),
+                    None => None,
+                },
                 objects: match object_store.as_str() {
                     "local" => nimbus_node::ObjectStorage::Local,
                     url if url.starts_with("s3://") => {

@@ -239,3 +239,156 @@ async fn alerts_fire_and_resolve_through_their_webhook() {
     // One notice per change, not one per evaluation.
     assert_eq!(hits.iter().filter(|h| h.path == "/alert").count(), 2);
 }
+
+/// The test's OTLP receiver (`tests/otlp/receiver.py`, on the OpenTelemetry
+/// project's own protobuf and gRPC definitions) on free ports: its gRPC
+/// and HTTP endpoints, and the file it appends spans to. `None` (loudly)
+/// outside CI when its Python packages are missing.
+fn otlp_receiver() -> Option<(Daemon, u16, std::path::PathBuf)> {
+    let installed = Command::new("python3")
+        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1"])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        });
+    service(
+        "an OTLP receiver (Python grpcio and opentelemetry-proto)",
+        "pip install grpcio opentelemetry-proto",
+        installed,
+    )?;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The daemon's port is the gRPC one; HTTP comes up first, then gRPC.
+    let out = std::env::temp_dir().join(format!("nimbus-spans-{http}.jsonl"));
+    let _ = std::fs::remove_file(&out);
+    let file = out.display().to_string();
+    let daemon = Daemon::start("python3", move |port, _| {
+        vec![
+            repo_root()
+                .join("tests/otlp/receiver.py")
+                .display()
+                .to_string(),
+            port.to_string(),
+            http.to_string(),
+            file.clone(),
+        ]
+    })?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((daemon, http, out))
+}
+
+/// The spans the receiver got so far.
+fn received(out: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_real_otlp_receiver_over_grpc_and_http() {
+    let Some((receiver, http, out)) = otlp_receiver() else {
+        return;
+    };
+    let g = guests();
+    for (protocol, endpoint) in [
+        ("grpc", format!("http://127.0.0.1:{}", receiver.port)),
+        ("http", format!("http://127.0.0.1:{http}")),
+    ] {
+        let node = Node::start_with_env(
+            tempfile::tempdir().unwrap(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ],
+        );
+        node.deploy(&manifest(
+            "traced",
+            &[("svc", &g.testbed, "routes = [\"/t/*\"]")],
+        ));
+        // A caller's trace: the invocation's span is its child.
+        let trace = format!("{:032x}", rand_u128());
+        let caller_span = "00f067aa0ba902b7";
+        let reply = nimbus_cli::client::send(
+            http::Method::GET,
+            &node.url("/t/ok"),
+            &[("traceparent", &format!("00-{trace}-{caller_span}-01"))],
+            bytes::Bytes::new(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        let id = reply.headers["nimbus-invocation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let spans = eventually(Duration::from_secs(30), "the spans to arrive", || async {
+            let spans: Vec<_> = received(&out)
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace.as_str())
+                .collect();
+            (spans.len() >= 4).then_some(spans)
+        })
+        .await;
+        let root = spans.iter().find(|s| s["parent"] == caller_span).unwrap();
+        assert_eq!(root["via"], protocol);
+        assert_eq!(root["service"], "nimbus");
+        assert_eq!(root["name"], "http svc");
+        assert_eq!(root["kind"], 2, "a server span");
+        assert_eq!(root["attributes"]["faas.invocation_id"], id.as_str());
+        assert_eq!(root["attributes"]["faas.coldstart"], true);
+        assert_eq!(root["attributes"]["http.response.status_code"], 200);
+        for step in ["admission", "instantiate", "execute"] {
+            let s = spans.iter().find(|s| s["name"] == step).unwrap();
+            assert_eq!(
+                s["parent"], root["span_id"],
+                "{step} is a step of the invocation"
+            );
+            assert!(s["start"].as_u64() >= root["start"].as_u64());
+            assert!(s["end"].as_u64() <= root["end"].as_u64());
+        }
+        // A failed invocation's span says so.
+        let failing = format!("{:032x}", rand_u128());
+        let reply = nimbus_cli::client::send(
+            http::Method::GET,
+            &node.url("/t/trap"),
+            &[("traceparent", &format!("00-{failing}-{caller_span}-01"))],
+            bytes::Bytes::new(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let failed = eventually(Duration::from_secs(30), "the failed span", || async {
+            received(&out)
+                .into_iter()
+                .find(|s| s["trace_id"] == failing.as_str() && s["parent"] == caller_span)
+        })
+        .await;
+        assert_eq!(failed["status"], 2, "status error: {failed}");
+    }
+    drop(receiver);
+}
+
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    t ^ (u128::from(std::process::id()) << 64) | 1
+}

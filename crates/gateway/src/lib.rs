@@ -20,6 +20,7 @@ use nimbus_api::{ErrorBody, ErrorResponse, INVOCATION_ID_HEADER};
 use nimbus_engine::{FunctionRuntime, InvokeError};
 use nimbus_manifest::FunctionName;
 use nimbus_telemetry::ErrorKind;
+use nimbus_telemetry::spans::{SpanKind, SpanRecord, SpanSink, Value as SpanValue};
 use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
 use router::{Lookup, Router};
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use wasmtime_wasi_http::Error as HttpError;
 
 /// Set on answers the node made in place of the function's (timeout, trap,
@@ -114,6 +115,8 @@ pub struct Gateway {
     next_id: AtomicU64,
     id_prefix: u64,
     intake: Option<Arc<dyn intake::Intake>>,
+    /// Where each invocation's spans go (OTLP export), when configured.
+    spans: Option<Arc<dyn SpanSink>>,
 }
 
 impl Default for Gateway {
@@ -149,7 +152,14 @@ impl Gateway {
             next_id: AtomicU64::new(0),
             id_prefix: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             intake,
+            spans: None,
         }
+    }
+
+    /// Records every invocation's spans into `sink`.
+    pub fn with_spans(mut self, sink: Arc<dyn SpanSink>) -> Self {
+        self.spans = Some(sink);
+        self
     }
 
     /// The table serving now.
@@ -272,6 +282,7 @@ impl Gateway {
         id: Arc<str>,
     ) -> hyper::Response<Body> {
         let started = Instant::now();
+        let wall_start = std::time::SystemTime::now();
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let trigger = info.trigger.unwrap_or("http");
         let attempt = info.attempt;
@@ -316,14 +327,20 @@ impl Gateway {
             }
         };
 
+        let admitted = started.elapsed();
         let headers = req.headers_mut();
         // The caller's trace continues (or one starts); the function sees
         // this invocation as the parent of whatever it does next.
-        let trace = headers
+        let caller = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
-            .and_then(TraceContext::parse)
-            .map_or_else(TraceContext::root, |parent| parent.child());
+            .and_then(TraceContext::parse);
+        let trace = caller.map_or_else(TraceContext::root, |parent| parent.child());
+        let timing = Timing {
+            wall_start,
+            admitted,
+            parent: caller.map(|c| c.span_id),
+        };
         let trace_id = trace.trace_id_hex();
         if let Ok(v) = HeaderValue::from_str(&trace.header()) {
             headers.insert(TRACEPARENT, v);
@@ -396,6 +413,8 @@ impl Gateway {
                     instantiate: outcome.instantiate,
                     cold,
                     peak_memory: outcome.peak_memory.clone(),
+                    timing,
+                    spans: self.spans.clone(),
                 };
                 let body =
                     ResponseStream::prefetch(body, permit, deployed.clone(), started, summary)
@@ -410,6 +429,28 @@ impl Gateway {
                     _ => ErrorKind::Other,
                 });
                 deployed.metrics.finished(elapsed);
+                if let Some(sink) = &self.spans {
+                    let spans = invocation_spans(&SpanFacts {
+                        deployed,
+                        id: &id,
+                        method: &method,
+                        path: &path,
+                        trigger,
+                        attempt,
+                        trace,
+                        timing: &timing,
+                        status: None,
+                        // A failed invocation does not say when its
+                        // instance was ready: execution covers both.
+                        instantiate: Duration::ZERO,
+                        elapsed,
+                        cold,
+                        error: Some(e.to_string()),
+                    });
+                    for span in spans {
+                        sink.record(span);
+                    }
+                }
                 let (status, code) = match &e {
                     InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
                     InvokeError::MemoryLimit(_) => {
@@ -621,6 +662,104 @@ struct Summary {
     instantiate: std::time::Duration,
     cold: bool,
     peak_memory: Arc<AtomicU64>,
+    timing: Timing,
+    spans: Option<Arc<dyn SpanSink>>,
+}
+
+/// When an invocation started and was admitted, and whose span it
+/// continues.
+#[derive(Clone, Copy)]
+struct Timing {
+    wall_start: std::time::SystemTime,
+    /// Time spent waiting for an admission slot.
+    admitted: Duration,
+    /// The caller's span, when it sent a trace context.
+    parent: Option<[u8; 8]>,
+}
+
+/// What an invocation's spans say.
+struct SpanFacts<'a> {
+    deployed: &'a Deployed,
+    id: &'a str,
+    method: &'a Method,
+    path: &'a str,
+    trigger: &'static str,
+    attempt: Option<u32>,
+    trace: TraceContext,
+    timing: &'a Timing,
+    /// The response status; none when the function failed before one.
+    status: Option<u16>,
+    instantiate: Duration,
+    elapsed: Duration,
+    cold: bool,
+    error: Option<String>,
+}
+
+/// The invocation's span (its id is the one the function saw as parent)
+/// and its steps: admission, instantiation, execution.
+fn invocation_spans(f: &SpanFacts<'_>) -> Vec<SpanRecord> {
+    let t = f.timing;
+    let at = |d: Duration| t.wall_start + d;
+    let exec_start = (t.admitted + f.instantiate).min(f.elapsed);
+    // OpenTelemetry's FaaS trigger names.
+    let faas_trigger = match f.trigger {
+        "http" | "webhook" => "http",
+        "schedule" => "timer",
+        "source" | "bucket" => "pubsub",
+        _ => "other",
+    };
+    let mut attributes = vec![
+        ("faas.invocation_id", SpanValue::Str(f.id.to_owned())),
+        ("faas.name", SpanValue::Str(f.deployed.name.to_string())),
+        ("faas.version", SpanValue::Int(f.deployed.version as i64)),
+        ("faas.trigger", SpanValue::Str(faas_trigger.to_owned())),
+        ("faas.coldstart", SpanValue::Bool(f.cold)),
+        ("nimbus.trigger", SpanValue::Str(f.trigger.to_owned())),
+        ("http.request.method", SpanValue::Str(f.method.to_string())),
+        ("url.path", SpanValue::Str(f.path.to_owned())),
+    ];
+    if let Some(status) = f.status {
+        attributes.push(("http.response.status_code", SpanValue::Int(status.into())));
+    }
+    if let Some(n) = f.attempt {
+        attributes.push(("nimbus.attempt", SpanValue::Int(n.into())));
+    }
+    let failed = f.error.clone().or_else(|| {
+        f.status
+            .filter(|s| *s >= 500)
+            .map(|s| format!("status {s}"))
+    });
+    let step = |name: &str, from: Duration, to: Duration, error: Option<String>| SpanRecord {
+        trace_id: f.trace.trace_id,
+        span_id: nimbus_telemetry::spans::span_id(),
+        parent: Some(f.trace.span_id),
+        name: name.to_owned(),
+        kind: SpanKind::Internal,
+        start: at(from),
+        end: at(to.max(from)),
+        attributes: Vec::new(),
+        error,
+    };
+    vec![
+        SpanRecord {
+            trace_id: f.trace.trace_id,
+            span_id: f.trace.span_id,
+            parent: t.parent,
+            name: format!("{} {}", f.trigger, f.deployed.name),
+            kind: if faas_trigger == "http" {
+                SpanKind::Server
+            } else {
+                SpanKind::Consumer
+            },
+            start: t.wall_start,
+            end: at(f.elapsed),
+            attributes,
+            error: failed.clone(),
+        },
+        step("admission", Duration::ZERO, t.admitted, None),
+        step("instantiate", t.admitted, exec_start, None),
+        step("execute", exec_start, f.elapsed, failed),
+    ]
 }
 
 impl Drop for ResponseStream {
@@ -628,6 +767,26 @@ impl Drop for ResponseStream {
         let elapsed = self.started.elapsed();
         self.deployed.metrics.finished(elapsed);
         let s = &self.summary;
+        if let Some(sink) = &s.spans {
+            let spans = invocation_spans(&SpanFacts {
+                deployed: &self.deployed,
+                id: &s.id,
+                method: &s.method,
+                path: &s.path,
+                trigger: s.trigger,
+                attempt: s.attempt,
+                trace: s.trace,
+                timing: &s.timing,
+                status: Some(s.status),
+                instantiate: s.instantiate,
+                elapsed,
+                cold: s.cold,
+                error: None,
+            });
+            for span in spans {
+                sink.record(span);
+            }
+        }
         let ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "nimbus::invocation",

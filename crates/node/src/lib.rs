@@ -46,6 +46,8 @@ pub struct NodeConfig {
     /// Whether invocations are counted for `/metrics`, `nimbus top`, the
     /// dashboard and alerts (off only to measure what counting costs).
     pub metrics: bool,
+    /// Where spans are exported over OTLP, if anywhere.
+    pub otlp: Option<(String, nimbus_otlp::Protocol)>,
 }
 
 /// Where buckets keep their objects.
@@ -141,6 +143,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     );
 
     let objects = open_objects(&config.objects, &data_dir).await?;
+    let spans = match &config.otlp {
+        Some((endpoint, protocol)) => Some(nimbus_otlp::start(endpoint, *protocol)?),
+        None => None,
+    };
 
     let gateway_listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
@@ -169,7 +175,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         signal: signal.clone(),
         admin_url: info.admin_url.clone(),
     });
-    let gateway = Arc::new(Gateway::new(Some(intake.clone())));
+    let mut gateway = Gateway::new(Some(intake.clone()));
+    if let Some(sink) = spans {
+        gateway = gateway.with_spans(sink);
+    }
+    let gateway = Arc::new(gateway);
     let dispatcher = Arc::new(nimbus_dispatch::Dispatcher::new(
         queue.clone(),
         gateway.clone(),

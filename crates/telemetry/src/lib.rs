@@ -10,6 +10,7 @@
 
 pub mod logs;
 pub mod redact;
+pub mod spans;
 pub mod trace;
 
 use std::fmt::Write as _;

@@ -410,6 +410,9 @@ where
     }
 }
 
+/// A daemon's command line for its port and directory.
+type DaemonArgs = Box<dyn Fn(u16, &Path) -> Vec<String> + Send>;
+
 /// A broker of the test's own (the machine's are shared and cannot be
 /// restarted by a test), on a free port with its data in a temporary
 /// directory that outlives restarts.
@@ -417,14 +420,17 @@ pub struct Daemon {
     pub port: u16,
     pub dir: tempfile::TempDir,
     binary: &'static str,
-    args: fn(u16, &Path) -> Vec<String>,
+    args: DaemonArgs,
     child: Option<std::process::Child>,
 }
 
 impl Daemon {
     /// Starts `binary` with `args(port, dir)`, or returns `None` (loudly)
     /// when it is not installed outside CI.
-    pub fn start(binary: &'static str, args: fn(u16, &Path) -> Vec<String>) -> Option<Daemon> {
+    pub fn start(
+        binary: &'static str,
+        args: impl Fn(u16, &Path) -> Vec<String> + Send + 'static,
+    ) -> Option<Daemon> {
         if binary.starts_with('/') && !Path::new(binary).exists() {
             if std::env::var_os("CI").is_some() {
                 panic!("CI needs {binary}");
@@ -441,7 +447,7 @@ impl Daemon {
             port,
             dir: tempfile::tempdir().unwrap(),
             binary,
-            args,
+            args: Box::new(args),
             child: None,
         };
         daemon.spawn();
