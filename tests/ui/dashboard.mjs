@@ -1,6 +1,7 @@
 // Drives the dashboard in headless Chromium: log in (a wrong token first),
 // see a function, invoke it, watch the invocation appear with its log
-// lines, in the list and in the live tail. Saves screenshots.
+// lines, in the list and in the live tail, and open its span timeline.
+// Saves screenshots.
 //
 //   node dashboard.mjs ADMIN_URL TOKEN SCREENSHOT_DIR FUNCTION
 import { chromium } from "playwright-core";
@@ -41,6 +42,12 @@ try {
   const id = await handle.jsonValue();
   await page.waitForSelector(`.invocation[data-id="${id}"] pre:has-text("line 2 from the testbed")`);
   await page.waitForSelector(`#tail:has-text("line 2 from the testbed")`);
+  // Its spans: the invocation, admission, instantiation, execution.
+  await page.click(`.invocation[data-id="${id}"] header`);
+  for (const step of ["admission", "instantiate", "execute"]) {
+    await page.waitForSelector(`.invocation[data-id="${id}"] .span-row[data-name="${step}"]`);
+  }
+  await page.waitForSelector("#versions:has-text('v1 (active)')");
   // The functions table counts it once the next sample is in.
   await page.waitForFunction((sel) => {
     const cells = document.querySelector(sel)?.cells;

@@ -20,7 +20,7 @@ use nimbus_api::{ErrorBody, ErrorResponse, INVOCATION_ID_HEADER};
 use nimbus_engine::{FunctionRuntime, InvokeError};
 use nimbus_manifest::FunctionName;
 use nimbus_telemetry::ErrorKind;
-use nimbus_telemetry::spans::{SpanKind, SpanRecord, SpanSink, Value as SpanValue};
+use nimbus_telemetry::spans::{Invocation as SpanFacts, SpanSink};
 use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
 use router::{Lookup, Router};
 use std::collections::HashMap;
@@ -430,26 +430,27 @@ impl Gateway {
                 });
                 deployed.metrics.finished(elapsed);
                 if let Some(sink) = &self.spans {
-                    let spans = invocation_spans(&SpanFacts {
-                        deployed,
-                        id: &id,
-                        method: &method,
-                        path: &path,
+                    sink.record(Arc::new(SpanFacts {
+                        trace_id: trace.trace_id,
+                        span_id: trace.span_id,
+                        parent: timing.parent,
+                        id: id.clone(),
+                        function: deployed.name.to_string(),
+                        version: deployed.version,
                         trigger,
                         attempt,
-                        trace,
-                        timing: &timing,
+                        method: method.to_string(),
+                        path: path.clone(),
                         status: None,
+                        cold,
+                        start: timing.wall_start,
+                        admitted: timing.admitted,
                         // A failed invocation does not say when its
                         // instance was ready: execution covers both.
                         instantiate: Duration::ZERO,
                         elapsed,
-                        cold,
                         error: Some(e.to_string()),
-                    });
-                    for span in spans {
-                        sink.record(span);
-                    }
+                    }));
                 }
                 let (status, code) = match &e {
                     InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -677,115 +678,31 @@ struct Timing {
     parent: Option<[u8; 8]>,
 }
 
-/// What an invocation's spans say.
-struct SpanFacts<'a> {
-    deployed: &'a Deployed,
-    id: &'a str,
-    method: &'a Method,
-    path: &'a str,
-    trigger: &'static str,
-    attempt: Option<u32>,
-    trace: TraceContext,
-    timing: &'a Timing,
-    /// The response status; none when the function failed before one.
-    status: Option<u16>,
-    instantiate: Duration,
-    elapsed: Duration,
-    cold: bool,
-    error: Option<String>,
-}
-
-/// The invocation's span (its id is the one the function saw as parent)
-/// and its steps: admission, instantiation, execution.
-fn invocation_spans(f: &SpanFacts<'_>) -> Vec<SpanRecord> {
-    let t = f.timing;
-    let at = |d: Duration| t.wall_start + d;
-    let exec_start = (t.admitted + f.instantiate).min(f.elapsed);
-    // OpenTelemetry's FaaS trigger names.
-    let faas_trigger = match f.trigger {
-        "http" | "webhook" => "http",
-        "schedule" => "timer",
-        "source" | "bucket" => "pubsub",
-        _ => "other",
-    };
-    let mut attributes = vec![
-        ("faas.invocation_id", SpanValue::Str(f.id.to_owned())),
-        ("faas.name", SpanValue::Str(f.deployed.name.to_string())),
-        ("faas.version", SpanValue::Int(f.deployed.version as i64)),
-        ("faas.trigger", SpanValue::Str(faas_trigger.to_owned())),
-        ("faas.coldstart", SpanValue::Bool(f.cold)),
-        ("nimbus.trigger", SpanValue::Str(f.trigger.to_owned())),
-        ("http.request.method", SpanValue::Str(f.method.to_string())),
-        ("url.path", SpanValue::Str(f.path.to_owned())),
-    ];
-    if let Some(status) = f.status {
-        attributes.push(("http.response.status_code", SpanValue::Int(status.into())));
-    }
-    if let Some(n) = f.attempt {
-        attributes.push(("nimbus.attempt", SpanValue::Int(n.into())));
-    }
-    let failed = f.error.clone().or_else(|| {
-        f.status
-            .filter(|s| *s >= 500)
-            .map(|s| format!("status {s}"))
-    });
-    let step = |name: &str, from: Duration, to: Duration, error: Option<String>| SpanRecord {
-        trace_id: f.trace.trace_id,
-        span_id: nimbus_telemetry::spans::span_id(),
-        parent: Some(f.trace.span_id),
-        name: name.to_owned(),
-        kind: SpanKind::Internal,
-        start: at(from),
-        end: at(to.max(from)),
-        attributes: Vec::new(),
-        error,
-    };
-    vec![
-        SpanRecord {
-            trace_id: f.trace.trace_id,
-            span_id: f.trace.span_id,
-            parent: t.parent,
-            name: format!("{} {}", f.trigger, f.deployed.name),
-            kind: if faas_trigger == "http" {
-                SpanKind::Server
-            } else {
-                SpanKind::Consumer
-            },
-            start: t.wall_start,
-            end: at(f.elapsed),
-            attributes,
-            error: failed.clone(),
-        },
-        step("admission", Duration::ZERO, t.admitted, None),
-        step("instantiate", t.admitted, exec_start, None),
-        step("execute", exec_start, f.elapsed, failed),
-    ]
-}
-
 impl Drop for ResponseStream {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
         self.deployed.metrics.finished(elapsed);
         let s = &self.summary;
         if let Some(sink) = &s.spans {
-            let spans = invocation_spans(&SpanFacts {
-                deployed: &self.deployed,
-                id: &s.id,
-                method: &s.method,
-                path: &s.path,
+            sink.record(Arc::new(SpanFacts {
+                trace_id: s.trace.trace_id,
+                span_id: s.trace.span_id,
+                parent: s.timing.parent,
+                id: s.id.clone(),
+                function: self.deployed.name.to_string(),
+                version: self.deployed.version,
                 trigger: s.trigger,
                 attempt: s.attempt,
-                trace: s.trace,
-                timing: &s.timing,
+                method: s.method.to_string(),
+                path: s.path.clone(),
                 status: Some(s.status),
+                cold: s.cold,
+                start: s.timing.wall_start,
+                admitted: s.timing.admitted,
                 instantiate: s.instantiate,
                 elapsed,
-                cold: s.cold,
                 error: None,
-            });
-            for span in spans {
-                sink.record(span);
-            }
+            }));
         }
         let ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(

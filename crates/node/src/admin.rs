@@ -165,6 +165,7 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
         }
         (&Method::DELETE, ["v1", "functions", name, "dlq"]) => purge(&state, name).await,
         (&Method::GET, ["v1", "invocations", id]) => invocation(&state, id).await,
+        (&Method::GET, ["v1", "invocations", id, "spans"]) => Ok(spans(&state, id)),
         (&Method::GET, ["v1", "schedules"]) => schedules(&state).await,
         (&Method::GET, ["v1", "alerts"]) => {
             Ok(json_response(StatusCode::OK, &state.alerts.states()))
@@ -692,6 +693,54 @@ async fn invocations(
     let limit = limit_param(req, MAX_LIST)?;
     let list = state.queue().list(name.as_str(), wanted, limit).await?;
     Ok(json_response(StatusCode::OK, &list))
+}
+
+/// `GET /v1/invocations/{id}/spans`: the invocation's spans still in
+/// memory (its own, then its steps), times in ms since the epoch.
+fn spans(state: &NodeState, id: &str) -> Response {
+    use nimbus_telemetry::spans::{SpanKind, Value};
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let list: Vec<serde_json::Value> = state
+        .recent_spans
+        .get()
+        .map(|r| r.of_invocation(id))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            let attributes: serde_json::Map<String, serde_json::Value> = s
+                .attributes
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::Str(s) => serde_json::Value::from(s.as_str()),
+                        Value::Int(i) => serde_json::Value::from(*i),
+                        Value::Bool(b) => serde_json::Value::from(*b),
+                    };
+                    ((*k).to_owned(), v)
+                })
+                .collect();
+            serde_json::json!({
+                "name": s.name,
+                "trace_id": hex(&s.trace_id),
+                "span_id": hex(&s.span_id),
+                "parent": s.parent.map(|p| hex(&p)),
+                "kind": match s.kind {
+                    SpanKind::Server => "server",
+                    SpanKind::Internal => "internal",
+                    SpanKind::Consumer => "consumer",
+                },
+                "start_ms": ms(s.start),
+                "duration_ms": ms(s.end) - ms(s.start),
+                "error": s.error,
+                "attributes": attributes,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &list)
 }
 
 async fn invocation(state: &NodeState, id: &str) -> Result<Response, ApiError> {

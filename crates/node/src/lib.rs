@@ -175,11 +175,17 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         signal: signal.clone(),
         admin_url: info.admin_url.clone(),
     });
-    let mut gateway = Gateway::new(Some(intake.clone()));
-    if let Some(sink) = spans {
-        gateway = gateway.with_spans(sink);
-    }
-    let gateway = Arc::new(gateway);
+    // The latest spans stay in memory for the dashboard; with a collector
+    // configured they are exported too.
+    let recent_spans = Arc::new(nimbus_telemetry::spans::RecentSpans::new(RECENT_SPANS));
+    let sink: Arc<dyn nimbus_telemetry::spans::SpanSink> = match spans {
+        Some(otlp) => Arc::new(nimbus_telemetry::spans::Fanout(vec![
+            recent_spans.clone(),
+            otlp,
+        ])),
+        None => recent_spans.clone(),
+    };
+    let gateway = Arc::new(Gateway::new(Some(intake.clone())).with_spans(sink));
     let dispatcher = Arc::new(nimbus_dispatch::Dispatcher::new(
         queue.clone(),
         gateway.clone(),
@@ -212,6 +218,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     state
         .metrics
         .store(config.metrics, std::sync::atomic::Ordering::Relaxed);
+    let _ = state.recent_spans.set(recent_spans);
     state.load_all().await?;
 
     write_node_file(&data_dir, &info)?;
@@ -314,6 +321,9 @@ fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
     tracing::info!(path = %path.display(), "created the admin token");
     Ok(token)
 }
+
+/// Invocations whose spans are kept in memory for the dashboard.
+const RECENT_SPANS: usize = 4096;
 
 /// Longest a drain waits beyond the longest function timeout.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);

@@ -101,6 +101,8 @@ pub struct NodeState {
     pub alerts: Arc<crate::alerts::Alerts>,
     /// Whether new versions count their invocations.
     pub metrics: std::sync::atomic::AtomicBool,
+    /// The latest spans, for the dashboard's timelines.
+    pub recent_spans: std::sync::OnceLock<Arc<nimbus_telemetry::spans::RecentSpans>>,
 }
 
 /// Compiles that may run at once (each uses all cores while it lasts).
@@ -197,6 +199,7 @@ impl NodeState {
             buckets,
             alerts: Arc::default(),
             metrics: std::sync::atomic::AtomicBool::new(true),
+            recent_spans: std::sync::OnceLock::new(),
         }
     }
 

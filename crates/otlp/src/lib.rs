@@ -1,12 +1,13 @@
 //! `nimbus-otlp` owns the export of the node's spans over OTLP, through
 //! the OpenTelemetry SDK's exporter: protobuf over HTTP (`/v1/traces`) or
-//! gRPC. [`OtlpSink`] is the node's [`SpanSink`]: recording a span is a
-//! non-blocking send on a bounded channel (a full channel drops the span
+//! gRPC. [`OtlpSink`] is the node's [`SpanSink`]: recording an invocation
+//! is a non-blocking send on a bounded channel (a full channel drops it
 //! and counts it, so a slow collector never slows an invocation); a task
-//! batches the spans (up to [`BATCH`], or every [`FLUSH_EVERY`]) and
-//! exports them, keeping the span and trace ids Nimbus propagated.
+//! builds its spans, batches them (up to [`BATCH`], or every
+//! [`FLUSH_EVERY`]) and exports them, keeping the span and trace ids Nimbus
+//! propagated.
 
-use nimbus_telemetry::spans::{SpanKind as Kind, SpanRecord, SpanSink, Value};
+use nimbus_telemetry::spans::{Invocation, SpanKind as Kind, SpanRecord, SpanSink, Value};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
@@ -19,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Spans waiting for export at most; more are dropped.
-pub const QUEUE: usize = 8192;
+/// Invocations waiting for export at most; more are dropped.
+pub const QUEUE: usize = 4096;
 /// Spans per export request at most.
 pub const BATCH: usize = 512;
 /// Longest a recorded span waits before it is exported.
@@ -60,20 +61,21 @@ pub enum OtlpError {
 
 /// Sends spans to the export task.
 pub struct OtlpSink {
-    tx: mpsc::Sender<SpanRecord>,
+    tx: mpsc::Sender<Arc<Invocation>>,
     dropped: AtomicU64,
 }
 
 impl SpanSink for OtlpSink {
-    fn record(&self, span: SpanRecord) {
-        if self.tx.try_send(span).is_err() {
+    fn record(&self, invocation: Arc<Invocation>) {
+        if self.tx.try_send(invocation).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 impl OtlpSink {
-    /// Spans dropped because the export fell behind.
+    /// Invocations whose spans were dropped because the export fell
+    /// behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -125,25 +127,27 @@ pub fn start(endpoint: &str, protocol: Protocol) -> Result<Arc<OtlpSink>, OtlpEr
             ])
             .build(),
     );
-    let (tx, mut rx) = mpsc::channel::<SpanRecord>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Arc<Invocation>>(QUEUE);
     let endpoint = endpoint.to_owned();
     tokio::spawn(async move {
         let scope = InstrumentationScope::builder("nimbus")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
         loop {
             let first = rx.recv().await;
             let Some(first) = first else { break };
-            batch.push(first);
+            batch.extend(first.spans().into_iter().map(|s| span_data(s, &scope)));
             let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
             while batch.len() < BATCH {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(span)) => batch.push(span),
+                    Ok(Some(next)) => {
+                        batch.extend(next.spans().into_iter().map(|s| span_data(s, &scope)));
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
-            let spans = batch.drain(..).map(|s| span_data(s, &scope)).collect();
+            let spans = std::mem::take(&mut batch);
             if let Err(e) = exporter.export(spans).await {
                 tracing::warn!(endpoint = %endpoint, error = %e, "could not export spans");
             }

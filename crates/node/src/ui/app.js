@@ -16,6 +16,7 @@ let selected = null;
 let tailAbort = null;
 const history = new Map(); // function -> [{at, counters}]
 const invoked = new Map(); // invocation id -> {status, duration_ms, at}
+const opened = new Set(); // invocations whose span timeline is shown
 
 const $ = (id) => document.getElementById(id);
 
@@ -234,6 +235,15 @@ function select(name) {
   }
   follow(name);
   renderDetail();
+  renderVersions(name);
+}
+
+async function renderVersions(name) {
+  const detail = await api("GET", `/v1/functions/${encodeURIComponent(name)}`);
+  if (name !== selected) return;
+  $("versions").textContent = "versions: " + detail.versions
+    .map((v) => `v${v.version}${v.active ? " (active)" : ""} ${new Date(v.created_at).toLocaleString()}`)
+    .join(" · ");
 }
 
 async function renderDetail() {
@@ -278,12 +288,49 @@ function renderInvocations(lines, queued) {
       head.append(el("span", {}, `${e.queued.trigger} · ${e.queued.state} · ${e.queued.attempts.length} attempt(s)`));
     }
     const item = el("div", { class: "invocation", "data-id": e.id }, head);
+    head.title = "show the spans";
+    head.addEventListener("click", () => toggleSpans(e.id, item));
     if (e.queued?.attempts.length) item.append(timeline(e.queued.attempts));
+    if (opened.has(e.id)) showSpans(e.id, item);
     if (e.lines.length) {
       item.append(el("pre", {}, e.lines.map((l) => `${l.stream === "stderr" ? "! " : ""}${l.text}`).join("\n")));
     }
     box.append(item);
   }
+}
+
+function toggleSpans(id, item) {
+  if (opened.has(id)) {
+    opened.delete(id);
+    item.querySelector(".spans")?.remove();
+  } else {
+    opened.add(id);
+    showSpans(id, item);
+  }
+}
+
+// The invocation's spans (its own, then admission, instantiation,
+// execution) on one time axis.
+async function showSpans(id, item) {
+  const spans = await api("GET", `/v1/invocations/${encodeURIComponent(id)}/spans`);
+  item.querySelector(".spans")?.remove();
+  const box = el("div", { class: "spans" });
+  if (!spans.length) box.append(el("p", { class: "empty" }, "No spans kept for this invocation."));
+  const start = Math.min(...spans.map((s) => s.start_ms));
+  const end = Math.max(...spans.map((s) => s.start_ms + s.duration_ms));
+  const total = Math.max(0.001, end - start);
+  for (const s of spans) {
+    const bar = el("span", { class: s.error ? "failed" : "", title: s.error || "" });
+    bar.style.left = `${((s.start_ms - start) / total) * 100}%`;
+    bar.style.width = `${Math.max(0.5, (s.duration_ms / total) * 100)}%`;
+    box.append(
+      el("div", { class: "span-row", "data-name": s.name },
+        el("span", { class: "span-name" }, s.name),
+        el("div", { class: "timeline" }, bar),
+        el("span", { class: "span-ms" }, fmt.ms(s.duration_ms))),
+    );
+  }
+  item.append(box);
 }
 
 // The attempts of an invocation on one time axis.
