@@ -336,18 +336,11 @@ async fn objects_on_local_disk_round_trip_raise_events_and_survive_a_crash() {
 /// moto's S3 server on a free port, or `None` (loudly) outside CI when
 /// moto is not installed.
 fn moto() -> Option<Daemon> {
-    let installed = std::process::Command::new("python3")
-        .args(["-c", "import moto.server"])
-        .output()
-        .map_err(|e| e.to_string())
-        .and_then(|o| {
-            if o.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&o.stderr).into_owned())
-            }
-        });
-    service("moto's S3 server", "pip install 'moto[server]'", installed)?;
+    python_modules(
+        "moto's S3 server",
+        "moto.server",
+        "pip install 'moto[server]'",
+    )?;
     Daemon::start("python3", |port, _| {
         [
             "-m",

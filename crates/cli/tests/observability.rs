@@ -245,21 +245,10 @@ async fn alerts_fire_and_resolve_through_their_webhook() {
 /// and HTTP endpoints, and the file it appends spans to. `None` (loudly)
 /// outside CI when its Python packages are missing.
 fn otlp_receiver() -> Option<(Daemon, u16, std::path::PathBuf)> {
-    let installed = Command::new("python3")
-        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1"])
-        .output()
-        .map_err(|e| e.to_string())
-        .and_then(|o| {
-            if o.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&o.stderr).into_owned())
-            }
-        });
-    service(
+    python_modules(
         "an OTLP receiver (Python grpcio and opentelemetry-proto)",
+        "grpc, opentelemetry.proto.collector.trace.v1",
         "pip install grpcio opentelemetry-proto",
-        installed,
     )?;
     let http = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -297,14 +297,7 @@ async fn status(state: &NodeState) -> Response {
 
 /// Counters of every serving function, for `nimbus top`.
 async fn stats(state: &NodeState) -> Response {
-    let queued: HashMap<String, u64> = state
-        .queue()
-        .stats()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|q| (q.function, q.queued))
-        .collect();
+    let queue = state.queue_stats().await;
     let at = nimbus_queue::now_ms();
     let table = state.gateway.table();
     let mut list: Vec<nimbus_api::FunctionStats> = table
@@ -314,7 +307,7 @@ async fn stats(state: &NodeState) -> Response {
             version: d.version,
             in_flight: d.admission.in_flight(),
             queued: d.admission.queued() as u64,
-            async_queued: queued.get(d.name.as_str()).copied().unwrap_or(0),
+            async_queued: queue.get(d.name.as_str()).map_or(0, |q| q.queued),
             at,
             counters: d.metrics.snapshot(),
         })
@@ -325,14 +318,7 @@ async fn stats(state: &NodeState) -> Response {
 
 /// Prometheus text: per function version and for the process.
 async fn metrics(state: &NodeState) -> Response {
-    let queue: HashMap<String, nimbus_queue::QueueStats> = state
-        .queue()
-        .stats()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|q| (q.function.clone(), q))
-        .collect();
+    let queue = state.queue_stats().await;
     let now = nimbus_queue::now_ms();
     let table = state.gateway.table();
     let mut functions: Vec<_> = table.functions().collect();

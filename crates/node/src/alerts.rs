@@ -189,14 +189,7 @@ impl Alerts {
             }
             return Vec::new();
         }
-        let queue: HashMap<String, nimbus_queue::QueueStats> = state
-            .queue()
-            .stats()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|q| (q.function.clone(), q))
-            .collect();
+        let queue = state.queue_stats().await;
         let now = nimbus_queue::now_ms();
         let Ok(mut watches) = self.watches.lock() else {
             return Vec::new();

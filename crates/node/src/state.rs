@@ -208,6 +208,18 @@ impl NodeState {
         &self.intake.queue
     }
 
+    /// Queued, running and dead-lettered work per function (empty when the
+    /// queue cannot answer: the readers show zeros rather than fail).
+    pub async fn queue_stats(&self) -> HashMap<String, nimbus_queue::QueueStats> {
+        self.queue()
+            .stats()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|q| (q.function.clone(), q))
+            .collect()
+    }
+
     /// After the serving set changed: records which schedules exist (new
     /// ones start now), and wakes the scheduler and the dispatcher so work
     /// queued for a function that just became servable runs.

@@ -508,6 +508,23 @@ pub fn service<T, E: std::fmt::Display>(
     }
 }
 
+/// Whether Python can import `modules` (comma-separated): `Some` when it
+/// can; otherwise a failure under CI and a loud skip elsewhere.
+pub fn python_modules(what: &str, modules: &str, install: &str) -> Option<()> {
+    let installed = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        });
+    service(what, install, installed)
+}
+
 /// A name no earlier run used: `prefix`, `sep`, the time in ns.
 pub fn unique(prefix: &str, sep: &str) -> String {
     format!(
