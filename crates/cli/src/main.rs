@@ -73,8 +73,9 @@ enum Command {
         /// AWS_REGION, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP.
         #[arg(long, env = "NIMBUS_OBJECT_STORE", default_value = "local")]
         object_store: String,
-        /// Count nothing for /metrics, `nimbus top`, the dashboard and
-        /// alerts (to measure what counting costs).
+        /// Record nothing for /metrics, `nimbus top`, the dashboard and
+        /// alerts: no counters, no kept spans (to measure what recording
+        /// costs).
         #[arg(long)]
         no_metrics: bool,
         /// Export spans over OTLP to this collector, e.g.

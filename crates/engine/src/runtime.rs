@@ -379,6 +379,11 @@ impl FunctionRuntime {
         &self.inner.spec
     }
 
+    /// The function's name, shared (no copy per invocation).
+    pub fn name(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
     /// Runs `request` in a fresh instance. Returns once the function has set
     /// its response head; the body streams afterwards, under the same
     /// deadline.

@@ -435,11 +435,11 @@ impl Gateway {
                         span_id: trace.span_id,
                         parent: timing.parent,
                         id: id.clone(),
-                        function: deployed.name.to_string(),
+                        function: deployed.runtime.name().clone(),
                         version: deployed.version,
                         trigger,
                         attempt,
-                        method: method.to_string(),
+                        method: nimbus_telemetry::spans::method_name(method.as_str()),
                         path: path.clone(),
                         status: None,
                         cold,
@@ -682,28 +682,7 @@ impl Drop for ResponseStream {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
         self.deployed.metrics.finished(elapsed);
-        let s = &self.summary;
-        if let Some(sink) = &s.spans {
-            sink.record(Arc::new(SpanFacts {
-                trace_id: s.trace.trace_id,
-                span_id: s.trace.span_id,
-                parent: s.timing.parent,
-                id: s.id.clone(),
-                function: self.deployed.name.to_string(),
-                version: self.deployed.version,
-                trigger: s.trigger,
-                attempt: s.attempt,
-                method: s.method.to_string(),
-                path: s.path.clone(),
-                status: Some(s.status),
-                cold: s.cold,
-                start: s.timing.wall_start,
-                admitted: s.timing.admitted,
-                instantiate: s.instantiate,
-                elapsed,
-                error: None,
-            }));
-        }
+        let s = &mut self.summary;
         let ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "nimbus::invocation",
@@ -726,6 +705,28 @@ impl Drop for ResponseStream {
             "faas.coldstart" = s.cold,
             "invocation"
         );
+        if let Some(sink) = &s.spans {
+            sink.record(Arc::new(SpanFacts {
+                trace_id: s.trace.trace_id,
+                span_id: s.trace.span_id,
+                parent: s.timing.parent,
+                id: s.id.clone(),
+                function: self.deployed.runtime.name().clone(),
+                version: self.deployed.version,
+                trigger: s.trigger,
+                attempt: s.attempt,
+                method: nimbus_telemetry::spans::method_name(s.method.as_str()),
+                // The summary line is written: the path moves, no copy.
+                path: std::mem::take(&mut s.path),
+                status: Some(s.status),
+                cold: s.cold,
+                start: s.timing.wall_start,
+                admitted: s.timing.admitted,
+                instantiate: s.instantiate,
+                elapsed,
+                error: None,
+            }));
+        }
     }
 }
 

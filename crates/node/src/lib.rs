@@ -44,7 +44,8 @@ pub struct NodeConfig {
     /// Where buckets keep their objects.
     pub objects: ObjectStorage,
     /// Whether invocations are counted for `/metrics`, `nimbus top`, the
-    /// dashboard and alerts (off only to measure what counting costs).
+    /// dashboard and alerts, and their spans kept for the dashboard (off
+    /// only to measure what recording costs).
     pub metrics: bool,
     /// Where spans are exported over OTLP, if anywhere.
     pub otlp: Option<(String, nimbus_otlp::Protocol)>,
@@ -178,14 +179,16 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     // The latest spans stay in memory for the dashboard; with a collector
     // configured they are exported too.
     let recent_spans = Arc::new(nimbus_telemetry::spans::RecentSpans::new(RECENT_SPANS));
-    let sink: Arc<dyn nimbus_telemetry::spans::SpanSink> = match spans {
-        Some(otlp) => Arc::new(nimbus_telemetry::spans::Fanout(vec![
-            recent_spans.clone(),
-            otlp,
-        ])),
-        None => recent_spans.clone(),
-    };
-    let gateway = Arc::new(Gateway::new(Some(intake.clone())).with_spans(sink));
+    let mut sinks: Vec<Arc<dyn nimbus_telemetry::spans::SpanSink>> = Vec::new();
+    if config.metrics {
+        sinks.push(recent_spans.clone());
+    }
+    sinks.extend(spans.map(|otlp| otlp as Arc<dyn nimbus_telemetry::spans::SpanSink>));
+    let mut gateway = Gateway::new(Some(intake.clone()));
+    if !sinks.is_empty() {
+        gateway = gateway.with_spans(Arc::new(nimbus_telemetry::spans::Fanout(sinks)));
+    }
+    let gateway = Arc::new(gateway);
     let dispatcher = Arc::new(nimbus_dispatch::Dispatcher::new(
         queue.clone(),
         gateway.clone(),

@@ -60,12 +60,12 @@ pub struct Invocation {
     /// The caller's span, when it sent a trace context.
     pub parent: Option<[u8; 8]>,
     pub id: Arc<str>,
-    pub function: String,
+    pub function: Arc<str>,
     pub version: u64,
     /// `http`, `webhook`, `schedule`, `source`, `bucket`, `api`...
     pub trigger: &'static str,
     pub attempt: Option<u32>,
-    pub method: String,
+    pub method: std::borrow::Cow<'static, str>,
     pub path: String,
     /// The response status; none when the function failed before one.
     pub status: Option<u16>,
@@ -78,6 +78,15 @@ pub struct Invocation {
     /// Until the response was sent (or the failure answered).
     pub elapsed: Duration,
     pub error: Option<String>,
+}
+
+/// A method's name without a copy for the common ones.
+pub fn method_name(method: &str) -> std::borrow::Cow<'static, str> {
+    const COMMON: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+    match COMMON.iter().find(|m| **m == method) {
+        Some(m) => std::borrow::Cow::Borrowed(m),
+        None => std::borrow::Cow::Owned(method.to_owned()),
+    }
 }
 
 /// A step's span id: derived from the invocation's, so building the spans
@@ -104,12 +113,12 @@ impl Invocation {
         };
         let mut attributes = vec![
             ("faas.invocation_id", Value::Str(self.id.to_string())),
-            ("faas.name", Value::Str(self.function.clone())),
+            ("faas.name", Value::Str(self.function.to_string())),
             ("faas.version", Value::Int(self.version as i64)),
             ("faas.trigger", Value::Str(faas_trigger.to_owned())),
             ("faas.coldstart", Value::Bool(self.cold)),
             ("nimbus.trigger", Value::Str(self.trigger.to_owned())),
-            ("http.request.method", Value::Str(self.method.clone())),
+            ("http.request.method", Value::Str(self.method.to_string())),
             ("url.path", Value::Str(self.path.clone())),
         ];
         if let Some(status) = self.status {
