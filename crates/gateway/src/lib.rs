@@ -683,6 +683,9 @@ impl Drop for ResponseStream {
         let elapsed = self.started.elapsed();
         self.deployed.metrics.finished(elapsed);
         let s = &mut self.summary;
+        self.deployed
+            .metrics
+            .peak_memory(s.peak_memory.load(Ordering::Relaxed));
         let ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "nimbus::invocation",

@@ -22,6 +22,23 @@ pub const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Upper bounds (bytes) of the per-invocation peak memory histogram
+/// buckets: 256 KiB to 512 MiB, doubling.
+pub const MEMORY_BUCKETS: [f64; 12] = [
+    262_144.0,
+    524_288.0,
+    1_048_576.0,
+    2_097_152.0,
+    4_194_304.0,
+    8_388_608.0,
+    16_777_216.0,
+    33_554_432.0,
+    67_108_864.0,
+    134_217_728.0,
+    268_435_456.0,
+    536_870_912.0,
+];
+
 /// Why an invocation failed, as counted in `faas_errors_total{kind}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -117,6 +134,25 @@ impl Histogram {
     }
 }
 
+/// A fixed-bucket histogram of the largest memory of each invocation.
+#[derive(Default)]
+pub struct MemoryHistogram {
+    buckets: [AtomicU64; MEMORY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_bytes: AtomicU64,
+}
+
+impl MemoryHistogram {
+    /// Records one invocation's peak.
+    pub fn observe(&self, bytes: u64) {
+        if let Some(i) = MEMORY_BUCKETS.iter().position(|b| bytes as f64 <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 /// Counters of one function version. A node started without metrics
 /// builds them [`FunctionMetrics::off`]: nothing is recorded (the
 /// benchmark's baseline for what recording costs).
@@ -128,6 +164,7 @@ pub struct FunctionMetrics {
     coldstarts: AtomicU64,
     duration: Histogram,
     instantiate: Histogram,
+    memory: MemoryHistogram,
 }
 
 impl FunctionMetrics {
@@ -175,6 +212,13 @@ impl FunctionMetrics {
         }
     }
 
+    /// The invocation's instance used at most `bytes` of linear memory.
+    pub fn peak_memory(&self, bytes: u64) {
+        if !self.off {
+            self.memory.observe(bytes);
+        }
+    }
+
     /// The counters now, for rates computed by a reader (`nimbus top`).
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -219,6 +263,27 @@ pub struct FunctionSample<'a> {
     pub dead_lettered: u64,
     /// Age of the oldest queued asynchronous invocation, in seconds.
     pub oldest_queued_age: f64,
+}
+
+/// One labelled series of a histogram: cumulative buckets, sum, count.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    buckets: &[AtomicU64],
+    count: u64,
+    sum: f64,
+) {
+    use std::fmt::Write as _;
+    let mut cumulative = 0;
+    for (bound, bucket) in bounds.iter().zip(buckets) {
+        cumulative += bucket.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 /// Renders Prometheus text exposition format (version 0.0.4).
@@ -286,21 +351,36 @@ pub fn render(functions: &[FunctionSample<'_>], process: &ProcessSample) -> Stri
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for f in functions {
             let h = pick(f.metrics);
-            let mut cumulative = 0;
-            for (bound, bucket) in DURATION_BUCKETS.iter().zip(&h.buckets) {
-                cumulative += bucket.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{{},le=\"{bound}\"}} {cumulative}",
-                    labels(f)
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{},le=\"+Inf\"}} {count}", labels(f));
             let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_sum{{{}}} {sum}", labels(f));
-            let _ = writeln!(out, "{name}_count{{{}}} {count}", labels(f));
+            histogram(
+                &mut out,
+                name,
+                &labels(f),
+                &DURATION_BUCKETS,
+                &h.buckets,
+                h.count(),
+                sum,
+            );
         }
+    }
+    let name = "faas_mem_usage_bytes";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Largest linear memory of each invocation's instance.\n# TYPE {name} histogram"
+    );
+    for f in functions {
+        let h = &f.metrics.memory;
+        let count = h.count.load(Ordering::Relaxed);
+        let sum = h.sum_bytes.load(Ordering::Relaxed) as f64;
+        histogram(
+            &mut out,
+            name,
+            &labels(f),
+            &MEMORY_BUCKETS,
+            &h.buckets,
+            count,
+            sum,
+        );
     }
     for (name, help, value) in [
         (
@@ -453,6 +533,7 @@ mod tests {
         m.failed(ErrorKind::Timeout);
         m.finished(Duration::from_millis(3));
         m.finished(Duration::from_secs(100));
+        m.peak_memory(1_500_000);
         let text = render(
             &[FunctionSample {
                 function: "hello",
@@ -486,6 +567,9 @@ mod tests {
             );
         }
         assert!(text.contains("# TYPE faas_invoke_duration_seconds histogram"));
+        assert!(text.contains("# TYPE faas_mem_usage_bytes histogram"));
+        assert!(text.contains("le=\"1048576\"} 0"), "{text}");
+        assert!(text.contains("le=\"2097152\"} 1"), "{text}");
         assert!(text.contains("process_resident_memory_bytes "));
     }
 }
