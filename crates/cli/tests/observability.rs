@@ -370,6 +370,35 @@ async fn spans_reach_a_real_otlp_receiver_over_grpc_and_http() {
         })
         .await;
         assert_eq!(failed["status"], 2, "status error: {failed}");
+        // A queued invocation's attempt continues the caller's trace, its
+        // span beginning with the wait in the queue.
+        let queued = format!("{:032x}", rand_u128());
+        let reply = nimbus_cli::client::send(
+            http::Method::GET,
+            &node.url("/t/ok"),
+            &[
+                ("traceparent", &format!("00-{queued}-{caller_span}-01")),
+                ("nimbus-invocation-type", "async"),
+            ],
+            bytes::Bytes::new(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        let spans = eventually(Duration::from_secs(30), "the attempt's spans", || async {
+            let spans: Vec<_> = received(&out)
+                .into_iter()
+                .filter(|s| s["trace_id"] == queued.as_str())
+                .collect();
+            (spans.len() >= 5).then_some(spans)
+        })
+        .await;
+        let attempt = spans.iter().find(|s| s["parent"] == caller_span).unwrap();
+        assert_eq!(attempt["attributes"]["nimbus.attempt"], 1, "{attempt}");
+        let wait = spans.iter().find(|s| s["name"] == "queue").unwrap();
+        assert_eq!(wait["parent"], attempt["span_id"]);
+        assert_eq!(wait["start"], attempt["start"]);
     }
     drop(receiver);
 }

@@ -581,6 +581,9 @@ impl Dispatcher {
         let info = RouteInfo {
             trigger: Some(c.trigger.as_str()),
             attempt: Some(n),
+            // A first attempt waited since the work was accepted (or, for
+            // a broker message, published).
+            waiting_since_ms: (n == 1).then_some(c.created_at),
             ..self
                 .gateway
                 .table()

@@ -136,6 +136,10 @@ pub struct RouteInfo {
     pub trigger: Option<&'static str>,
     /// The attempt number of an asynchronous invocation.
     pub attempt: Option<u32>,
+    /// When the work started waiting (ms since the epoch): a queued
+    /// invocation's acceptance, a broker message's publication. Its span
+    /// then covers the wait.
+    pub waiting_since_ms: Option<i64>,
 }
 
 impl Gateway {
@@ -340,6 +344,10 @@ impl Gateway {
             wall_start,
             admitted,
             parent: caller.map(|c| c.span_id),
+            queued: info.waiting_since_ms.map_or(Duration::ZERO, |since| {
+                let since = std::time::UNIX_EPOCH + Duration::from_millis(since.max(0) as u64);
+                wall_start.duration_since(since).unwrap_or_default()
+            }),
         };
         let trace_id = trace.trace_id_hex();
         if let Ok(v) = HeaderValue::from_str(&trace.header()) {
@@ -444,6 +452,7 @@ impl Gateway {
                         status: None,
                         cold,
                         start: timing.wall_start,
+                        queued: timing.queued,
                         admitted: timing.admitted,
                         // A failed invocation does not say when its
                         // instance was ready: execution covers both.
@@ -676,6 +685,8 @@ struct Timing {
     admitted: Duration,
     /// The caller's span, when it sent a trace context.
     parent: Option<[u8; 8]>,
+    /// How long the work waited before this attempt (queue or broker).
+    queued: Duration,
 }
 
 impl Drop for ResponseStream {
@@ -724,6 +735,7 @@ impl Drop for ResponseStream {
                 status: Some(s.status),
                 cold: s.cold,
                 start: s.timing.wall_start,
+                queued: s.timing.queued,
                 admitted: s.timing.admitted,
                 instantiate: s.instantiate,
                 elapsed,

@@ -70,7 +70,11 @@ pub struct Invocation {
     /// The response status; none when the function failed before one.
     pub status: Option<u16>,
     pub cold: bool,
+    /// When the attempt reached the gateway.
     pub start: SystemTime,
+    /// How long the work waited before that (in the queue, or at the
+    /// broker); the invocation's span begins when the wait did.
+    pub queued: Duration,
     /// Waiting for an admission slot.
     pub admitted: Duration,
     /// Creating the instance (zero when unknown: a failed invocation).
@@ -99,8 +103,8 @@ fn step_id(of: [u8; 8], step: u8) -> [u8; 8] {
 }
 
 impl Invocation {
-    /// The invocation's span and its steps: admission, instantiation,
-    /// execution.
+    /// The invocation's span and its steps: the wait (when there was one),
+    /// admission, instantiation, execution.
     pub fn spans(&self) -> Vec<SpanRecord> {
         let at = |d: Duration| self.start + d;
         let exec_start = (self.admitted + self.instantiate).min(self.elapsed);
@@ -144,7 +148,8 @@ impl Invocation {
                 attributes: Vec::new(),
                 error,
             };
-        vec![
+        let began = self.start.checked_sub(self.queued).unwrap_or(self.start);
+        let mut spans = vec![
             SpanRecord {
                 trace_id: self.trace_id,
                 span_id: self.span_id,
@@ -155,7 +160,7 @@ impl Invocation {
                 } else {
                     SpanKind::Consumer
                 },
-                start: self.start,
+                start: began,
                 end: at(self.elapsed),
                 attributes,
                 error: failed.clone(),
@@ -163,7 +168,18 @@ impl Invocation {
             step(1, "admission", Duration::ZERO, self.admitted, None),
             step(2, "instantiate", self.admitted, exec_start, None),
             step(3, "execute", exec_start, self.elapsed, failed),
-        ]
+        ];
+        if !self.queued.is_zero() {
+            spans.insert(
+                1,
+                SpanRecord {
+                    start: began,
+                    end: self.start,
+                    ..step(4, "queue", Duration::ZERO, Duration::ZERO, None)
+                },
+            );
+        }
+        spans
     }
 }
 
@@ -239,6 +255,7 @@ mod tests {
             status: Some(502),
             cold: true,
             start: SystemTime::now(),
+            queued: Duration::ZERO,
             admitted: Duration::from_micros(10),
             instantiate: Duration::from_micros(100),
             elapsed: Duration::from_micros(500),
@@ -258,6 +275,14 @@ mod tests {
             assert_eq!(s.parent, Some([5; 8]));
             assert!(s.start >= spans[0].start && s.end <= spans[0].end);
         }
+        // Queued work: the span begins with the wait, a step of its own.
+        let mut queued = (*invocation("q", 6)).clone();
+        queued.queued = Duration::from_millis(40);
+        let spans = queued.spans();
+        assert_eq!(spans[1].name, "queue");
+        assert_eq!(spans[0].start, spans[1].start);
+        assert_eq!(spans[1].end, queued.start);
+        let spans = invocation("a", 5).spans();
         // Steps have their own, stable ids.
         let again = invocation("a", 5).spans();
         assert_eq!(spans[3].span_id, again[3].span_id);
