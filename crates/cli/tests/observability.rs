@@ -76,6 +76,18 @@ async fn output_is_stored_filtered_and_followed() {
     let lines: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     assert_eq!(lines.len(), 5);
     assert_eq!(lines[0]["stream"], "stdout");
+    // In the node's own log, an output line says whose invocation it is,
+    // what started it and where it sits in its trace.
+    let log = node.log();
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["target"] == "nimbus::function" && l["invocation_id"] == first.as_str())
+        .unwrap_or_else(|| panic!("no output line of {first} in:\n{log}"));
+    for field in ["function", "version", "trigger", "trace_id", "span_id"] {
+        assert!(!line[field].is_null(), "{field} missing: {line}");
+    }
+    assert_eq!(line["trigger"], "http");
 
     // Follow: lines written after `logs -f` started show up in it.
     let mut follower = Command::new(env!("CARGO_BIN_EXE_nimbus"))

@@ -16,6 +16,10 @@ pub(crate) struct OutputTag {
     /// Secret values replaced in every line.
     pub redactor: nimbus_telemetry::redact::Redactor,
     pub trace_id: Option<Arc<str>>,
+    /// The invocation's span (the parent the function saw).
+    pub span_id: Option<Arc<str>>,
+    /// What started the invocation (`http`, `source`, `schedule`...).
+    pub trigger: &'static str,
     pub function: Arc<str>,
     pub version: u64,
     pub invocation: Arc<str>,
@@ -58,6 +62,8 @@ impl FunctionOutput {
             version = self.tag.version,
             invocation_id = &*self.tag.invocation,
             trace_id = self.tag.trace_id.as_deref(),
+            span_id = self.tag.span_id.as_deref(),
+            trigger = self.tag.trigger,
             stream = self.stream,
             "{}",
             text

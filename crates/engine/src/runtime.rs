@@ -107,6 +107,11 @@ pub struct FunctionSpec {
     pub secrets: nimbus_telemetry::redact::Redactor,
 }
 
+/// What started an invocation, set by the caller as a request extension
+/// so the function's output lines say it.
+#[derive(Clone, Copy, Debug)]
+pub struct Trigger(pub &'static str);
+
 /// The node's wasmtime engine.
 pub struct Engine {
     inner: wasmtime::Engine,
@@ -423,12 +428,18 @@ impl FunctionRuntime {
         let tag = OutputTag {
             redactor,
             trace_id: trace.map(|t| t.trace_id_hex().into()),
+            span_id: trace.map(|t| t.span_id_hex().into()),
+            trigger: request
+                .extensions()
+                .get::<Trigger>()
+                .map_or("http", |t| t.0),
             sink: f.log_sink.clone(),
             function: f.name.clone(),
             version: f.spec.version,
             invocation: invocation_id,
         };
         let invocation = tag.invocation.clone();
+        let (trace_id, span_id, trigger) = (tag.trace_id.clone(), tag.span_id.clone(), tag.trigger);
         let stdout = FunctionOutput::new(tag.clone(), "stdout");
         let stderr = FunctionOutput::new(tag, "stderr");
         let mut wasi = WasiCtx::builder();
@@ -500,6 +511,9 @@ impl FunctionRuntime {
                     invocation_id = &*invocation,
                     function = &*name,
                     version,
+                    trigger,
+                    trace_id = trace_id.as_deref(),
+                    span_id = span_id.as_deref(),
                     error = %e,
                     "guest failed"
                 );

@@ -382,6 +382,7 @@ impl Gateway {
             headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }
 
+        req.extensions_mut().insert(nimbus_engine::Trigger(trigger));
         let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let req = req.map(|body| {
             LimitedBody {
