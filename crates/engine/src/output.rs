@@ -15,9 +15,9 @@ pub(crate) struct OutputTag {
     pub sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
     /// Secret values replaced in every line.
     pub redactor: nimbus_telemetry::redact::Redactor,
-    pub trace_id: Option<Arc<str>>,
-    /// The invocation's span (the parent the function saw).
-    pub span_id: Option<Arc<str>>,
+    /// The invocation's trace context (its span is the parent the function
+    /// saw); written out only with a line.
+    pub trace: Option<nimbus_telemetry::trace::TraceContext>,
     /// What started the invocation (`http`, `source`, `schedule`...).
     pub trigger: &'static str,
     pub function: Arc<str>,
@@ -61,8 +61,8 @@ impl FunctionOutput {
             function = &*self.tag.function,
             version = self.tag.version,
             invocation_id = &*self.tag.invocation,
-            trace_id = self.tag.trace_id.as_deref(),
-            span_id = self.tag.span_id.as_deref(),
+            trace_id = self.tag.trace.map(|t| t.trace_id_hex()),
+            span_id = self.tag.trace.map(|t| t.span_id_hex()),
             trigger = self.tag.trigger,
             stream = self.stream,
             "{}",

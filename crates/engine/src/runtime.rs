@@ -107,11 +107,6 @@ pub struct FunctionSpec {
     pub secrets: nimbus_telemetry::redact::Redactor,
 }
 
-/// What started an invocation, set by the caller as a request extension
-/// so the function's output lines say it.
-#[derive(Clone, Copy, Debug)]
-pub struct Trigger(pub &'static str);
-
 /// The node's wasmtime engine.
 pub struct Engine {
     inner: wasmtime::Engine,
@@ -396,6 +391,7 @@ impl FunctionRuntime {
         &self,
         request: hyper::Request<B>,
         invocation_id: Arc<str>,
+        trigger: &'static str,
     ) -> Result<InvokeOutcome, InvokeError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -427,19 +423,15 @@ impl FunctionRuntime {
         };
         let tag = OutputTag {
             redactor,
-            trace_id: trace.map(|t| t.trace_id_hex().into()),
-            span_id: trace.map(|t| t.span_id_hex().into()),
-            trigger: request
-                .extensions()
-                .get::<Trigger>()
-                .map_or("http", |t| t.0),
+            trace,
+            trigger,
             sink: f.log_sink.clone(),
             function: f.name.clone(),
             version: f.spec.version,
             invocation: invocation_id,
         };
         let invocation = tag.invocation.clone();
-        let (trace_id, span_id, trigger) = (tag.trace_id.clone(), tag.span_id.clone(), tag.trigger);
+        let trace_ids = trace.map(|t| (t.trace_id_hex(), t.span_id_hex()));
         let stdout = FunctionOutput::new(tag.clone(), "stdout");
         let stderr = FunctionOutput::new(tag, "stderr");
         let mut wasi = WasiCtx::builder();
@@ -512,8 +504,8 @@ impl FunctionRuntime {
                     function = &*name,
                     version,
                     trigger,
-                    trace_id = trace_id.as_deref(),
-                    span_id = span_id.as_deref(),
+                    trace_id = trace_ids.as_ref().map(|t| t.0.as_str()),
+                    span_id = trace_ids.as_ref().map(|t| t.1.as_str()),
                     error = %e,
                     "guest failed"
                 );

@@ -382,7 +382,6 @@ impl Gateway {
             headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }
 
-        req.extensions_mut().insert(nimbus_engine::Trigger(trigger));
         let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let req = req.map(|body| {
             LimitedBody {
@@ -398,7 +397,7 @@ impl Gateway {
         if cold {
             deployed.metrics.coldstart();
         }
-        let result = deployed.runtime.invoke(req, id.clone()).await;
+        let result = deployed.runtime.invoke(req, id.clone(), trigger).await;
         let elapsed = started.elapsed();
         let mut response = match result {
             _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
