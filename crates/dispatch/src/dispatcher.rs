@@ -603,15 +603,11 @@ impl Dispatcher {
         let mut stored = stored_response(parts.status.as_u16(), &parts.headers, body, truncated);
         // What is kept and shown (DLQ, invocation records, destinations)
         // never holds the function's secrets nor the request's credentials.
-        let credentials = nimbus_telemetry::redact::credentials(
-            c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        let secrets = &deployed.runtime.spec().secrets;
-        let secrets = if credentials.is_empty() {
-            secrets.clone()
-        } else {
-            secrets.with(credentials)
-        };
+        let secrets = deployed
+            .runtime
+            .spec()
+            .secrets
+            .with_credentials(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if !secrets.is_empty() {
             stored.body = secrets.text(&stored.body).into_owned();
             for (_, v) in &mut stored.headers {

@@ -410,17 +410,12 @@ impl FunctionRuntime {
             .and_then(nimbus_telemetry::trace::TraceContext::parse);
         // Output never shows the function's secrets nor the credentials
         // this request carried.
-        let credentials = nimbus_telemetry::redact::credentials(
+        let redactor = f.spec.secrets.with_credentials(
             request
                 .headers()
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
         );
-        let redactor = if credentials.is_empty() {
-            f.spec.secrets.clone()
-        } else {
-            f.spec.secrets.with(credentials)
-        };
         let tag = OutputTag {
             redactor,
             trace,

@@ -50,6 +50,20 @@ impl Redactor {
         Self::new(self.secrets.iter().cloned().chain(more))
     }
 
+    /// This redactor and the credentials `headers` carry (a copy of the
+    /// handle alone when they carry none).
+    pub fn with_credentials<'a>(
+        &self,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let found = credentials(headers);
+        if found.is_empty() {
+            self.clone()
+        } else {
+            self.with(found)
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.secrets.is_empty()
     }
