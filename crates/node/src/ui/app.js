@@ -14,6 +14,7 @@ const POLL_MS = 2000;
 let token = sessionStorage.getItem("nimbus-token") || "";
 let selected = null;
 let tailAbort = null;
+let generation = 0; // the polling loop that is current; older ones stop
 const history = new Map(); // function -> [{at, counters}]
 const invoked = new Map(); // invocation id -> {status, duration_ms, at}
 const opened = new Set(); // invocations whose span timeline is shown
@@ -59,7 +60,8 @@ async function login(event) {
     $("app").hidden = false;
     $("logout").hidden = false;
     $("node").textContent = `${status.version} · gateway ${status.gateway_url} · up ${status.uptime_secs}s`;
-    refresh();
+    generation += 1;
+    refresh(generation);
   } catch (e) {
     $("login-error").textContent =
       e.message === "unauthorized" ? "That token was refused." : `Cannot reach the node: ${e.message}`;
@@ -160,8 +162,8 @@ function triggers(config) {
   return t.join(", ") || "–";
 }
 
-async function refresh() {
-  if (!token) return;
+async function refresh(gen) {
+  if (!token || gen !== generation) return;
   try {
     const [functions, stats, alerts] = await Promise.all([
       api("GET", "/v1/functions"),
@@ -184,7 +186,7 @@ async function refresh() {
   } catch (e) {
     if (e.message !== "unauthorized") console.warn(e);
   } finally {
-    if (token) setTimeout(refresh, POLL_MS);
+    if (token && gen === generation) setTimeout(() => refresh(gen), POLL_MS);
   }
 }
 
