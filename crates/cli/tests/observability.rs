@@ -88,6 +88,29 @@ async fn output_is_stored_filtered_and_followed() {
         assert!(!line[field].is_null(), "{field} missing: {line}");
     }
     assert_eq!(line["trigger"], "http");
+    // The node keeps readings of the counters for the dashboard's charts.
+    let history = eventually(
+        Duration::from_secs(20),
+        "a reading of the counters",
+        || async {
+            let points: Vec<serde_json::Value> = node
+                .admin
+                .call(
+                    http::Method::GET,
+                    "/v1/functions/chatty/history",
+                    None::<&()>,
+                )
+                .await
+                .unwrap();
+            points.last().cloned()
+        },
+    )
+    .await;
+    assert!(
+        history["counters"]["invocations"].as_u64() >= Some(2),
+        "{history}"
+    );
+    assert_eq!(history["version"], 1);
 
     // Follow: lines written after `logs -f` started show up in it.
     let mut follower = Command::new(env!("CARGO_BIN_EXE_nimbus"))

@@ -171,6 +171,9 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
             Ok(json_response(StatusCode::OK, &state.alerts.states()))
         }
         (&Method::GET, ["v1", "functions", name, "logs"]) => logs(&state, name, &req),
+        (&Method::GET, ["v1", "functions", name, "history"]) => {
+            Ok(json_response(StatusCode::OK, &state.history.of(name)))
+        }
         (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
             has_component(&state, digest)
         }

@@ -13,6 +13,7 @@ mod alerts;
 mod buckets;
 mod deliver;
 mod deploy;
+mod history;
 pub mod state;
 mod ui;
 
@@ -238,6 +239,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     ));
     let dispatch_task = tokio::spawn(dispatcher.run(rx.clone()));
     let alert_task = tokio::spawn(alerts::run(state.clone(), state.alerts.clone(), rx.clone()));
+    let history_task = tokio::spawn(history::run(
+        state.clone(),
+        state.history.clone(),
+        rx.clone(),
+    ));
     let schedule_task = tokio::spawn(scheduler.run(rx.clone()));
     let admin_state = state.clone();
     let admin_task = tokio::spawn(nimbus_gateway::server::serve(
@@ -265,6 +271,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             dispatch_task,
             schedule_task,
             alert_task,
+            history_task,
         ],
         state,
     })

@@ -101,6 +101,8 @@ pub struct NodeState {
     pub alerts: Arc<crate::alerts::Alerts>,
     /// Whether new versions count their invocations.
     pub metrics: std::sync::atomic::AtomicBool,
+    /// Recent readings of every function's counters, for the dashboard.
+    pub history: Arc<crate::history::History>,
     /// The latest spans, for the dashboard's timelines.
     pub recent_spans: std::sync::OnceLock<Arc<nimbus_telemetry::spans::RecentSpans>>,
 }
@@ -200,6 +202,7 @@ impl NodeState {
             alerts: Arc::default(),
             metrics: std::sync::atomic::AtomicBool::new(true),
             recent_spans: std::sync::OnceLock::new(),
+            history: Arc::default(),
         }
     }
 

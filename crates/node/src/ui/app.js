@@ -8,7 +8,7 @@ const BUCKETS = document
   .querySelector('meta[name="nimbus-buckets"]')
   .content.split(",")
   .map(Number);
-const HISTORY = 60; // samples kept per function (2 s apart)
+const HISTORY = 400; // samples kept per function (the node's hour, then 2 s apart)
 const POLL_MS = 2000;
 
 let token = sessionStorage.getItem("nimbus-token") || "";
@@ -102,6 +102,7 @@ function series(samples) {
     const dt = (b.at - a.at) / 1000 || 1;
     const inv = b.counters.invocations - a.counters.invocations;
     out.push({
+      at: b.at,
       rps: inv / dt,
       errors: inv ? (b.counters.errors - a.counters.errors) / inv : 0,
       p50: quantile(a.counters, b.counters, 0.5),
@@ -112,10 +113,10 @@ function series(samples) {
   return out;
 }
 
-// Measures over the whole kept window.
+// Measures over the last minute of samples.
 function summary(samples) {
-  const first = samples.find((s) => s.version === samples[samples.length - 1].version);
   const last = samples[samples.length - 1];
+  const first = samples.find((s) => s.version === last.version && s.at >= last.at - 60_000);
   const dt = (last.at - first.at) / 1000;
   const inv = last.counters.invocations - first.counters.invocations;
   return {
@@ -127,13 +128,16 @@ function summary(samples) {
   };
 }
 
-function chart(svg, lines) {
+// Draws `lines` (values at `times`, ms) on one time axis.
+function chart(svg, lines, times) {
   svg.replaceChildren();
   const all = lines.flat().filter((v) => v !== null);
   const max = Math.max(1e-9, ...all);
+  const first = times[0] ?? 0;
+  const span = Math.max(1, (times[times.length - 1] ?? 0) - first);
   lines.forEach((values, n) => {
     const pts = values
-      .map((v, i) => `${(i / Math.max(1, HISTORY - 2)) * 300},${80 - ((v || 0) / max) * 76}`)
+      .map((v, i) => `${((times[i] - first) / span) * 300},${80 - ((v || 0) / max) * 76}`)
       .join(" ");
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", pts);
@@ -202,7 +206,8 @@ function renderFunctions(functions) {
     const spark = document.createElementNS("http://www.w3.org/2000/svg", "svg");
     spark.setAttribute("viewBox", "0 0 300 80");
     spark.setAttribute("preserveAspectRatio", "none");
-    chart(spark, [series(samples).map((p) => p.rps)]);
+    const sparkPoints = series(samples.slice(-60));
+    chart(spark, [sparkPoints.map((p) => p.rps)], sparkPoints.map((p) => p.at));
     const row = el(
       "tr",
       { "data-function": f.name, class: f.name === selected ? "selected" : "" },
@@ -236,8 +241,17 @@ function select(name) {
     tr.classList.toggle("selected", tr.dataset.function === name);
   }
   follow(name);
-  renderDetail();
+  loadHistory(name).then(renderDetail);
   renderVersions(name);
+}
+
+// The node's last hour of readings, before what this page sampled itself.
+async function loadHistory(name) {
+  const past = await api("GET", `/v1/functions/${encodeURIComponent(name)}/history`);
+  const live = history.get(name) || [];
+  const since = live.length ? live[0].at : Infinity;
+  const merged = past.filter((p) => p.at < since).concat(live);
+  history.set(name, merged.slice(-HISTORY));
 }
 
 async function renderVersions(name) {
@@ -251,10 +265,11 @@ async function renderVersions(name) {
 async function renderDetail() {
   const name = selected;
   const points = series(history.get(name) || []);
-  chart($("chart-rps"), [points.map((p) => p.rps)]);
-  chart($("chart-errors"), [points.map((p) => p.errors)]);
-  chart($("chart-latency"), [points.map((p) => p.p50), points.map((p) => p.p99)]);
-  chart($("chart-cold"), [points.map((p) => p.cold)]);
+  const times = points.map((p) => p.at);
+  chart($("chart-rps"), [points.map((p) => p.rps)], times);
+  chart($("chart-errors"), [points.map((p) => p.errors)], times);
+  chart($("chart-latency"), [points.map((p) => p.p50), points.map((p) => p.p99)], times);
+  chart($("chart-cold"), [points.map((p) => p.cold)], times);
   const q = encodeURIComponent(name);
   const [lines, queued, dlq] = await Promise.all([
     api("GET", `/v1/functions/${q}/logs?limit=500`),
