@@ -91,7 +91,10 @@ impl LocalDisk {
 
 impl Inner {
     fn blob_path(&self, sha: &str) -> PathBuf {
-        self.dir.join("blobs").join(&sha[..2]).join(sha)
+        // The index only holds SHA-256 hex digests; a damaged row still
+        // gets a path rather than a panic.
+        let shard = sha.get(..2).unwrap_or("__");
+        self.dir.join("blobs").join(shard).join(sha)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, BucketError> {
