@@ -48,11 +48,11 @@ impl History {
         };
         points.retain(|name, _| table.function(name).is_some());
         for d in table.functions() {
-            let counters = d.metrics.snapshot();
             let kept = points.get_mut(d.name.as_str());
-            if kept.is_none() && counters.invocations == 0 {
+            if kept.is_none() && d.metrics.invocations() == 0 {
                 continue;
             }
+            let counters = d.metrics.snapshot();
             let kept = match kept {
                 Some(k) => k,
                 None => points.entry(d.name.to_string()).or_default(),
