@@ -210,19 +210,7 @@ async fn amqp_failures_are_dead_lettered_and_acknowledged() {
     .await;
     // Acknowledged: a restarted node gets none of them again.
     let node = node.restart_after_kill9();
-    eventually(
-        Duration::from_secs(30),
-        "the source to reconnect",
-        || async {
-            node.status()
-                .await
-                .sources
-                .first()
-                .is_some_and(|s| s.healthy)
-                .then_some(())
-        },
-    )
-    .await;
+    source_healthy(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         recorder.hits().len(),

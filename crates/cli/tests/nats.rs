@@ -103,19 +103,10 @@ async fn jetstream_messages_survive_kill_9() {
     let stream = unique("NIMBUS_KILL", "_");
     let subject = stream.to_lowercase();
     create_stream(&client, &stream, &format!("{subject}.>")).await;
-    let node = Node::start();
-    let g = guests();
     let source = format!(
         "type = \"jetstream\"\nurl = \"{NATS}\"\nstream = \"{stream}\"\nack_wait = \"3s\"\nconcurrency = 8\nbatch = 32"
     );
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
+    let node = consumer_node(&recorder, &source).await;
     // Published while the node runs, dies and comes back.
     let publisher = {
         let subject = format!("{subject}.created");
@@ -352,19 +343,10 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     publish_many(&client, "work.item", N, "").await;
     drop(client);
     let recorder = Recorder::start().await;
-    let node = Node::start();
-    let g = guests();
     let source = format!(
         "type = \"jetstream\"\nurl = \"{url}\"\nstream = \"WORK\"\nstart = \"all\"\nack_wait = \"3s\"\nconcurrency = 4"
     );
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
+    let node = consumer_node(&recorder, &source).await;
     eventually(Duration::from_secs(120), "some messages to run", || async {
         (recorder.hits().len() >= N / 5).then_some(())
     })
@@ -408,19 +390,10 @@ async fn s3_notifications_become_object_events() {
     let stream = unique("NIMBUS_S3", "_");
     let subject = stream.to_lowercase();
     create_stream(&client, &stream, &format!("{subject}.>")).await;
-    let node = Node::start();
-    let g = guests();
     let source = format!(
         "type = \"jetstream\"\nurl = \"{NATS}\"\nstream = \"{stream}\"\nformat = \"s3\"\nconcurrency = 1"
     );
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &g.testbed,
-            &relay_consumer(&recorder, &source, "", ""),
-        )],
-    ));
+    let _node = consumer_node(&recorder, &source).await;
     // What MinIO publishes for a bucket notification target.
     let notification = r#"{"EventName":"s3:ObjectCreated:Put","Key":"photos/cat 1.jpg","Records":[
         {"eventVersion":"2.0","eventSource":"minio:s3","eventTime":"2026-11-27T06:00:00.000Z",

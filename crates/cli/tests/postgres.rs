@@ -274,19 +274,7 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     // The slot moved past them: a restarted node gets none of them again.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let node = node.restart_after_kill9();
-    eventually(
-        Duration::from_secs(30),
-        "the source to reconnect",
-        || async {
-            node.status()
-                .await
-                .sources
-                .first()
-                .is_some_and(|s| s.healthy)
-                .then_some(())
-        },
-    )
-    .await;
+    source_healthy(&node).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         recorder.hits().len(),
