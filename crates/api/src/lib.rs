@@ -87,6 +87,13 @@ pub struct FunctionSummary {
     pub updated_at: i64,
     /// Invocations running now.
     pub in_flight: u64,
+    /// Whether its code is in memory (false: scaled to zero, or not called
+    /// since the node started; the next request loads it).
+    #[serde(default)]
+    pub loaded: bool,
+    /// Reusable instances waiting for a request (with `reuse` above 1).
+    #[serde(default)]
+    pub idle_instances: u64,
     /// Whether the node could load it (false: see `error`).
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -78,6 +78,12 @@ enum Command {
         /// costs).
         #[arg(long)]
         no_metrics: bool,
+        /// Scale a function to zero after this long without a request: its
+        /// instances and code leave memory, its compiled artifact stays on
+        /// disk and the next request maps it again. `never` keeps every
+        /// function loaded.
+        #[arg(long, env = "NIMBUS_SCALE_TO_ZERO_AFTER", default_value = "10m")]
+        scale_to_zero_after: String,
         /// Export spans over OTLP to this collector, e.g.
         /// http://127.0.0.1:4318 (http) or http://127.0.0.1:4317 (grpc).
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -285,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_max_mb,
             object_store,
             no_metrics,
+            scale_to_zero_after,
             otlp_endpoint,
             otlp_protocol,
         } => {
@@ -313,6 +320,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_bytes: log_max_mb.saturating_mul(1 << 20),
                 },
                 metrics: !*no_metrics,
+                scale_to_zero_after: match scale_to_zero_after.as_str() {
+                    "never" => None,
+                    text => Some(
+                        nimbus_manifest::limits::parse_duration(text, "--scale-to-zero-after")
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    ),
+                },
                 otlp: match otlp_endpoint {
                     Some(endpoint) => Some((endpoint.clone(), otlp_protocol.parse()?)),
                     None => None,

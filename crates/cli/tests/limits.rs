@@ -347,3 +347,157 @@ async fn gigabyte_bodies_stream_both_ways_and_limits_answer_413() {
         (StatusCode::OK, Bytes::from((1u64 << 20).to_string()))
     );
 }
+
+/// The summary of one function, as `GET /v1/functions/{name}` reports it.
+async fn summary(node: &Node, name: &str) -> nimbus_api::FunctionSummary {
+    let detail: nimbus_api::FunctionDetail = node
+        .admin
+        .call(Method::GET, &format!("/v1/functions/{name}"), None::<&()>)
+        .await
+        .unwrap();
+    detail.summary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_instances_serve_their_quota_then_recycle() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "reuse",
+        &[
+            ("warm", &g.testbed, "routes = [\"/warm/*\"]\nreuse = 3"),
+            ("fresh", &g.testbed, "routes = [\"/fresh/*\"]"),
+        ],
+    ));
+
+    // One request at a time: the same instance serves three, then a new
+    // one takes over. Its memory (a counter) proves which instance ran.
+    let mut served = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let r = node.get("/warm/served").await;
+        assert_status(&r, StatusCode::OK);
+        served.push(r.text());
+        ids.push(
+            r.headers[nimbus_api::INVOCATION_ID_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(served, ["1", "2", "3", "1", "2", "3", "1"]);
+    for _ in 0..3 {
+        assert_eq!(node.get("/fresh/served").await.text(), "1");
+    }
+    assert_eq!(summary(&node, "warm").await.idle_instances, 1);
+    assert_eq!(summary(&node, "fresh").await.idle_instances, 0);
+
+    // Each output line belongs to the invocation that wrote it, although
+    // one instance wrote several.
+    let log = node.log();
+    for (id, n) in ids.iter().zip(&served) {
+        let line = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["invocation_id"] == id.as_str() && l["stream"] == "stdout")
+            .unwrap_or_else(|| panic!("no output line of invocation {id}:\n{log}"));
+        assert_eq!(line["message"], format!("served {n}"), "{line}");
+    }
+
+    // An instance that failed is never used again: the trap takes the idle
+    // instance (which had served one request) and the next request starts
+    // from a fresh one.
+    assert_status(
+        &node.get("/warm/trap").await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    );
+    assert_eq!(node.get("/warm/served").await.text(), "1");
+
+    // Concurrent requests each get an instance of their own.
+    let all: Vec<_> = (0..8)
+        .map(|_| {
+            let url = node.url("/warm/sleep?ms=300");
+            tokio::spawn(async move { request(Method::GET, &url, Bytes::new()).await })
+        })
+        .collect();
+    for r in all {
+        assert_status(&r.await.unwrap(), StatusCode::OK);
+    }
+    let idle = summary(&node, "warm").await.idle_instances;
+    assert!(
+        (2..=8).contains(&idle),
+        "idle instances after 8 at once: {idle}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_functions_scale_to_zero_and_come_back() {
+    let node = Node::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &[("NIMBUS_SCALE_TO_ZERO_AFTER", "1s")],
+    );
+    let g = guests();
+    node.deploy(&manifest(
+        "zero",
+        &[("z", &g.testbed, "routes = [\"/z/*\"]\nreuse = 100")],
+    ));
+    assert_eq!(node.get("/z/served").await.text(), "1");
+    let s = summary(&node, "z").await;
+    assert!(s.loaded && s.idle_instances == 1, "{s:?}");
+
+    // A second without requests: instances and code leave memory.
+    let s = eventually(
+        Duration::from_secs(10),
+        "the function to scale to zero",
+        || async {
+            let s = summary(&node, "z").await;
+            (!s.loaded && s.idle_instances == 0).then_some(s)
+        },
+    )
+    .await;
+    assert!(s.ready, "{s:?}");
+    assert!(node.log().contains("scaled to zero"), "{}", node.log());
+
+    // The next request maps the artifact again: a cold start, counted and
+    // logged as one, from a fresh instance, without compiling.
+    let compiled = node.status().await.engine.compiled;
+    let r = node.get("/z/served").await;
+    assert_status(&r, StatusCode::OK);
+    assert_eq!(r.text(), "1");
+    let id = r.headers[nimbus_api::INVOCATION_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(node.status().await.engine.compiled, compiled);
+    assert!(summary(&node, "z").await.loaded);
+    let metrics = node
+        .admin
+        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
+        .await
+        .unwrap()
+        .text();
+    let line = r#"faas_coldstarts_total{function="z",version="1"} 2"#;
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "missing `{line}` in:\n{metrics}"
+    );
+    let log = eventually(
+        Duration::from_secs(5),
+        "the invocation's summary line",
+        || async {
+            let log = node.log();
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["invocation_id"] == id.as_str() && l["faas.coldstart"].is_boolean())
+        },
+    )
+    .await;
+    assert_eq!(log["faas.coldstart"], true, "{log}");
+
+    // After a restart nothing is loaded until a function is called.
+    let node = node.restart_after_kill9();
+    assert!(!summary(&node, "z").await.loaded);
+    assert_eq!(node.get("/z/served").await.text(), "1");
+    assert!(summary(&node, "z").await.loaded);
+    assert_eq!(node.status().await.engine.compiled, 0);
+}

@@ -21,6 +21,6 @@ pub use limits::*;
 pub use outbound::{OutboundPolicy, OutboundRule, OutboundRuleError};
 pub use runtime::{
     Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec, InvokeError,
-    InvokeOutcome, ResponseBody,
+    InvokeOutcome, Load, ResponseBody, Trimmed,
 };
 pub use validate::ComponentError;

@@ -53,6 +53,12 @@ pub const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 /// overflow at this depth instead of touching the host's stack guard.
 pub const MAX_WASM_STACK_BYTES: usize = 1 << 20;
 
+/// How long a reusable instance waits for its next request before it is
+/// dropped. Each idle instance holds a pool slot and its memory; half a
+/// minute covers the gaps of steady traffic without keeping the peak of a
+/// burst resident.
+pub const IDLE_INSTANCE_KEEP: Duration = Duration::from_secs(30);
+
 /// Default timeout of one invocation when the manifest sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -26,15 +26,18 @@ pub(crate) struct OutputTag {
 }
 
 struct Buffer {
+    /// The invocation writing now; replaced when a reused instance starts
+    /// its next one.
+    tag: OutputTag,
     pending: Vec<u8>,
     written: usize,
     truncated: bool,
 }
 
-/// One output stream (stdout or stderr) of one invocation.
+/// One output stream (stdout or stderr) of an instance, tagged with the
+/// invocation it serves.
 #[derive(Clone)]
 pub(crate) struct FunctionOutput {
-    tag: OutputTag,
     stream: &'static str,
     buffer: Arc<Mutex<Buffer>>,
 }
@@ -42,9 +45,9 @@ pub(crate) struct FunctionOutput {
 impl FunctionOutput {
     pub(crate) fn new(tag: OutputTag, stream: &'static str) -> Self {
         Self {
-            tag,
             stream,
             buffer: Arc::new(Mutex::new(Buffer {
+                tag,
                 pending: Vec::new(),
                 written: 0,
                 truncated: false,
@@ -52,32 +55,43 @@ impl FunctionOutput {
         }
     }
 
-    fn emit(&self, line: &[u8]) {
+    /// Starts the output of the instance's next invocation: what follows is
+    /// tagged with `tag` and counts against a fresh per-invocation cap.
+    pub(crate) fn begin(&self, tag: OutputTag) {
+        if let Ok(mut buf) = self.buffer.lock() {
+            buf.tag = tag;
+            buf.pending.clear();
+            buf.written = 0;
+            buf.truncated = false;
+        }
+    }
+
+    fn emit(&self, tag: &OutputTag, line: &[u8]) {
         let line = String::from_utf8_lossy(line);
-        let text = self.tag.redactor.text(line.trim_end_matches('\r'));
+        let text = tag.redactor.text(line.trim_end_matches('\r'));
         let text = text.as_ref();
         tracing::info!(
             target: "nimbus::function",
-            function = &*self.tag.function,
-            version = self.tag.version,
-            invocation_id = &*self.tag.invocation,
-            trace_id = self.tag.trace.map(|t| t.trace_id_hex()),
-            span_id = self.tag.trace.map(|t| t.span_id_hex()),
-            trigger = self.tag.trigger,
+            function = &*tag.function,
+            version = tag.version,
+            invocation_id = &*tag.invocation,
+            trace_id = tag.trace.map(|t| t.trace_id_hex()),
+            span_id = tag.trace.map(|t| t.span_id_hex()),
+            trigger = tag.trigger,
             stream = self.stream,
             "{}",
             text
         );
-        if let Some(sink) = &self.tag.sink {
+        if let Some(sink) = &tag.sink {
             sink.line(nimbus_telemetry::logs::LogLine {
                 seq: 0,
                 at: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or_default(),
-                function: self.tag.function.to_string(),
-                version: self.tag.version,
-                invocation: self.tag.invocation.to_string(),
+                function: tag.function.to_string(),
+                version: tag.version,
+                invocation: tag.invocation.to_string(),
                 stream: self.stream.to_owned(),
                 text: text.to_owned(),
             });
@@ -85,9 +99,10 @@ impl FunctionOutput {
     }
 
     fn accept(&self, data: &[u8]) {
-        let Ok(mut buf) = self.buffer.lock() else {
+        let Ok(mut guard) = self.buffer.lock() else {
             return;
         };
+        let buf = &mut *guard;
         if buf.truncated {
             return;
         }
@@ -98,12 +113,12 @@ impl FunctionOutput {
         while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
             let (line, tail) = rest.split_at(nl);
             if buf.pending.is_empty() {
-                self.emit(line);
+                self.emit(&buf.tag, line);
             } else {
                 let room = MAX_OUTPUT_LINE_BYTES.saturating_sub(buf.pending.len());
                 buf.pending.extend_from_slice(&line[..line.len().min(room)]);
                 let whole = std::mem::take(&mut buf.pending);
-                self.emit(&whole);
+                self.emit(&buf.tag, &whole);
             }
             rest = &tail[1..];
         }
@@ -113,9 +128,10 @@ impl FunctionOutput {
             buf.truncated = true;
             let pending = std::mem::take(&mut buf.pending);
             if !pending.is_empty() {
-                self.emit(&pending);
+                self.emit(&buf.tag, &pending);
             }
             self.emit(
+                &buf.tag,
                 format!("[nimbus: output truncated after {MAX_OUTPUT_BYTES_PER_INVOCATION} bytes]")
                     .as_bytes(),
             );
@@ -128,9 +144,8 @@ impl FunctionOutput {
             return;
         };
         let pending = std::mem::take(&mut buf.pending);
-        drop(buf);
         if !pending.is_empty() {
-            self.emit(&pending);
+            self.emit(&buf.tag, &pending);
         }
     }
 }

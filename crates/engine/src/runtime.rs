@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
@@ -21,8 +21,8 @@ use wasmtime::{
     UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
     WasiHttpView,
@@ -74,6 +74,8 @@ pub enum InvokeError {
     Capacity(String),
     #[error("the request could not be handed to the function: {0}")]
     BadRequest(String),
+    #[error("the function's code could not be loaded: {0}")]
+    Unavailable(String),
 }
 
 /// Counters of the compile/load path, shown by `nimbus status`.
@@ -105,23 +107,48 @@ pub struct FunctionSpec {
     pub outbound: OutboundPolicy,
     /// The function's secret values, kept out of its captured output.
     pub secrets: nimbus_telemetry::redact::Redactor,
+    /// Requests one instance serves, one after another, before it is
+    /// recycled. 1 (the default) gives every request a fresh instance.
+    pub reuse: u32,
+    /// Idle reusable instances kept at most (the function's concurrency).
+    pub max_idle_instances: u32,
+}
+
+/// When a prepared version loads its compiled code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// Now: the version is linked (and so checked) before it is published.
+    Now,
+    /// On its first request: a node restart maps no code for functions
+    /// nobody calls.
+    OnFirstRequest,
 }
 
 /// The node's wasmtime engine.
 pub struct Engine {
-    inner: wasmtime::Engine,
-    linker: Linker<Host>,
-    artifacts: ArtifactStore,
-    fingerprint: String,
-    components: Mutex<HashMap<ComponentDigest, Component>>,
-    compiled: AtomicU64,
-    loaded: AtomicU64,
-    ticker_stop: Arc<AtomicBool>,
+    core: Arc<Core>,
     /// Where function output is kept, besides the node log.
     log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
 }
 
-impl Drop for Engine {
+/// What the engine and every version it prepared share: wasmtime's engine
+/// and linker, the artifact store and the code loaded in memory.
+struct Core {
+    inner: wasmtime::Engine,
+    linker: Linker<Host>,
+    artifacts: ArtifactStore,
+    fingerprint: String,
+    /// Linked code by component, shared by every version (of any function)
+    /// with the same component.
+    loaded: Mutex<HashMap<ComponentDigest, ProxyPre<Host>>>,
+    compiled: AtomicU64,
+    loaded_from_disk: AtomicU64,
+    ticker_stop: Arc<AtomicBool>,
+    /// Reference point of the versions' idle clocks.
+    epoch: Instant,
+}
+
+impl Drop for Core {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
@@ -172,14 +199,17 @@ impl Engine {
             .map_err(EngineError::io("starting the epoch ticker"))?;
 
         Ok(Self {
-            inner,
-            linker,
-            artifacts,
-            fingerprint,
-            components: Mutex::new(HashMap::new()),
-            compiled: AtomicU64::new(0),
-            loaded: AtomicU64::new(0),
-            ticker_stop,
+            core: Arc::new(Core {
+                inner,
+                linker,
+                artifacts,
+                fingerprint,
+                loaded: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                loaded_from_disk: AtomicU64::new(0),
+                ticker_stop,
+                epoch: Instant::now(),
+            }),
             log_sink: None,
         })
     }
@@ -192,14 +222,14 @@ impl Engine {
 
     /// Identifies the engine's code generation; part of every artifact name.
     pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+        &self.core.fingerprint
     }
 
     /// Counters of the compile/load path.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            compiled: self.compiled.load(Ordering::Relaxed),
-            loaded_from_cache: self.loaded.load(Ordering::Relaxed),
+            compiled: self.core.compiled.load(Ordering::Relaxed),
+            loaded_from_cache: self.core.loaded_from_disk.load(Ordering::Relaxed),
         }
     }
 
@@ -210,16 +240,75 @@ impl Engine {
     pub fn compile(&self, bytes: &[u8]) -> Result<ComponentDigest, EngineError> {
         validate::check_header(bytes)?;
         let digest = ComponentDigest::of(bytes);
-        if self.cached(&digest).is_some() {
+        let core = &self.core;
+        if core.cached(&digest).is_some() {
             return Ok(digest);
         }
-        let compiled_path = self.artifacts.compiled_path(&digest, &self.fingerprint);
-        if compiled_path.exists() && self.load(&digest).is_ok() {
+        let compiled_path = core.artifacts.compiled_path(&digest, &core.fingerprint);
+        if compiled_path.exists() && core.pre(&digest).is_ok() {
             return Ok(digest);
         }
-        let component = self.compile_and_store(&digest, bytes)?;
-        self.remember(&digest, component);
+        let component = core.compile_and_store(&digest, bytes)?;
+        core.link(&digest, &component)?;
         Ok(digest)
+    }
+
+    /// Builds the handle that serves `spec`, with its code loaded now or on
+    /// its first request.
+    pub fn prepare(&self, spec: FunctionSpec, load: Load) -> Result<FunctionRuntime, EngineError> {
+        let core = &self.core;
+        let compiled = core.cached(&spec.digest).is_some()
+            || core
+                .artifacts
+                .compiled_path(&spec.digest, &core.fingerprint)
+                .exists();
+        // Without a compiled artifact (an engine upgrade) the component is
+        // recompiled now rather than on some caller's request.
+        let pre = match load {
+            Load::OnFirstRequest if compiled => None,
+            _ => Some(core.pre(&spec.digest)?),
+        };
+        let reuse = spec.reuse.max(1);
+        Ok(FunctionRuntime {
+            inner: Arc::new(FunctionInner {
+                core: self.core.clone(),
+                log_sink: self.log_sink.clone(),
+                name: spec.name.as_str().into(),
+                pre: RwLock::new(pre),
+                loading: tokio::sync::Mutex::new(()),
+                cold: AtomicBool::new(true),
+                last_used_ms: AtomicU64::new(self.core.now_ms()),
+                idle: Mutex::new(Vec::new()),
+                reuse,
+                policy: Arc::new(spec.outbound.clone()),
+                spec,
+            }),
+        })
+    }
+
+    /// Forgets loaded code that no version in `keep` uses; versions that
+    /// still hold it keep it until they are unloaded.
+    pub fn retain_components(&self, keep: &[ComponentDigest]) {
+        if let Ok(mut map) = self.core.loaded.lock() {
+            map.retain(|digest, _| keep.contains(digest));
+        }
+    }
+
+    /// Whether a component with this digest was uploaded and compiled.
+    pub fn has_component(&self, digest: &ComponentDigest) -> bool {
+        let core = &self.core;
+        core.cached(digest).is_some()
+            || (core.artifacts.component_path(digest).exists()
+                && core
+                    .artifacts
+                    .compiled_path(digest, &core.fingerprint)
+                    .exists())
+    }
+}
+
+impl Core {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn compile_and_store(
@@ -248,22 +337,33 @@ impl Engine {
         Ok(component)
     }
 
-    fn cached(&self, digest: &ComponentDigest) -> Option<Component> {
-        self.components.lock().ok()?.get(digest).cloned()
+    fn cached(&self, digest: &ComponentDigest) -> Option<ProxyPre<Host>> {
+        self.loaded.lock().ok()?.get(digest).cloned()
     }
 
-    fn remember(&self, digest: &ComponentDigest, component: Component) {
-        if let Ok(mut map) = self.components.lock() {
-            map.insert(digest.clone(), component);
+    /// Links a component against the host's imports, once per component.
+    fn link(
+        &self,
+        digest: &ComponentDigest,
+        component: &Component,
+    ) -> Result<ProxyPre<Host>, EngineError> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| ComponentError::Link(format!("{e:#}")))?;
+        let pre = ProxyPre::new(pre).map_err(|e| ComponentError::Link(format!("{e:#}")))?;
+        if let Ok(mut map) = self.loaded.lock() {
+            map.insert(digest.clone(), pre.clone());
         }
+        Ok(pre)
     }
 
-    /// Loads a component for serving: from memory, else from its compiled
-    /// artifact on disk, else by recompiling the stored component (after an
-    /// engine upgrade, or if the artifact is unusable).
-    pub fn load(&self, digest: &ComponentDigest) -> Result<Component, EngineError> {
-        if let Some(component) = self.cached(digest) {
-            return Ok(component);
+    /// The linked code of a component: from memory, else mapped from its
+    /// compiled artifact on disk, else recompiled from the stored component
+    /// (after an engine upgrade, or if the artifact is unusable).
+    fn pre(&self, digest: &ComponentDigest) -> Result<ProxyPre<Host>, EngineError> {
+        if let Some(pre) = self.cached(digest) {
+            return Ok(pre);
         }
         let path = self.artifacts.compiled_path(digest, &self.fingerprint);
         if path.exists() {
@@ -276,10 +376,9 @@ impl Engine {
             let loaded = unsafe { Component::deserialize_file(&self.inner, &path) };
             match loaded {
                 Ok(component) => {
-                    self.loaded.fetch_add(1, Ordering::Relaxed);
+                    self.loaded_from_disk.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(digest = %digest, "loaded compiled artifact from cache");
-                    self.remember(digest, component.clone());
-                    return Ok(component);
+                    return self.link(digest, &component);
                 }
                 Err(e) => tracing::warn!(
                     digest = %digest,
@@ -299,35 +398,7 @@ impl Engine {
             });
         }
         let component = self.compile_and_store(digest, &bytes)?;
-        self.remember(digest, component.clone());
-        Ok(component)
-    }
-
-    /// Builds the pre-instantiated handle that serves `spec`.
-    pub fn prepare(&self, spec: FunctionSpec) -> Result<FunctionRuntime, EngineError> {
-        let component = self.load(&spec.digest)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| ComponentError::Link(format!("{e:#}")))?;
-        let pre = ProxyPre::new(pre).map_err(|e| ComponentError::Link(format!("{e:#}")))?;
-        Ok(FunctionRuntime {
-            inner: Arc::new(FunctionInner {
-                log_sink: self.log_sink.clone(),
-                name: spec.name.as_str().into(),
-                engine: self.inner.clone(),
-                pre,
-                policy: Arc::new(spec.outbound.clone()),
-                spec,
-            }),
-        })
-    }
-
-    /// Forgets in-memory components that no live function uses.
-    pub fn retain_components(&self, keep: &[ComponentDigest]) {
-        if let Ok(mut map) = self.components.lock() {
-            map.retain(|digest, _| keep.contains(digest));
-        }
+        self.link(digest, &component)
     }
 }
 
@@ -355,22 +426,55 @@ pub struct FunctionRuntime {
 }
 
 struct FunctionInner {
+    core: Arc<Core>,
     log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
     name: Arc<str>,
-    engine: wasmtime::Engine,
-    pre: ProxyPre<Host>,
+    /// The version's linked code; `None` until its first request, and again
+    /// once it has been unloaded for idleness.
+    pre: RwLock<Option<ProxyPre<Host>>>,
+    /// Held while the code loads, so concurrent first requests load it once.
+    loading: tokio::sync::Mutex<()>,
+    /// Whether the next invocation is the first since the code was loaded.
+    cold: AtomicBool,
+    /// When an invocation last started, on the core's clock.
+    last_used_ms: AtomicU64,
+    /// Reusable instances waiting for their next request (reuse > 1 only).
+    idle: Mutex<Vec<Idle>>,
+    reuse: u32,
     policy: Arc<OutboundPolicy>,
     spec: FunctionSpec,
+}
+
+/// An instance kept for its next request, with what that request resets.
+struct Idle {
+    store: Store<Host>,
+    proxy: Proxy,
+    stdout: FunctionOutput,
+    stderr: FunctionOutput,
+    /// Requests it has served.
+    served: u32,
+    /// Its linear memory after the last request.
+    memory: u64,
+    since_ms: u64,
 }
 
 /// A response head from the function, with its body still streaming.
 pub struct InvokeOutcome {
     pub response: http::Response<ResponseBody>,
-    /// Time spent creating the instance.
+    /// Time spent creating the instance (zero for a reused one).
     pub instantiate: Duration,
     /// Largest linear memory of the instance in bytes; final once the body
     /// has been read.
     pub peak_memory: Arc<AtomicU64>,
+}
+
+/// What [`FunctionRuntime::trim`] released.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Idle reusable instances dropped.
+    pub instances: usize,
+    /// Whether the version's code was unloaded.
+    pub unloaded: bool,
 }
 
 impl FunctionRuntime {
@@ -384,14 +488,95 @@ impl FunctionRuntime {
         &self.inner.name
     }
 
-    /// Runs `request` in a fresh instance. Returns once the function has set
-    /// its response head; the body streams afterwards, under the same
-    /// deadline.
+    /// Whether the invocation about to start is a cold start: the first
+    /// since the version's code was loaded. Each load is claimed once.
+    pub fn claim_cold(&self) -> bool {
+        self.inner.cold.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether the version's code is in memory.
+    pub fn is_loaded(&self) -> bool {
+        self.inner.pre.read().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    /// Idle reusable instances waiting for a request.
+    pub fn idle_instances(&self) -> usize {
+        self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Releases what idleness no longer justifies: reusable instances idle
+    /// for [`IDLE_INSTANCE_KEEP`], and the version's code once no invocation
+    /// has started for `unload_after` (the compiled artifact stays on disk
+    /// and the next request maps it again). `None` never unloads.
+    pub fn trim(&self, unload_after: Option<Duration>) -> Trimmed {
+        let f = &self.inner;
+        let now = f.core.now_ms();
+        let mut trimmed = Trimmed::default();
+        if let Ok(mut idle) = f.idle.lock() {
+            let before = idle.len();
+            let keep_ms = IDLE_INSTANCE_KEEP.as_millis() as u64;
+            idle.retain(|i| now.saturating_sub(i.since_ms) < keep_ms);
+            trimmed.instances = before - idle.len();
+        }
+        let idle_ms = now.saturating_sub(f.last_used_ms.load(Ordering::Relaxed));
+        if let Some(after) = unload_after
+            && idle_ms >= after.as_millis() as u64
+            && let Ok(mut pre) = f.pre.write()
+            && pre.is_some()
+        {
+            *pre = None;
+            f.cold.store(true, Ordering::Relaxed);
+            if let Ok(mut idle) = f.idle.lock() {
+                trimmed.instances += idle.len();
+                idle.clear();
+            }
+            trimmed.unloaded = true;
+        }
+        trimmed
+    }
+
+    /// The version's linked code, loaded first if it is not in memory.
+    async fn code(&self) -> Result<ProxyPre<Host>, InvokeError> {
+        let f = &self.inner;
+        if let Ok(pre) = f.pre.read()
+            && let Some(pre) = pre.as_ref()
+        {
+            return Ok(pre.clone());
+        }
+        let _loading = f.loading.lock().await;
+        if let Ok(pre) = f.pre.read()
+            && let Some(pre) = pre.as_ref()
+        {
+            return Ok(pre.clone());
+        }
+        let started = Instant::now();
+        let pre = f.core.pre(&f.spec.digest).map_err(|e| {
+            tracing::error!(function = &*f.name, version = f.spec.version, error = %e, "cannot load the function's code");
+            InvokeError::Unavailable(e.to_string())
+        })?;
+        if let Ok(mut slot) = f.pre.write() {
+            *slot = Some(pre.clone());
+        }
+        tracing::debug!(
+            function = &*f.name,
+            version = f.spec.version,
+            load_us = started.elapsed().as_micros() as u64,
+            "loaded the function's code"
+        );
+        Ok(pre)
+    }
+
+    /// Runs `request` in a fresh instance, or in an idle one when the
+    /// function reuses instances. `trace` is the invocation's context (the
+    /// one its `traceparent` header carries), continued by its output lines
+    /// and outbound requests. Returns once the function has set its
+    /// response head; the body streams afterwards, under the same deadline.
     pub async fn invoke<B>(
         &self,
         request: hyper::Request<B>,
         invocation_id: Arc<str>,
         trigger: &'static str,
+        trace: Option<nimbus_telemetry::trace::TraceContext>,
     ) -> Result<InvokeOutcome, InvokeError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -399,15 +584,9 @@ impl FunctionRuntime {
     {
         let started = Instant::now();
         let f = &self.inner;
+        f.last_used_ms.store(f.core.now_ms(), Ordering::Relaxed);
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
-        let peak_memory = Arc::new(AtomicU64::new(0));
-        // The gateway set the invocation's trace context on the request.
-        let trace = request
-            .headers()
-            .get(nimbus_telemetry::trace::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(nimbus_telemetry::trace::TraceContext::parse);
         // Output never shows the function's secrets nor the credentials
         // this request carried.
         let redactor = f.spec.secrets.with_credentials(
@@ -427,40 +606,76 @@ impl FunctionRuntime {
         };
         let invocation = tag.invocation.clone();
         let trace_ids = trace.map(|t| (t.trace_id_hex(), t.span_id_hex()));
-        let stdout = FunctionOutput::new(tag.clone(), "stdout");
-        let stderr = FunctionOutput::new(tag, "stderr");
-        let mut wasi = WasiCtx::builder();
-        wasi.envs(&f.spec.env)
-            .stdout(stdout.clone())
-            .stderr(stderr.clone());
-        let host = Host {
-            table: ResourceTable::new(),
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            hooks: Hooks {
-                policy: f.policy.clone(),
-                function: f.name.clone(),
-                trace,
-            },
-            limiter: Limiter {
-                memory_bytes: usize::try_from(f.spec.limits.memory_bytes).unwrap_or(usize::MAX),
-                denied: false,
-                peak: peak_memory.clone(),
-            },
-            deadline,
+        let reused = if f.reuse > 1 {
+            f.idle.lock().ok().and_then(|mut idle| idle.pop())
+        } else {
+            None
         };
-        let mut store = Store::new(&f.engine, host);
-        store.limiter(|host| &mut host.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+        let (mut store, proxy, stdout, stderr, served, peak_memory) = match reused {
+            Some(mut i) => {
+                let peak_memory = Arc::new(AtomicU64::new(i.memory));
+                let host = i.store.data_mut();
+                host.hooks.trace = trace;
+                host.limiter.denied = false;
+                host.limiter.peak = peak_memory.clone();
+                host.deadline = deadline;
+                i.stdout.begin(tag.clone());
+                i.stderr.begin(tag);
+                i.store.set_epoch_deadline(1);
+                (i.store, i.proxy, i.stdout, i.stderr, i.served, peak_memory)
             }
-        });
+            None => {
+                let pre = self.code().await?;
+                let peak_memory = Arc::new(AtomicU64::new(0));
+                let stdout = FunctionOutput::new(tag.clone(), "stdout");
+                let stderr = FunctionOutput::new(tag, "stderr");
+                let mut wasi = WasiCtx::builder();
+                wasi.envs(&f.spec.env)
+                    .stdout(stdout.clone())
+                    .stderr(stderr.clone());
+                let host = Host {
+                    table: ResourceTable::new(),
+                    wasi: wasi.build(),
+                    http: WasiHttpCtx::new(),
+                    hooks: Hooks {
+                        policy: f.policy.clone(),
+                        function: f.name.clone(),
+                        trace,
+                    },
+                    limiter: Limiter {
+                        memory_bytes: usize::try_from(f.spec.limits.memory_bytes)
+                            .unwrap_or(usize::MAX),
+                        denied: false,
+                        peak: peak_memory.clone(),
+                    },
+                    deadline,
+                };
+                let mut store = Store::new(&f.core.inner, host);
+                store.limiter(|host| &mut host.limiter);
+                store.set_epoch_deadline(1);
+                store.epoch_deadline_callback(|ctx| {
+                    if Instant::now() >= ctx.data().deadline {
+                        Ok(UpdateDeadline::Interrupt)
+                    } else {
+                        Ok(UpdateDeadline::Yield(1))
+                    }
+                });
+                let proxy = match tokio::time::timeout_at(
+                    deadline.into(),
+                    pre.instantiate_async(&mut store),
+                )
+                .await
+                {
+                    Ok(Ok(proxy)) => proxy,
+                    Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
+                    Err(_) => return Err(InvokeError::Timeout(timeout)),
+                };
+                (store, proxy, stdout, stderr, 0, peak_memory)
+            }
+        };
+        let instantiate = started.elapsed();
 
-        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (sender, mut receiver) = tokio::sync::oneshot::channel();
         let mut http = store.data_mut().http();
         let req = http
             .new_incoming_request(Scheme::Http, request)
@@ -468,19 +683,11 @@ impl FunctionRuntime {
         let out = http
             .new_response_outparam(sender)
             .map_err(|e| InvokeError::BadRequest(format!("{e:#}")))?;
-        let proxy =
-            match tokio::time::timeout_at(deadline.into(), f.pre.instantiate_async(&mut store))
-                .await
-            {
-                Ok(Ok(proxy)) => proxy,
-                Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
-                Err(_) => return Err(InvokeError::Timeout(timeout)),
-            };
-        let instantiate = started.elapsed();
-        let limits = f.spec.limits;
-        let name = f.name.clone();
-        let version = f.spec.version;
-        let task = tokio::spawn(async move {
+        let inner = self.inner.clone();
+        let peak = peak_memory.clone();
+        let mut call = Box::pin(async move {
+            let f = &*inner;
+            let limits = f.spec.limits;
             let call = proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, req, out);
@@ -491,36 +698,81 @@ impl FunctionRuntime {
             };
             stdout.flush_pending();
             stderr.flush_pending();
-            if let Err(e) = &result {
-                // Also after the response head was sent (a failure while
-                // streaming), so the reason is always tied to the invocation.
-                tracing::warn!(
-                    invocation_id = &*invocation,
-                    function = &*name,
-                    version,
-                    trigger,
-                    trace_id = trace_ids.as_ref().map(|t| t.0.as_str()),
-                    span_id = trace_ids.as_ref().map(|t| t.1.as_str()),
-                    error = %e,
-                    "guest failed"
-                );
+            match &result {
+                Err(e) => {
+                    // Also after the response head was sent (a failure while
+                    // streaming), so the reason is always tied to the
+                    // invocation. A failed instance is never reused.
+                    tracing::warn!(
+                        invocation_id = &*invocation,
+                        function = &*f.name,
+                        version = f.spec.version,
+                        trigger,
+                        trace_id = trace_ids.as_ref().map(|t| t.0.as_str()),
+                        span_id = trace_ids.as_ref().map(|t| t.1.as_str()),
+                        error = %e,
+                        "guest failed"
+                    );
+                }
+                Ok(()) if served + 1 < f.reuse => {
+                    let idle = Idle {
+                        store,
+                        proxy,
+                        stdout,
+                        stderr,
+                        served: served + 1,
+                        memory: peak.load(Ordering::Relaxed),
+                        since_ms: f.core.now_ms(),
+                    };
+                    // Kept only while the version's code is loaded: an
+                    // unloaded version holds no instances.
+                    let loaded = f.pre.read().map(|p| p.is_some()).unwrap_or(false);
+                    if loaded
+                        && let Ok(mut pool) = f.idle.lock()
+                        && pool.len() < f.spec.max_idle_instances as usize
+                    {
+                        pool.push(idle);
+                    }
+                }
+                Ok(()) => {}
             }
             result
         });
-        match receiver.await {
-            Ok(Ok(response)) => Ok(InvokeOutcome {
-                peak_memory,
-                response: response.map(|body| {
-                    body.map_err(|e| std::io::Error::other(e.to_string()))
-                        .boxed_unsync()
-                }),
-                instantiate,
+        let outcome = |response: http::Response<WasiBody>| InvokeOutcome {
+            peak_memory: peak_memory.clone(),
+            response: response.map(|body| {
+                body.map_err(|e| std::io::Error::other(e.to_string()))
+                    .boxed_unsync()
             }),
-            Ok(Err(code)) => Err(InvokeError::Guest(format!("{code:?}"))),
-            Err(_) => match task.await {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(())) => Err(InvokeError::NoResponse),
-                Err(join) => Err(InvokeError::Trap(format!("invocation task failed: {join}"))),
+            instantiate,
+        };
+        // The guest runs on this task until it sets its response head; a
+        // guest that is done by then (most are) costs no task of its own.
+        // One still writing its body continues on a task, while the body
+        // streams to the caller.
+        tokio::select! {
+            biased;
+            result = &mut call => match receiver.try_recv() {
+                Ok(Ok(response)) => Ok(outcome(response)),
+                Ok(Err(code)) => Err(InvokeError::Guest(format!("{code:?}"))),
+                Err(_) => match result {
+                    Err(e) => Err(e),
+                    Ok(()) => Err(InvokeError::NoResponse),
+                },
+            },
+            head = &mut receiver => match head {
+                Ok(Ok(response)) => {
+                    tokio::spawn(call);
+                    Ok(outcome(response))
+                }
+                Ok(Err(code)) => {
+                    tokio::spawn(call);
+                    Err(InvokeError::Guest(format!("{code:?}")))
+                }
+                Err(_) => match call.await {
+                    Err(e) => Err(e),
+                    Ok(()) => Err(InvokeError::NoResponse),
+                },
             },
         }
     }
@@ -673,17 +925,5 @@ impl WasiHttpHooks for Hooks {
             };
             outbound::send_to(addr, &dest, request).await
         })
-    }
-}
-
-impl Engine {
-    /// Whether a component with this digest was uploaded and compiled.
-    pub fn has_component(&self, digest: &ComponentDigest) -> bool {
-        self.cached(digest).is_some()
-            || (self.artifacts.component_path(digest).exists()
-                && self
-                    .artifacts
-                    .compiled_path(digest, &self.fingerprint)
-                    .exists())
     }
 }

@@ -57,8 +57,6 @@ pub struct Deployed {
     pub config: nimbus_manifest::FunctionConfig,
     /// Signature checks of the webhook routes, by route path.
     pub webhooks: HashMap<String, Arc<webhook::Verifier>>,
-    /// Set by the first invocation of this version: every later one is warm.
-    pub warm: std::sync::atomic::AtomicBool,
     pub metrics: nimbus_telemetry::FunctionMetrics,
 }
 
@@ -191,7 +189,13 @@ impl Gateway {
 
     fn next_invocation_id(&self) -> Arc<str> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{:08x}", self.id_prefix, n).into()
+        let mut id = String::with_capacity(24);
+        nimbus_telemetry::trace::push_hex(&mut id, &self.id_prefix.to_be_bytes());
+        // At least 8 digits of the counter, more once it passes them.
+        let n = n.to_be_bytes();
+        let skip = n.iter().take(4).take_while(|b| **b == 0).count();
+        nimbus_telemetry::trace::push_hex(&mut id, &n[skip..]);
+        id.into()
     }
 
     /// Serves one gateway request: route, admit, invoke.
@@ -393,11 +397,14 @@ impl Gateway {
             .boxed_unsync()
         });
 
-        let cold = !deployed.warm.swap(true, Ordering::Relaxed);
+        let cold = deployed.runtime.claim_cold();
         if cold {
             deployed.metrics.coldstart();
         }
-        let result = deployed.runtime.invoke(req, id.clone(), trigger).await;
+        let result = deployed
+            .runtime
+            .invoke(req, id.clone(), trigger, Some(trace))
+            .await;
         let elapsed = started.elapsed();
         let mut response = match result {
             _ if exceeded.load(Ordering::Relaxed) => too_large(deployed.max_body, &id),
@@ -470,6 +477,7 @@ impl Gateway {
                     InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
                     InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
                     InvokeError::Capacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+                    InvokeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                     InvokeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
                 };
                 tracing::warn!(

@@ -29,7 +29,7 @@ pub use invocation::{
     CatchUp, Destination, Destinations, Period, RetryPolicy, Schedule, SignatureEncoding, Webhook,
     WebhookPreset,
 };
-pub use limits::{Limits, Timeout};
+pub use limits::{Limits, Reuse, Timeout};
 pub use names::{AppName, BucketName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
@@ -54,6 +54,11 @@ pub struct FunctionConfig {
     pub secrets: BTreeMap<EnvName, SecretSource>,
     #[serde(default)]
     pub limits: Limits,
+    /// Requests one instance serves, one at a time, before it is recycled
+    /// (default 1: a fresh instance per request). Never shared across
+    /// functions or versions.
+    #[serde(default, skip_serializing_if = "Reuse::is_fresh")]
+    pub reuse: Reuse,
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<OutboundRule>,
     /// How asynchronous invocations are retried.
@@ -197,6 +202,8 @@ struct RawFunction {
     secrets: BTreeMap<EnvName, SecretSource>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    reuse: Reuse,
     #[serde(default)]
     allowed_outbound_hosts: Vec<OutboundRule>,
     #[serde(default)]
@@ -358,6 +365,7 @@ impl Manifest {
                     env: f.env,
                     secrets: f.secrets,
                     limits: f.limits,
+                    reuse: f.reuse,
                     allowed_outbound_hosts: f.allowed_outbound_hosts,
                     retry: f.retry,
                     destinations: f.destinations,

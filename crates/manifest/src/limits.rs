@@ -13,6 +13,9 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const MAX_CONCURRENCY: u32 = 1000;
 /// Largest `max_body` a function may set, in MiB.
 pub const MAX_BODY_MIB: u64 = 16 * 1024;
+/// Largest `reuse` a function may set: an instance recycled at least every
+/// million requests keeps whatever a guest leaks bounded.
+pub const MAX_REUSE: u32 = 1_000_000;
 
 /// Limits of one function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,6 +113,28 @@ bounded_int!(
     /// Concurrent invocations.
     Concurrency(u32), 1u32, MAX_CONCURRENCY, "max_concurrency"
 );
+bounded_int!(
+    /// Requests one instance serves, one after another, before it is
+    /// recycled (1: a fresh instance per request).
+    Reuse(u32), 1u32, MAX_REUSE, "reuse"
+);
+
+impl Reuse {
+    /// A fresh instance for every request.
+    pub const FRESH: Self = Self(1);
+
+    /// Whether every request gets a fresh instance.
+    pub fn is_fresh(&self) -> bool {
+        self.0 == 1
+    }
+}
+
+impl Default for Reuse {
+    fn default() -> Self {
+        Self::FRESH
+    }
+}
+
 bounded_int!(
     /// Body size in MiB.
     BodyMib(u64), 0u64, MAX_BODY_MIB, "max_body (MiB)"

@@ -259,6 +259,8 @@ fn summary(state: &NodeState, r: &FunctionRecord) -> FunctionSummary {
         config: r.active.config.clone(),
         updated_at: r.updated_at,
         in_flight: serving.map_or(0, |d| d.admission.in_flight()),
+        loaded: serving.is_some_and(|d| d.runtime.is_loaded()),
+        idle_instances: serving.map_or(0, |d| d.runtime.idle_instances() as u64),
         ready: serving.is_some(),
         error: failed.get(&r.name).cloned(),
     }
@@ -692,7 +694,11 @@ fn spans(state: &NodeState, id: &str) -> Response {
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let hex = |b: &[u8]| {
+        let mut s = String::new();
+        nimbus_telemetry::trace::push_hex(&mut s, b);
+        s
+    };
     let list: Vec<serde_json::Value> = state
         .recent_spans
         .get()

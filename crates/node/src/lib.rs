@@ -14,6 +14,7 @@ mod buckets;
 mod deliver;
 mod deploy;
 mod history;
+mod idle;
 pub mod state;
 mod ui;
 
@@ -50,6 +51,9 @@ pub struct NodeConfig {
     pub metrics: bool,
     /// Where spans are exported over OTLP, if anywhere.
     pub otlp: Option<(String, nimbus_otlp::Protocol)>,
+    /// Idle time after which a function's instances and code leave memory
+    /// (`None`: never).
+    pub scale_to_zero_after: Option<Duration>,
 }
 
 /// Where buckets keep their objects.
@@ -245,6 +249,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         rx.clone(),
     ));
     let schedule_task = tokio::spawn(scheduler.run(rx.clone()));
+    let idle_task = tokio::spawn(idle::run(
+        state.clone(),
+        config.scale_to_zero_after,
+        rx.clone(),
+    ));
     let admin_state = state.clone();
     let admin_task = tokio::spawn(nimbus_gateway::server::serve(
         admin_listener,
@@ -272,6 +281,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             schedule_task,
             alert_task,
             history_task,
+            idle_task,
         ],
         state,
     })

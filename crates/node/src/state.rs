@@ -5,7 +5,7 @@ use crate::deploy::{self, PlanError, Step};
 use nimbus_api::{Change, DeployRequest, DeployResponse, DeployedFunction, NodeInfo};
 use nimbus_dispatch::{NodeIntake, Scheduler};
 use nimbus_engine::{
-    ComponentDigest, Engine, EngineError, FunctionLimits, FunctionSpec, OutboundPolicy,
+    ComponentDigest, Engine, EngineError, FunctionLimits, FunctionSpec, Load, OutboundPolicy,
 };
 use nimbus_gateway::admission::Admission;
 use nimbus_gateway::{Deployed, Gateway, RouteTable};
@@ -133,6 +133,8 @@ fn spec_of(
         },
         outbound: OutboundPolicy::new(config.allowed_outbound_hosts.clone()),
         secrets: nimbus_telemetry::redact::Redactor::new(secrets.into_iter().map(|(_, v)| v)),
+        reuse: config.reuse.get(),
+        max_idle_instances: config.limits.max_concurrency.get(),
     })
 }
 
@@ -283,6 +285,7 @@ impl NodeState {
         digest: &str,
         config: &FunctionConfig,
         admission: Option<Arc<Admission>>,
+        load: Load,
     ) -> Result<Arc<Deployed>, ChangeError> {
         let digest = ComponentDigest::parse(digest)
             .ok_or_else(|| ChangeError::Plan(PlanError::BadDigest(digest.to_owned())))?;
@@ -299,7 +302,7 @@ impl NodeState {
         }
         let spec = spec_of(name, version, &digest, config)?;
         let engine = self.engine.clone();
-        let runtime = tokio::task::spawn_blocking(move || engine.prepare(spec))
+        let runtime = tokio::task::spawn_blocking(move || engine.prepare(spec, load))
             .await
             .map_err(|e| ChangeError::Internal(e.to_string()))?
             .map_err(|source| ChangeError::Engine {
@@ -340,7 +343,6 @@ impl NodeState {
             max_body: config.limits.max_body.get() << 20,
             config: config.clone(),
             webhooks,
-            warm: std::sync::atomic::AtomicBool::new(false),
             metrics: if self.metrics.load(std::sync::atomic::Ordering::Relaxed) {
                 nimbus_telemetry::FunctionMetrics::default()
             } else {
@@ -350,13 +352,18 @@ impl NodeState {
     }
 
     /// Builds a servable handle for a record's active version.
-    async fn prepare_active(&self, r: &FunctionRecord) -> Result<Arc<Deployed>, ChangeError> {
+    async fn prepare_active(
+        &self,
+        r: &FunctionRecord,
+        load: Load,
+    ) -> Result<Arc<Deployed>, ChangeError> {
         self.prepare(
             &r.name,
             r.active.version,
             &r.active.digest,
             &r.active.config,
             None,
+            load,
         )
         .await
     }
@@ -367,7 +374,9 @@ impl NodeState {
         let mut deployed = Vec::new();
         let mut failed = BTreeMap::new();
         for r in &records {
-            match self.prepare_active(r).await {
+            // At start code stays on disk until a function's first
+            // request: functions nobody calls cost no memory.
+            match self.prepare_active(r, Load::OnFirstRequest).await {
                 Ok(d) => deployed.push(d),
                 Err(e) => {
                     tracing::error!(function = %r.name, version = r.active.version, error = %e, "cannot load function");
@@ -445,7 +454,14 @@ impl NodeState {
                 .function(step.name.as_str())
                 .map(|d| d.admission.clone());
             let d = self
-                .prepare(&step.name, version, &step.digest, &step.config, admission)
+                .prepare(
+                    &step.name,
+                    version,
+                    &step.digest,
+                    &step.config,
+                    admission,
+                    Load::Now,
+                )
                 .await?;
             fresh.insert(step.name.clone(), d);
             upserts.push(Upsert {
@@ -462,7 +478,7 @@ impl NodeState {
             .filter(|s| s.change == Change::Unchanged && failed.contains_key(&s.name))
         {
             if let Some(r) = current.iter().find(|r| r.name == step.name) {
-                let d = self.prepare_active(r).await?;
+                let d = self.prepare_active(r, Load::Now).await?;
                 fresh.insert(step.name.clone(), d);
             }
         }
@@ -560,6 +576,7 @@ impl NodeState {
                 &target.digest,
                 &target.config,
                 admission,
+                Load::Now,
             )
             .await?;
         // Routes of the target version must still be free.

@@ -14,34 +14,83 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    if getrandom::fill(&mut b).is_err() || b.iter().all(|x| *x == 0) {
-        // No entropy source: still a valid, non-zero id.
+thread_local! {
+    /// Per-thread id generator, seeded once from the operating system, so
+    /// a request costs no system call for its ids.
+    static IDS: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: the clock and the thread still give distinct
+        // streams.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
-            .unwrap_or(1)
-            .to_le_bytes();
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = t[i % t.len()] | 1;
-        }
+            .unwrap_or(1) as u64;
+        let id = std::thread::current().id();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&(t, id), &mut h);
+        b = std::hash::Hasher::finish(&h).to_le_bytes();
+    }
+    u64::from_le_bytes(b)
+}
+
+/// The next 64 random bits (splitmix64 over the thread's state): ids need
+/// to be unique and unpredictable enough to sample on, not secret.
+fn next_u64() -> u64 {
+    IDS.with(|state| {
+        let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    for chunk in b.chunks_mut(8) {
+        let r = next_u64().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    if b.iter().all(|x| *x == 0) {
+        // All-zero ids are invalid in trace context.
+        b[0] = 1;
     }
     b
 }
 
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes lowercase hex of exactly `out.len()` bytes.
 fn hex_into(text: &str, out: &mut [u8]) -> Option<()> {
-    if text.len() != out.len() * 2
-        || !text
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
+    let text = text.as_bytes();
+    if text.len() != out.len() * 2 {
         return None;
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(())
+}
+
+/// Lowercase hex of `bytes`, appended to `out`.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
 }
 
 impl TraceContext {
@@ -97,20 +146,26 @@ impl TraceContext {
 
     /// The `traceparent` value (version 00).
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
     }
 
     pub fn trace_id_hex(&self) -> String {
-        self.trace_id.iter().map(|b| format!("{b:02x}")).collect()
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, &self.trace_id);
+        out
     }
 
     pub fn span_id_hex(&self) -> String {
-        self.span_id.iter().map(|b| format!("{b:02x}")).collect()
+        let mut out = String::with_capacity(16);
+        push_hex(&mut out, &self.span_id);
+        out
     }
 }
 

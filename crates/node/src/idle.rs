@@ -1,0 +1,55 @@
+//! Scale to zero: a function nobody calls gives its memory back. Once a
+//! second, every serving version drops the reusable instances that have
+//! waited too long and, after `--scale-to-zero-after` without a request,
+//! its code too; the compiled artifact stays on disk, so the next request
+//! maps it again in well under a millisecond (a cold start).
+
+use crate::state::NodeState;
+use nimbus_engine::ComponentDigest;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often idleness is checked.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Trims idle instances and code until shutdown.
+pub async fn run(
+    state: Arc<NodeState>,
+    unload_after: Option<Duration>,
+    mut shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
+) {
+    let mut every = tokio::time::interval(EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => sweep(&state, unload_after),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn sweep(state: &NodeState, unload_after: Option<Duration>) {
+    let table = state.gateway.table();
+    let mut unloaded = false;
+    for d in table.functions() {
+        let trimmed = d.runtime.trim(unload_after);
+        if trimmed.unloaded {
+            unloaded = true;
+            tracing::info!(
+                function = %d.name,
+                version = d.version,
+                instances = trimmed.instances,
+                "scaled to zero"
+            );
+        }
+    }
+    if unloaded {
+        // Code shared by several versions leaves memory with the last one.
+        let keep: Vec<ComponentDigest> = table
+            .functions()
+            .filter(|d| d.runtime.is_loaded())
+            .map(|d| d.runtime.spec().digest.clone())
+            .collect();
+        state.engine.retain_components(&keep);
+    }
+}
