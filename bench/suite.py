@@ -18,6 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NIMBUS = ROOT / "target/release/nimbus"
 HELLO = ROOT / "examples/target/wasm32-wasip2/release/hello.wasm"
+JSON_FN = ROOT / "bench/guests/target/wasm32-wasip2/release/json.wasm"
+JS_FN = ROOT / "bench/guests/target/wasm32-wasip2/release/js.wasm"
+TESTBED = ROOT / "tests/fixtures/target/wasm32-wasip2/release/testbed.wasm"
 NATIVE = ROOT / "bench/target/release/native-hello"
 REPORT = ROOT / "bench/report.lua"
 RESULTS = ROOT / "bench/results"
@@ -113,10 +116,60 @@ def hello_manifest(component=HELLO, trial=None):
             f'routes = ["/hello"]\n{env}limits = {{ max_concurrency = 1000 }}\n')
 
 
-def wrk(port, connections, duration):
+def scenarios_manifest():
+    """Every warm scenario on one node: hello (fresh and reused instances),
+    the JSON function and the large JavaScript one."""
+    fns = [("hello", HELLO, "/hello", ""), ("reuse", HELLO, "/reuse/hello", "reuse = 10000\n"),
+           ("json", JSON_FN, "/json", ""), ("js", JS_FN, "/js", "")]
+    text = '[app]\nname = "bench"\n'
+    for name, comp, route, extra in fns:
+        text += (f'\n[functions.{name}]\ncomponent = "{comp}"\nroutes = ["{route}"]\n{extra}'
+                 f'limits = {{ max_concurrency = 1000 }}\n')
+    return text
+
+
+def orders_body(target=10_000):
+    """A JSON batch of orders of about `target` bytes."""
+    orders, i = [], 0
+    while True:
+        orders.append({"id": i, "customer": f"customer-{i % 17}", "tags": ["web", "priority"] if i % 3 == 0 else ["web"],
+                       "items": [{"sku": f"sku-{i}-{k}", "qty": 1 + (i + k) % 4, "price": round(3.5 + (i * 7 + k) % 90, 2)}
+                                 for k in range(3)]})
+        text = json.dumps({"orders": orders})
+        if len(text) >= target:
+            return text
+        i += 1
+
+
+def post_script(work, body):
+    """A wrk script posting `body`, reporting as report.lua does."""
+    path = work / "post.lua"
+    path.write_text(f"wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+                    f"wrk.body = {json.dumps(body)}\n" + REPORT.read_text())
+    return path
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def admin_get(node, path):
+    """GET on the node's admin API with its token."""
+    import urllib.request
+    info = json.loads((node.data_dir / "node.json").read_text())
+    token = (node.data_dir / "admin-token").read_text().strip()
+    req = urllib.request.Request(info["admin_url"] + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wrk(port, connections, duration, path="/hello", script=REPORT):
     out = subprocess.run(
-        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "-s", str(REPORT),
-         f"http://127.0.0.1:{port}/hello"],
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "-s", str(script),
+         f"http://127.0.0.1:{port}{path}"],
         check=True, capture_output=True, text=True).stdout
     line = [l for l in out.splitlines() if l.startswith("{")][-1]
     return json.loads(line)
@@ -173,45 +226,71 @@ def main():
     concurrency = [1, 16, 64]
     results = {"machine": machine(), "duration_s": duration, "trials": trials,
                "wasmtime": subprocess.run([args.wasmtime, "--version"], capture_output=True, text=True).stdout.strip(),
-               "throughput": {}, "cold_start": {}, "deploy": {}}
+               "throughput": {}, "scenarios": {}, "cold_start": {}, "deploy": {}, "density": {},
+               "component_bytes": {"hello": HELLO.stat().st_size, "json": JSON_FN.stat().st_size,
+                                   "js": JS_FN.stat().st_size}}
 
     work = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     node = Node(work / "data")
     node.data_dir.mkdir(parents=True)
     procs = []
     try:
-        # Peers and Nimbus, all serving examples/hello.
+        # Peers and Nimbus side by side: a native server (the ceiling) and
+        # one `wasmtime serve` per component.
         native_port = free_port()
         procs.append(subprocess.Popen([str(NATIVE), f"127.0.0.1:{native_port}"], stderr=subprocess.DEVNULL))
-        wt_port = free_port()
-        procs.append(subprocess.Popen([args.wasmtime, "serve", "-Scli", "--addr", f"127.0.0.1:{wt_port}", str(HELLO)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wt = {}
+        for name, comp in [("hello", HELLO), ("json", JSON_FN), ("js", JS_FN)]:
+            wt[name] = free_port()
+            procs.append(subprocess.Popen([args.wasmtime, "serve", "-Scli", "--addr", f"127.0.0.1:{wt[name]}", str(comp)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         node.start()
-        node.deploy(hello_manifest())
-        servers = {"native hyper": native_port, "wasmtime serve": wt_port, "nimbus": node.port}
-        for port in servers.values():
+        node.deploy(scenarios_manifest())
+        for port in [native_port, node.port, *wt.values()]:
             wait_until_serving(port, "/hello")
+        body = orders_body()
+        post = post_script(work, body)
 
-        # 1. Warm throughput and latency, side by side.
+        def point(label, port, c, path="/hello", script=REPORT):
+            wrk(port, c, 1, path, script)  # warm-up
+            r = wrk(port, c, duration, path, script)
+            print(f"c={c:<3} {label:<22} {r['rps']:>10.0f} req/s  p50 {r['p50_us']} µs  p99 {r['p99_us']} µs"
+                  f"  p99.9 {r['p999_us']} µs  errors {r['socket_errors'] + r['non_2xx']}", flush=True)
+            return r
+
+        # 1. Warm throughput and latency of hello.
+        hello_servers = {"native hyper": (native_port, "/hello"), "wasmtime serve": (wt["hello"], "/hello"),
+                         "nimbus": (node.port, "/hello"), "nimbus, reuse": (node.port, "/reuse/hello")}
         for c in concurrency:
-            for name, port in servers.items():
-                wrk(port, c, 1)  # warm-up
-                r = wrk(port, c, duration)
-                results["throughput"].setdefault(name, {})[str(c)] = r
-                print(f"c={c:<3} {name:<15} {r['rps']:>10.0f} req/s  p50 {r['p50_us']} µs  p99 {r['p99_us']} µs"
-                      f"  p99.9 {r['p999_us']} µs  errors {r['socket_errors'] + r['non_2xx']}", flush=True)
+            for name, (port, path) in hello_servers.items():
+                results["throughput"].setdefault(name, {})[str(c)] = point(name, port, c, path)
+
+        # 2. Real work (JSON, 10 KB bodies) and a large interpreter-based
+        # component, at concurrency 1 and 16.
+        other = {
+            "json": {"native hyper": (native_port, "/json"), "wasmtime serve": (wt["json"], "/json"),
+                     "nimbus": (node.port, "/json")},
+            "js": {"wasmtime serve": (wt["js"], "/js"), "nimbus": (node.port, "/js")},
+        }
+        for scenario, servers in other.items():
+            for c in [1, 16]:
+                for name, (port, path) in servers.items():
+                    script = post if scenario == "json" else REPORT
+                    r = point(f"{scenario}: {name}", port, c, path, script)
+                    results["scenarios"].setdefault(scenario, {}).setdefault(name, {})[str(c)] = r
+        results["json_body_bytes"] = len(body)
         for p in procs:
             p.terminate()
             p.wait()
         procs.clear()
 
-        # 2. Cold starts, each next to a warm request in the same trial.
-        def trial_pairs(prepare):
+        # 3. Cold starts, each next to a warm request in the same trial.
+        def trial_pairs(prepare, path="/hello"):
             cold, warm = [], []
             for i in range(trials):
                 prepare(i)
-                s1, t1 = get(node.port)
-                s2, t2 = get(node.port)
+                s1, t1 = get(node.port, path)
+                s2, t2 = get(node.port, path)
                 assert s1 == 200 and s2 == 200, (s1, s2)
                 cold.append(t1)
                 warm.append(t2)
@@ -225,7 +304,26 @@ def main():
             print(f"cold start {kind:<22} p50 {entry['cold_p50_us']:.0f} µs  p99 {entry['cold_p99_us']:.0f} µs"
                   f"  (warm p50 {entry['warm_p50_us']:.0f} µs, ratio {entry['ratio_p50']:.2f})", flush=True)
 
+        node.deploy(hello_manifest())
         summarize("after deploy", *trial_pairs(lambda i: node.deploy(hello_manifest(trial=i))))
+
+        # (b) Scaled to zero: the node unloads a function 200 ms after its
+        # last request; each trial waits until the node reports it unloaded.
+        node.stop()
+        node.flags = ["--scale-to-zero-after", "200ms"]
+        node.start()
+
+        def scaled_to_zero(_i):
+            deadline = time.time() + 30
+            while admin_get(node, "/v1/functions/hello")["summary"]["loaded"]:
+                assert time.time() < deadline, "the function never scaled to zero"
+                time.sleep(0.05)
+
+        get(node.port)
+        summarize("after scale to zero", *trial_pairs(scaled_to_zero))
+        node.stop()
+        node.flags = []
+        node.start()
 
         def restart(_i):
             node.stop()
@@ -235,25 +333,31 @@ def main():
         stats = node.status()["engine"]
         results["cold_start"]["after node restart"]["compiled_after_restart"] = stats["compiled"]
 
-        # 3. Deploy to first response of a never-seen component, next to
-        # `wasmtime compile` of the same bytes.
-        base = HELLO.read_bytes()
-        deploy_times, compile_times = [], []
-        for i in range(min(trials, 10)):
-            comp = work / f"unique-{i}.wasm"
-            comp.write_bytes(with_custom_section(base, f"{time.time_ns()}-{i}"))
-            start = time.perf_counter()
-            node.deploy(hello_manifest(component=comp))
-            wait_until_serving(node.port, "/hello")
-            deploy_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            subprocess.run([args.wasmtime, "compile", str(comp), "-o", str(work / "out.cwasm")], check=True)
-            compile_times.append(time.perf_counter() - start)
-        d = statistics.median(deploy_times)
-        c = statistics.median(compile_times)
-        results["deploy"] = {"deploy_to_first_response_ms": d * 1e3, "wasmtime_compile_ms": c * 1e3, "ratio": d / c,
-                             "component_bytes": len(base)}
-        print(f"deploy→first response {d * 1e3:.0f} ms, wasmtime compile {c * 1e3:.0f} ms (ratio {d / c:.2f})")
+        # 4. Deploy to first response of a never-seen component, next to
+        # `wasmtime compile` of the same bytes: hello and the large one.
+        for label, source in [("hello", HELLO), ("js", JS_FN)]:
+            base = source.read_bytes()
+            deploy_times, compile_times = [], []
+            for i in range(min(trials, 10 if label == "hello" else 3)):
+                comp = work / f"unique-{label}-{i}.wasm"
+                comp.write_bytes(with_custom_section(base, f"{time.time_ns()}-{i}"))
+                start = time.perf_counter()
+                node.deploy(hello_manifest(component=comp))
+                wait_until_serving(node.port, "/hello")
+                deploy_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                subprocess.run([args.wasmtime, "compile", str(comp), "-o", str(work / "out.cwasm")], check=True)
+                compile_times.append(time.perf_counter() - start)
+            d = statistics.median(deploy_times)
+            c = statistics.median(compile_times)
+            results["deploy"][label] = {"deploy_to_first_response_ms": d * 1e3, "wasmtime_compile_ms": c * 1e3,
+                                        "ratio": d / c, "component_bytes": len(base)}
+            print(f"deploy→first response ({label}) {d * 1e3:.0f} ms, wasmtime compile {c * 1e3:.0f} ms "
+                  f"(ratio {d / c:.2f})", flush=True)
+        node.stop()
+
+        # 5. Density.
+        results["density"] = density(work, args.quick)
     finally:
         for p in procs:
             p.terminate()
@@ -265,29 +369,139 @@ def main():
     print(f"\nwrote {RESULTS / 'latest.md'}")
 
 
+def density(work, quick):
+    """Node RSS with 1 to 10,000 deployed idle functions, routing latency
+    with 10,000 next to 1, and RSS per executing instance."""
+    out = {"idle_rss_kib": {}}
+    node = Node(work / "density" / "data", flags=["--scale-to-zero-after", "1s"])
+    node.data_dir.mkdir(parents=True)
+    node.start()
+    try:
+        def manifest(n, component=HELLO, extra=""):
+            text = '[app]\nname = "density"\n'
+            for i in range(n):
+                text += f'\n[functions.f{i}]\ncomponent = "{component}"\nroutes = ["/f{i}/*"]\n{extra}'
+            return text
+
+        def idle_rss(n):
+            deadline = time.time() + 120
+            while any(f["loaded"] for f in admin_get(node, "/v1/functions")):
+                assert time.time() < deadline, "functions never went idle"
+                time.sleep(0.5)
+            time.sleep(1)
+            return rss_kib(node.proc.pid)
+
+        out["idle_rss_kib"]["0"] = rss_kib(node.proc.pid)
+        routing = {}
+        for n in [1, 100, 1000, 10000]:
+            start = time.perf_counter()
+            node.deploy(manifest(n))
+            took = time.perf_counter() - start
+            wait_until_serving(node.port, f"/f{n - 1}/hello")
+            if n in (1, 10000):
+                # Routing: the last function's route, one connection.
+                wrk(node.port, 1, 1, f"/f{n - 1}/hello")
+                routing[str(n)] = wrk(node.port, 1, 2 if quick else 5, f"/f{n - 1}/hello")
+            out["idle_rss_kib"][str(n)] = idle_rss(n)
+            print(f"density: {n:>5} idle functions, RSS {out['idle_rss_kib'][str(n)] / 1024:.1f} MiB "
+                  f"(deployed in {took:.1f} s)", flush=True)
+        out["routing"] = {k: {"p50_us": v["p50_us"], "p99_us": v["p99_us"], "rps": v["rps"]} for k, v in routing.items()}
+        out["routing"]["ratio_p50"] = routing["10000"]["p50_us"] / routing["1"]["p50_us"]
+        print(f"routing p50 with 10,000 functions {routing['10000']['p50_us']} µs, with 1 {routing['1']['p50_us']} µs "
+              f"(ratio {out['routing']['ratio_p50']:.2f})", flush=True)
+
+        # 1,000 requests in flight over 100 functions, each instance
+        # sleeping 3 s inside the guest.
+        node.deploy(manifest(100, TESTBED, "limits = { max_concurrency = 10, timeout = \"30s\" }\n"))
+        for i in range(100):
+            wait_until_serving(node.port, f"/f{i}/ok")
+        base = rss_kib(node.proc.pid)
+        socks = []
+        for k in range(1000):
+            s = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+            s.sendall(f"GET /f{k % 100}/sleep?ms=3000 HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+            socks.append(s)
+        peak = base
+        deadline = time.time() + 2.5
+        while time.time() < deadline:
+            peak = max(peak, rss_kib(node.proc.pid))
+            time.sleep(0.05)
+        ok = 0
+        for s in socks:
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            ok += data.startswith(b"HTTP/1.1 200")
+            s.close()
+        out["in_flight"] = {"requests": 1000, "ok": ok, "rss_before_kib": base, "rss_peak_kib": peak,
+                            "per_instance_kib": (peak - base) / 1000}
+        print(f"1,000 in flight over 100 functions: {ok} answered 200, RSS {base / 1024:.1f} → {peak / 1024:.1f} MiB, "
+              f"{(peak - base) / 1000:.0f} KiB per instance", flush=True)
+    finally:
+        node.stop()
+    return out
+
+
 def render(r, concurrency):
     m = r["machine"]
+    sizes = r["component_bytes"]
     lines = [f"# Benchmark results\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['rustc']}; {r['wasmtime']}. "
-             f"wrk -t2, {r['duration_s']} s per point, all servers on this machine in one run.\n",
-             "## Warm requests: examples/hello\n",
-             "| concurrency | server | req/s | p50 µs | p99 µs | p99.9 µs | nimbus / this |",
-             "|---|---|---|---|---|---|---|"]
+             f"wrk -t2 (-t1 at c=1), {r['duration_s']} s per point, all servers on this machine in one run.\n",
+             f"## Warm requests: examples/hello ({sizes['hello']:,} bytes)\n",
+             "`nimbus` gives every request a fresh instance; `nimbus, reuse` is the same component with "
+             "`reuse = 10000` (one instance serves requests one after another).\n",
+             "| concurrency | server | req/s | p50 µs | p99 µs | p99.9 µs | nimbus / this | nimbus, reuse / this |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in concurrency:
         n = r["throughput"]["nimbus"][str(c)]["rps"]
+        nr = r["throughput"]["nimbus, reuse"][str(c)]["rps"]
         for name, points in r["throughput"].items():
             p = points[str(c)]
-            ratio = "" if name == "nimbus" else f"{n / p['rps']:.2f}×"
-            lines.append(f"| {c} | {name} | {p['rps']:.0f} | {p['p50_us']} | {p['p99_us']} | {p['p999_us']} | {ratio} |")
+            ratio = "" if name.startswith("nimbus") else f"{n / p['rps']:.2f}×"
+            ratio_r = "" if name.startswith("nimbus") else f"{nr / p['rps']:.2f}×"
+            lines.append(f"| {c} | {name} | {p['rps']:.0f} | {p['p50_us']} | {p['p99_us']} | {p['p999_us']} | {ratio} | {ratio_r} |")
+    titles = {"json": f"## Real work: JSON parse and transform of a {r.get('json_body_bytes', 0):,} byte body "
+                      f"(bench/guests/json, {sizes['json']:,} bytes)\n",
+              "js": f"## A large interpreter-based component: JavaScript on the Boa engine "
+                    f"(bench/guests/js, {sizes['js']:,} bytes)\n"}
+    for scenario, servers in r["scenarios"].items():
+        lines += ["", titles[scenario], "| concurrency | server | req/s | p50 µs | p99 µs | nimbus / this |", "|---|---|---|---|---|---|"]
+        for c in ["1", "16"]:
+            n = servers["nimbus"][c]["rps"]
+            for name, points in servers.items():
+                p = points[c]
+                ratio = "" if name == "nimbus" else f"{n / p['rps']:.2f}×"
+                lines.append(f"| {c} | {name} | {p['rps']:.0f} | {p['p50_us']} | {p['p99_us']} | {ratio} |")
     lines += ["", f"## Cold starts ({r['trials']} trials each, measured at the client over a fresh connection)\n",
               "| first request | p50 µs | p99 µs | warm p50 µs | cold / warm (p50) |", "|---|---|---|---|---|"]
     for kind, e in r["cold_start"].items():
         lines.append(f"| {kind} | {e['cold_p50_us']:.0f} | {e['cold_p99_us']:.0f} | {e['warm_p50_us']:.0f} | {e['ratio_p50']:.2f} |")
-    d = r["deploy"]
     lines += ["", "## Deploy to first response\n",
-              f"A never-seen {d['component_bytes']} byte component: `nimbus deploy` until the first 200 takes "
-              f"{d['deploy_to_first_response_ms']:.0f} ms (median); `wasmtime compile` of the same bytes "
-              f"{d['wasmtime_compile_ms']:.0f} ms: ratio {d['ratio']:.2f}.", ""]
+              "A never-seen component: `nimbus deploy` until the first 200, next to `wasmtime compile` of the same bytes (medians).\n",
+              "| component | bytes | deploy → first response ms | wasmtime compile ms | ratio |", "|---|---|---|---|---|"]
+    for label, d in r["deploy"].items():
+        lines.append(f"| {label} | {d['component_bytes']:,} | {d['deploy_to_first_response_ms']:.0f} | "
+                     f"{d['wasmtime_compile_ms']:.0f} | {d['ratio']:.2f} |")
+    dn = r.get("density")
+    if dn:
+        lines += ["", "## Density\n",
+                  "Idle functions (each its own route, config, counters and registry row; all built from "
+                  "examples/hello), node RSS once every function has scaled to zero:\n",
+                  "| deployed functions | node RSS MiB |", "|---|---|"]
+        for n, kib in dn["idle_rss_kib"].items():
+            lines.append(f"| {int(n):,} | {kib / 1024:.1f} |")
+        rt = dn["routing"]
+        f = dn["in_flight"]
+        lines += ["",
+                  f"Routing (wrk, one connection, the last function's route): p50 {rt['10000']['p50_us']} µs with "
+                  f"10,000 functions, {rt['1']['p50_us']} µs with 1 (ratio {rt['ratio_p50']:.2f}).", "",
+                  f"{f['requests']:,} requests in flight over 100 functions (tests/fixtures/testbed sleeping 3 s in "
+                  f"the guest): {f['ok']:,} answered 200; node RSS {f['rss_before_kib'] / 1024:.1f} → "
+                  f"{f['rss_peak_kib'] / 1024:.1f} MiB, {f['per_instance_kib']:.0f} KiB per executing instance.", ""]
     return "\n".join(lines)
 
 

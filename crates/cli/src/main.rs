@@ -393,12 +393,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         f.name.to_string(),
                         f.app.to_string(),
                         format!("v{}", f.version),
-                        if f.ready {
-                            "ready".into()
-                        } else {
+                        if !f.ready {
                             "failed".into()
+                        } else if f.loaded {
+                            "loaded".into()
+                        } else {
+                            // Scaled to zero, or not called since the start:
+                            // the next request loads it.
+                            "on disk".into()
                         },
                         f.in_flight.to_string(),
+                        f.idle_instances.to_string(),
                         f.routes.join(" "),
                     ]
                 })
@@ -406,7 +411,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!(
                 "{}",
                 table(
-                    &["NAME", "APP", "VERSION", "STATE", "IN-FLIGHT", "ROUTES"],
+                    &[
+                        "NAME",
+                        "APP",
+                        "VERSION",
+                        "STATE",
+                        "IN-FLIGHT",
+                        "IDLE",
+                        "ROUTES"
+                    ],
                     &rows
                 )
             );

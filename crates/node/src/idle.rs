@@ -1,16 +1,21 @@
 //! Scale to zero: a function nobody calls gives its memory back. Once a
-//! second, every serving version drops the reusable instances that have
-//! waited too long and, after `--scale-to-zero-after` without a request,
-//! its code too; the compiled artifact stays on disk, so the next request
-//! maps it again in well under a millisecond (a cold start).
+//! second (more often for short idle times), every serving version drops
+//! the reusable instances that have waited too long and, after
+//! `--scale-to-zero-after` without a request, its code too; the compiled
+//! artifact stays on disk, so the next request maps it again in well under
+//! a millisecond (a cold start).
 
 use crate::state::NodeState;
 use nimbus_engine::ComponentDigest;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often idleness is checked.
+/// How often idleness is checked at most: once a second, or twice per
+/// `--scale-to-zero-after` when that is shorter.
 const EVERY: Duration = Duration::from_secs(1);
+
+/// How often idleness is checked at least, however short the idle time.
+const FASTEST: Duration = Duration::from_millis(50);
 
 /// Trims idle instances and code until shutdown.
 pub async fn run(
@@ -18,7 +23,8 @@ pub async fn run(
     unload_after: Option<Duration>,
     mut shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
 ) {
-    let mut every = tokio::time::interval(EVERY);
+    let period = unload_after.map_or(EVERY, |after| (after / 2).clamp(FASTEST, EVERY));
+    let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
