@@ -156,8 +156,13 @@ pub struct InvokeResponse {
 /// Counters of the engine's compile/load path.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct EngineCounters {
-    /// Components compiled since the node started.
+    /// Components compiled since the node started (by the baseline tier,
+    /// which serves at once).
     pub compiled: u64,
+    /// Optimising compiles finished in the background since the node
+    /// started; their code replaces the baseline's.
+    #[serde(default)]
+    pub optimized: u64,
     /// Compiled artifacts loaded from disk since the node started.
     pub loaded_from_cache: u64,
 }

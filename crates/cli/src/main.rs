@@ -466,8 +466,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "engine      {} compiled, {} loaded from the artifact cache (fingerprint {})",
-                s.engine.compiled, s.engine.loaded_from_cache, s.engine_fingerprint
+                "engine      {} compiled, {} optimised, {} loaded from the artifact cache (fingerprint {})",
+                s.engine.compiled,
+                s.engine.optimized,
+                s.engine.loaded_from_cache,
+                s.engine_fingerprint
             );
             Ok(())
         }

@@ -6,6 +6,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use nimbus_api::{FunctionDetail, FunctionSummary};
+use std::time::Duration;
 use support::*;
 
 fn examples_manifest(greeting: &str) -> String {
@@ -313,4 +314,39 @@ async fn redeploy_under_load_fails_no_request() {
     assert!(total >= 50, "only {total} requests ran");
     assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(node.get("/busy/ok").await.text().ends_with("v3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_components_serve_from_baseline_code_until_optimised() {
+    let node = Node::start();
+    node.deploy(&examples_manifest("Tiered"));
+    // Serving right after the deploy, whichever tier's code runs.
+    assert_eq!(node.get("/hello").await.text(), "Tiered from Nimbus!\n");
+    let status = node.status().await;
+    assert!(status.engine.compiled >= 2, "{status:?}");
+
+    // The optimising compiles finish in the background and take over.
+    let status = eventually(
+        Duration::from_secs(120),
+        "the optimising compiles",
+        || async {
+            let s = node.status().await;
+            (s.engine.optimized == s.engine.compiled).then_some(s)
+        },
+    )
+    .await;
+    assert!(status.engine.optimized >= 2, "{status:?}");
+    for _ in 0..3 {
+        assert_eq!(node.get("/hello").await.text(), "Tiered from Nimbus!\n");
+    }
+    // Both tiers' artifacts are on disk: a restart maps code either way.
+    let names: Vec<String> = std::fs::read_dir(node.data_dir().join("artifacts/compiled"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let baseline = names
+        .iter()
+        .filter(|n| n.ends_with("-baseline.cwasm"))
+        .count();
+    assert_eq!(baseline * 2, names.len(), "{names:?}");
 }

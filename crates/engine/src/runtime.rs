@@ -81,8 +81,12 @@ pub enum InvokeError {
 /// Counters of the compile/load path, shown by `nimbus status`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EngineStats {
-    /// Components compiled with Cranelift since the node started.
+    /// Components compiled (to baseline code, which serves at once) since
+    /// the node started.
     pub compiled: u64,
+    /// Optimising compiles finished in the background since the node
+    /// started.
+    pub optimized: u64,
     /// Compiled artifacts loaded from disk since the node started.
     pub loaded_from_cache: u64,
 }
@@ -131,27 +135,71 @@ pub struct Engine {
     log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
 }
 
-/// What the engine and every version it prepared share: wasmtime's engine
-/// and linker, the artifact store and the code loaded in memory.
+/// What the engine and every version it prepared share: wasmtime's engines
+/// and linkers, the artifact store and the code loaded in memory.
 struct Core {
+    /// The optimising tier (Cranelift): what serves in the long run.
     inner: wasmtime::Engine,
     linker: Linker<Host>,
+    /// The baseline tier (Winch): compiles several times faster, so a new
+    /// component serves while the optimising compile runs.
+    baseline: wasmtime::Engine,
+    baseline_linker: Linker<Host>,
     artifacts: ArtifactStore,
     fingerprint: String,
+    baseline_fingerprint: String,
     /// Linked code by component, shared by every version (of any function)
     /// with the same component.
-    loaded: Mutex<HashMap<ComponentDigest, ProxyPre<Host>>>,
+    loaded: Mutex<HashMap<ComponentDigest, Linked>>,
+    /// Components whose optimising compile is running.
+    optimizing: Mutex<std::collections::HashSet<ComponentDigest>>,
     compiled: AtomicU64,
+    optimized: AtomicU64,
     loaded_from_disk: AtomicU64,
     ticker_stop: Arc<AtomicBool>,
     /// Reference point of the versions' idle clocks.
     epoch: Instant,
 }
 
+/// Linked code of one component, in one tier.
+#[derive(Clone)]
+struct Linked {
+    pre: ProxyPre<Host>,
+    /// Compiled by the optimising tier (else by the baseline tier, replaced
+    /// once the optimising compile is done).
+    optimized: bool,
+}
+
 impl Drop for Core {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Settings both tiers share.
+fn config() -> Config {
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .wasm_backtrace_max_frames(None)
+        .max_wasm_stack(MAX_WASM_STACK_BYTES)
+        .memory_init_cow(true);
+    config
+}
+
+/// A linker with what every function may import.
+fn linker(engine: &wasmtime::Engine) -> Result<Linker<Host>, EngineError> {
+    let mut linker = Linker::<Host>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(EngineError::wasmtime)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(EngineError::wasmtime)?;
+    Ok(linker)
+}
+
+fn fingerprint(engine: &wasmtime::Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }
 
 impl Engine {
@@ -171,23 +219,19 @@ impl Engine {
             .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT_BYTES)
             .table_keep_resident(TABLE_KEEP_RESIDENT_BYTES)
             .pagemap_scan(wasmtime::Enabled::Auto);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .wasm_backtrace_max_frames(None)
-            .max_wasm_stack(MAX_WASM_STACK_BYTES)
-            .memory_init_cow(true)
+        let mut optimizing = config();
+        optimizing
+            .strategy(wasmtime::Strategy::Cranelift)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let inner = wasmtime::Engine::new(&config).map_err(EngineError::wasmtime)?;
-
-        let mut linker = Linker::<Host>::new(&inner);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(EngineError::wasmtime)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(EngineError::wasmtime)?;
-
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        inner.precompile_compatibility_hash().hash(&mut hasher);
-        let fingerprint = format!("{:016x}", hasher.finish());
+        let inner = wasmtime::Engine::new(&optimizing).map_err(EngineError::wasmtime)?;
+        // Baseline code serves only until its optimised replacement is
+        // ready, so its instances are allocated on demand rather than from
+        // a second pool reserving address space for the node's lifetime.
+        let mut quick = config();
+        quick
+            .strategy(wasmtime::Strategy::Winch)
+            .allocation_strategy(InstanceAllocationStrategy::OnDemand);
+        let baseline = wasmtime::Engine::new(&quick).map_err(EngineError::wasmtime)?;
 
         let artifacts = ArtifactStore::open(artifact_root).map_err(EngineError::io(format!(
             "opening {}",
@@ -195,17 +239,22 @@ impl Engine {
         )))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(inner.weak(), ticker_stop.clone())
+        spawn_epoch_ticker(vec![inner.weak(), baseline.weak()], ticker_stop.clone())
             .map_err(EngineError::io("starting the epoch ticker"))?;
 
         Ok(Self {
             core: Arc::new(Core {
+                linker: linker(&inner)?,
+                fingerprint: fingerprint(&inner),
                 inner,
-                linker,
+                baseline_linker: linker(&baseline)?,
+                baseline_fingerprint: format!("{}-baseline", fingerprint(&baseline)),
+                baseline,
                 artifacts,
-                fingerprint,
                 loaded: Mutex::new(HashMap::new()),
+                optimizing: Mutex::new(std::collections::HashSet::new()),
                 compiled: AtomicU64::new(0),
+                optimized: AtomicU64::new(0),
                 loaded_from_disk: AtomicU64::new(0),
                 ticker_stop,
                 epoch: Instant::now(),
@@ -229,14 +278,17 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             compiled: self.core.compiled.load(Ordering::Relaxed),
+            optimized: self.core.optimized.load(Ordering::Relaxed),
             loaded_from_cache: self.core.loaded_from_disk.load(Ordering::Relaxed),
         }
     }
 
     /// Validates an uploaded component, compiles it and stores both the
     /// component and its compiled artifact. A component already compiled by
-    /// this engine is not compiled again. CPU-heavy: call it off the async
-    /// executor (e.g. in `spawn_blocking`).
+    /// this engine is not compiled again. A new component is compiled by the
+    /// baseline tier, which serves at once, and by the optimising tier in
+    /// the background, whose code replaces the baseline's when it is done.
+    /// CPU-heavy: call it off the async executor (e.g. in `spawn_blocking`).
     pub fn compile(&self, bytes: &[u8]) -> Result<ComponentDigest, EngineError> {
         validate::check_header(bytes)?;
         let digest = ComponentDigest::of(bytes);
@@ -244,12 +296,10 @@ impl Engine {
         if core.cached(&digest).is_some() {
             return Ok(digest);
         }
-        let compiled_path = core.artifacts.compiled_path(&digest, &core.fingerprint);
-        if compiled_path.exists() && core.pre(&digest).is_ok() {
+        if core.has_compiled(&digest) && Core::pre(core, &digest).is_ok() {
             return Ok(digest);
         }
-        let component = core.compile_and_store(&digest, bytes)?;
-        core.link(&digest, &component)?;
+        Core::compile_tiered(core, &digest, bytes)?;
         Ok(digest)
     }
 
@@ -257,16 +307,12 @@ impl Engine {
     /// its first request.
     pub fn prepare(&self, spec: FunctionSpec, load: Load) -> Result<FunctionRuntime, EngineError> {
         let core = &self.core;
-        let compiled = core.cached(&spec.digest).is_some()
-            || core
-                .artifacts
-                .compiled_path(&spec.digest, &core.fingerprint)
-                .exists();
+        let compiled = core.cached(&spec.digest).is_some() || core.has_compiled(&spec.digest);
         // Without a compiled artifact (an engine upgrade) the component is
         // recompiled now rather than on some caller's request.
         let pre = match load {
             Load::OnFirstRequest if compiled => None,
-            _ => Some(core.pre(&spec.digest)?),
+            _ => Some(Core::pre(core, &spec.digest)?),
         };
         let reuse = spec.reuse.max(1);
         Ok(FunctionRuntime {
@@ -298,11 +344,7 @@ impl Engine {
     pub fn has_component(&self, digest: &ComponentDigest) -> bool {
         let core = &self.core;
         core.cached(digest).is_some()
-            || (core.artifacts.component_path(digest).exists()
-                && core
-                    .artifacts
-                    .compiled_path(digest, &core.fingerprint)
-                    .exists())
+            || (core.artifacts.component_path(digest).exists() && core.has_compiled(digest))
     }
 }
 
@@ -311,83 +353,188 @@ impl Core {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn compile_and_store(
-        &self,
+    /// Whether either tier's artifact of `digest` is on disk.
+    fn has_compiled(&self, digest: &ComponentDigest) -> bool {
+        self.artifacts
+            .compiled_path(digest, &self.fingerprint)
+            .exists()
+            || self
+                .artifacts
+                .compiled_path(digest, &self.baseline_fingerprint)
+                .exists()
+    }
+
+    fn cached(&self, digest: &ComponentDigest) -> Option<Linked> {
+        self.loaded.lock().ok()?.get(digest).cloned()
+    }
+
+    /// Compiles a component with the baseline tier, stores it and its
+    /// baseline artifact, links it, and starts the optimising compile.
+    fn compile_tiered(
+        core: &Arc<Self>,
         digest: &ComponentDigest,
         bytes: &[u8],
-    ) -> Result<Component, EngineError> {
+    ) -> Result<Linked, EngineError> {
         let started = Instant::now();
-        let component = Component::new(&self.inner, bytes)
+        let component = Component::new(&core.baseline, bytes)
             .map_err(|e| ComponentError::Invalid(format!("{e:#}")))?;
-        validate::check_interfaces(&self.inner, &self.linker, &component)?;
+        validate::check_interfaces(&core.baseline, &core.baseline_linker, &component)?;
         let serialized = component.serialize().map_err(EngineError::wasmtime)?;
-        self.artifacts
+        core.artifacts
             .put_component(digest, bytes)
             .map_err(EngineError::io("storing the component"))?;
-        self.artifacts
-            .put_compiled(digest, &self.fingerprint, &serialized)
+        // The baseline artifact too, so a restart before the optimising
+        // compile is done maps code instead of compiling.
+        core.artifacts
+            .put_compiled(digest, &core.baseline_fingerprint, &serialized)
             .map_err(EngineError::io("storing the compiled artifact"))?;
-        self.compiled.fetch_add(1, Ordering::Relaxed);
+        core.compiled.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             digest = %digest,
             component_bytes = bytes.len(),
             compile_ms = started.elapsed().as_millis() as u64,
-            "compiled component"
+            "compiled component (baseline)"
         );
-        Ok(component)
+        let linked = core.link(digest, &component, false)?;
+        Self::optimize_in_background(core, digest, bytes.to_vec());
+        Ok(linked)
     }
 
-    fn cached(&self, digest: &ComponentDigest) -> Option<ProxyPre<Host>> {
-        self.loaded.lock().ok()?.get(digest).cloned()
+    /// Compiles a component with the optimising tier on a thread of its
+    /// own, stores the artifact and puts its code in place of the
+    /// baseline's, unless that compile is already running.
+    fn optimize_in_background(core: &Arc<Self>, digest: &ComponentDigest, bytes: Vec<u8>) {
+        let fresh = core
+            .optimizing
+            .lock()
+            .map(|mut running| running.insert(digest.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("nimbus-optimize".into())
+            .spawn({
+                let core = core.clone();
+                let digest = digest.clone();
+                move || {
+                    if let Err(e) = core.optimize(&digest, &bytes) {
+                        tracing::warn!(digest = %digest, error = %e, "optimising compile failed; the baseline code keeps serving");
+                    }
+                    if let Ok(mut running) = core.optimizing.lock() {
+                        running.remove(&digest);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(digest = %digest, error = %e, "cannot start the optimising compile; the baseline code keeps serving");
+            if let Ok(mut running) = core.optimizing.lock() {
+                running.remove(digest);
+            }
+        }
     }
 
-    /// Links a component against the host's imports, once per component.
+    fn optimize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let component = Component::new(&self.inner, bytes)
+            .map_err(|e| ComponentError::Invalid(format!("{e:#}")))?;
+        let serialized = component.serialize().map_err(EngineError::wasmtime)?;
+        self.artifacts
+            .put_compiled(digest, &self.fingerprint, &serialized)
+            .map_err(EngineError::io("storing the compiled artifact"))?;
+        self.optimized.fetch_add(1, Ordering::Relaxed);
+        // Only code someone uses is kept in memory; otherwise the artifact
+        // waits on disk for the next load.
+        let in_use = self
+            .loaded
+            .lock()
+            .map(|l| l.contains_key(digest))
+            .unwrap_or(false);
+        if in_use {
+            self.link(digest, &component, true)?;
+        }
+        tracing::info!(
+            digest = %digest,
+            component_bytes = bytes.len(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            "optimised component"
+        );
+        Ok(())
+    }
+
+    /// Links a component against the host's imports, once per component
+    /// and tier.
     fn link(
         &self,
         digest: &ComponentDigest,
         component: &Component,
-    ) -> Result<ProxyPre<Host>, EngineError> {
-        let pre = self
-            .linker
+        optimized: bool,
+    ) -> Result<Linked, EngineError> {
+        let linker = if optimized {
+            &self.linker
+        } else {
+            &self.baseline_linker
+        };
+        let pre = linker
             .instantiate_pre(component)
             .map_err(|e| ComponentError::Link(format!("{e:#}")))?;
         let pre = ProxyPre::new(pre).map_err(|e| ComponentError::Link(format!("{e:#}")))?;
+        let linked = Linked { pre, optimized };
         if let Ok(mut map) = self.loaded.lock() {
-            map.insert(digest.clone(), pre.clone());
+            map.insert(digest.clone(), linked.clone());
         }
-        Ok(pre)
+        Ok(linked)
+    }
+
+    /// Maps a compiled artifact of one tier, if it is there and usable.
+    fn map_artifact(&self, digest: &ComponentDigest, optimized: bool) -> Option<Component> {
+        let (engine, fingerprint) = if optimized {
+            (&self.inner, &self.fingerprint)
+        } else {
+            (&self.baseline, &self.baseline_fingerprint)
+        };
+        let path = self.artifacts.compiled_path(digest, fingerprint);
+        if !path.exists() {
+            return None;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the file was produced by `Component::serialize` of an
+        // engine with this fingerprint, written to a temporary name and
+        // renamed into place after an fsync, and nothing else writes to the
+        // artifact directory; wasmtime additionally checks its header and
+        // compatibility hash before using it.
+        let loaded = unsafe { Component::deserialize_file(engine, &path) };
+        match loaded {
+            Ok(component) => {
+                self.loaded_from_disk.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(digest = %digest, optimized, "loaded compiled artifact from cache");
+                Some(component)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    digest = %digest,
+                    optimized,
+                    error = %format!("{e:#}"),
+                    "compiled artifact unusable"
+                );
+                None
+            }
+        }
     }
 
     /// The linked code of a component: from memory, else mapped from its
-    /// compiled artifact on disk, else recompiled from the stored component
-    /// (after an engine upgrade, or if the artifact is unusable).
-    fn pre(&self, digest: &ComponentDigest) -> Result<ProxyPre<Host>, EngineError> {
-        if let Some(pre) = self.cached(digest) {
-            return Ok(pre);
+    /// optimised artifact on disk, else from its baseline artifact (and
+    /// the optimising compile started again), else compiled from the
+    /// stored component (after an engine upgrade, or if the artifacts are
+    /// unusable).
+    fn pre(core: &Arc<Self>, digest: &ComponentDigest) -> Result<Linked, EngineError> {
+        if let Some(linked) = core.cached(digest) {
+            return Ok(linked);
         }
-        let path = self.artifacts.compiled_path(digest, &self.fingerprint);
-        if path.exists() {
-            #[allow(unsafe_code)]
-            // SAFETY: the file was produced by `Component::serialize` of an
-            // engine with this fingerprint, written to a temporary name and
-            // renamed into place after an fsync, and nothing else writes to
-            // the artifact directory; wasmtime additionally checks its header
-            // and compatibility hash before using it.
-            let loaded = unsafe { Component::deserialize_file(&self.inner, &path) };
-            match loaded {
-                Ok(component) => {
-                    self.loaded_from_disk.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(digest = %digest, "loaded compiled artifact from cache");
-                    return self.link(digest, &component);
-                }
-                Err(e) => tracing::warn!(
-                    digest = %digest,
-                    error = %format!("{e:#}"),
-                    "compiled artifact unusable; recompiling from the stored component"
-                ),
-            }
+        if let Some(component) = core.map_artifact(digest, true) {
+            return core.link(digest, &component, true);
         }
-        let bytes = self
+        let bytes = core
             .artifacts
             .read_component(digest)
             .map_err(EngineError::io(format!("reading component {digest}")))?;
@@ -397,22 +544,35 @@ impl Core {
                 source: std::io::Error::other("stored component does not match its digest"),
             });
         }
-        let component = self.compile_and_store(digest, &bytes)?;
-        self.link(digest, &component)
+        if let Some(component) = core.map_artifact(digest, false) {
+            let linked = core.link(digest, &component, false)?;
+            Self::optimize_in_background(core, digest, bytes);
+            return Ok(linked);
+        }
+        Self::compile_tiered(core, digest, &bytes)
     }
 }
 
-/// Increments the engine's epoch every [`EPOCH_TICK`] on a dedicated thread
-/// until `stop` is set or the engine is dropped.
-fn spawn_epoch_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+/// Increments the engines' epochs every [`EPOCH_TICK`] on a dedicated
+/// thread until `stop` is set or the engines are dropped.
+fn spawn_epoch_ticker(
+    engines: Vec<wasmtime::EngineWeak>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("nimbus-epoch".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
-                match engine.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
+                let mut alive = false;
+                for engine in &engines {
+                    if let Some(engine) = engine.upgrade() {
+                        engine.increment_epoch();
+                        alive = true;
+                    }
+                }
+                if !alive {
+                    break;
                 }
             }
         })
@@ -431,7 +591,7 @@ struct FunctionInner {
     name: Arc<str>,
     /// The version's linked code; `None` until its first request, and again
     /// once it has been unloaded for idleness.
-    pre: RwLock<Option<ProxyPre<Host>>>,
+    pre: RwLock<Option<Linked>>,
     /// Held while the code loads, so concurrent first requests load it once.
     loading: tokio::sync::Mutex<()>,
     /// Whether the next invocation is the first since the code was loaded.
@@ -535,27 +695,44 @@ impl FunctionRuntime {
         trimmed
     }
 
-    /// The version's linked code, loaded first if it is not in memory.
+    /// The version's linked code, loaded first if it is not in memory; the
+    /// optimised tier's as soon as it is ready.
     async fn code(&self) -> Result<ProxyPre<Host>, InvokeError> {
         let f = &self.inner;
-        if let Ok(pre) = f.pre.read()
-            && let Some(pre) = pre.as_ref()
-        {
-            return Ok(pre.clone());
+        let current = f.pre.read().ok().and_then(|p| p.clone());
+        match current {
+            Some(linked) if linked.optimized => return Ok(linked.pre),
+            Some(linked) => {
+                // Baseline code: take the optimised code once it is there.
+                return Ok(match f.core.cached(&f.spec.digest) {
+                    Some(better) if better.optimized => {
+                        if let Ok(mut slot) = f.pre.write() {
+                            *slot = Some(better.clone());
+                        }
+                        // Instances of the baseline tier are not reused.
+                        if let Ok(mut idle) = f.idle.lock() {
+                            idle.clear();
+                        }
+                        better.pre
+                    }
+                    _ => linked.pre,
+                });
+            }
+            None => {}
         }
         let _loading = f.loading.lock().await;
         if let Ok(pre) = f.pre.read()
-            && let Some(pre) = pre.as_ref()
+            && let Some(linked) = pre.as_ref()
         {
-            return Ok(pre.clone());
+            return Ok(linked.pre.clone());
         }
         let started = Instant::now();
-        let pre = f.core.pre(&f.spec.digest).map_err(|e| {
+        let linked = Core::pre(&f.core, &f.spec.digest).map_err(|e| {
             tracing::error!(function = &*f.name, version = f.spec.version, error = %e, "cannot load the function's code");
             InvokeError::Unavailable(e.to_string())
         })?;
         if let Ok(mut slot) = f.pre.write() {
-            *slot = Some(pre.clone());
+            *slot = Some(linked.clone());
         }
         tracing::debug!(
             function = &*f.name,
@@ -563,7 +740,7 @@ impl FunctionRuntime {
             load_us = started.elapsed().as_micros() as u64,
             "loaded the function's code"
         );
-        Ok(pre)
+        Ok(linked.pre)
     }
 
     /// Runs `request` in a fresh instance, or in an idle one when the
@@ -650,7 +827,7 @@ impl FunctionRuntime {
                     },
                     deadline,
                 };
-                let mut store = Store::new(&f.core.inner, host);
+                let mut store = Store::new(pre.engine(), host);
                 store.limiter(|host| &mut host.limiter);
                 store.set_epoch_deadline(1);
                 store.epoch_deadline_callback(|ctx| {

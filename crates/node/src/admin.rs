@@ -293,6 +293,7 @@ async fn status(state: &NodeState) -> Response {
             sources: state.sources.statuses(),
             engine: EngineCounters {
                 compiled: stats.compiled,
+                optimized: stats.optimized,
                 loaded_from_cache: stats.loaded_from_cache,
             },
             engine_fingerprint: state.engine.fingerprint().to_owned(),
