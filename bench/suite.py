@@ -432,7 +432,13 @@ def density(work, quick):
               f"(ratio {out['routing']['ratio_p50']:.2f})", flush=True)
 
         # 1,000 requests in flight over 100 functions, each instance
-        # sleeping 3 s inside the guest.
+        # sleeping 3 s inside the guest, on a node of their own (memory the
+        # allocator kept from the phases above would hide what instances
+        # add).
+        node.stop()
+        node = Node(work / "inflight" / "data")
+        node.data_dir.mkdir(parents=True)
+        node.start()
         node.deploy(manifest(100, TESTBED, "limits = { max_concurrency = 10, timeout = \"30s\" }\n"))
         node.wait_optimized()
         for i in range(100):

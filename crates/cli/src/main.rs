@@ -14,12 +14,6 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// mimalloc instead of the system allocator: a request allocates and frees
-/// dozens of small objects across threads, where glibc's malloc spent
-/// about a tenth of the gateway's CPU (docs/performance.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "nimbus",

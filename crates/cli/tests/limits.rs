@@ -494,10 +494,27 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     .await;
     assert_eq!(log["faas.coldstart"], true, "{log}");
 
-    // After a restart nothing is loaded until a function is called.
+    // A restart maps the most recently deployed functions (64) before it
+    // serves; the others stay on disk until their first request.
+    let mut extra = String::from("[app]\nname = \"many\"\n");
+    for i in 0..64 {
+        extra.push_str(&format!(
+            "\n[functions.m{i}]\ncomponent = \"{}\"\nroutes = [\"/m{i}/*\"]\n",
+            g.testbed.display()
+        ));
+    }
+    node.deploy(&extra);
     let node = node.restart_after_kill9();
-    assert!(!summary(&node, "z").await.loaded);
-    assert_eq!(node.get("/z/served").await.text(), "1");
-    assert!(summary(&node, "z").await.loaded);
+    let list: Vec<nimbus_api::FunctionSummary> = node
+        .admin
+        .call(Method::GET, "/v1/functions", None::<&()>)
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 65);
+    let cold: Vec<_> = list.iter().filter(|f| !f.loaded).collect();
+    assert_eq!(cold.len(), 1, "one function beyond the 64 preloaded: {list:?}");
+    let route = format!("{}/served", cold[0].routes[0].trim_end_matches("/*"));
+    assert_eq!(node.get(&route).await.text(), "1");
+    assert!(summary(&node, cold[0].name.as_str()).await.loaded);
     assert_eq!(node.status().await.engine.compiled, 0);
 }
