@@ -512,7 +512,11 @@ async fn idle_functions_scale_to_zero_and_come_back() {
         .unwrap();
     assert_eq!(list.len(), 65);
     let cold: Vec<_> = list.iter().filter(|f| !f.loaded).collect();
-    assert_eq!(cold.len(), 1, "one function beyond the 64 preloaded: {list:?}");
+    assert_eq!(
+        cold.len(),
+        1,
+        "one function beyond the 64 preloaded: {list:?}"
+    );
     let route = format!("{}/served", cold[0].routes[0].trim_end_matches("/*"));
     assert_eq!(node.get(&route).await.text(), "1");
     assert!(summary(&node, cold[0].name.as_str()).await.loaded);
