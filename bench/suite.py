@@ -32,18 +32,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def read_all(sock):
+    """Everything the peer sends until it closes."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def get(port, path="/hello"):
     """One GET over a fresh connection; returns (status, seconds)."""
     start = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_all(s)
     elapsed = time.perf_counter() - start
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
     return status, elapsed
@@ -471,13 +476,7 @@ def density(work, quick):
             time.sleep(0.05)
         ok = 0
         for s in socks:
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            ok += data.startswith(b"HTTP/1.1 200")
+            ok += read_all(s).startswith(b"HTTP/1.1 200")
             s.close()
         out["in_flight"] = {"requests": 1000, "ok": ok, "rss_before_kib": base, "rss_peak_kib": peak,
                             "per_instance_kib": (peak - base) / 1000}

@@ -9,9 +9,7 @@
 
 use boa_engine::{Context, JsString, JsValue, Source, js_string};
 use std::cell::RefCell;
-use wasi::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
-};
+use wasi::http::types::{IncomingRequest, Method, ResponseOutparam};
 
 struct Js;
 
@@ -84,21 +82,14 @@ impl wasi::exports::http::incoming_handler::Guest for Js {
             Method::Other(m) => m,
         };
         let path = request.path_with_query().unwrap_or_default();
-        let (status, body) = match run(&method, &path) {
-            Ok(json) => (200, json + "\n"),
-            Err(e) => (500, format!("script failed: {e}\n")),
-        };
-        let headers = Fields::new();
-        let _ = headers.set("content-type", &[b"application/json".to_vec()]);
-        let response = OutgoingResponse::new(headers);
-        let _ = response.set_status_code(status);
-        let Ok(outgoing) = response.body() else {
-            return;
-        };
-        ResponseOutparam::set(out, Ok(response));
-        let Ok(stream) = outgoing.write() else { return };
-        let _ = stream.blocking_write_and_flush(body.as_bytes());
-        drop(stream);
-        let _ = OutgoingBody::finish(outgoing, None);
+        match run(&method, &path) {
+            Ok(json) => respond::respond(out, 200, b"application/json", (json + "\n").as_bytes()),
+            Err(e) => respond::respond(
+                out,
+                500,
+                b"text/plain; charset=utf-8",
+                format!("script failed: {e}\n").as_bytes(),
+            ),
+        }
     }
 }

@@ -2,9 +2,8 @@
 //! the benchmark), totals it and answers with a JSON summary. Errors in the
 //! body answer 400 with the reason.
 
-use wasi::http::types::{
-    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
-};
+use respond::respond;
+use wasi::http::types::{IncomingBody, IncomingRequest, ResponseOutparam};
 use wasi::io::streams::StreamError;
 
 struct Json;
@@ -28,25 +27,6 @@ fn read_body(request: IncomingRequest) -> Result<Vec<u8>, String> {
     }
     IncomingBody::finish(body);
     Ok(data)
-}
-
-fn respond(out: ResponseOutparam, status: u16, content_type: &[u8], body: &[u8]) {
-    let headers = Fields::new();
-    let _ = headers.set("content-type", &[content_type.to_vec()]);
-    let response = OutgoingResponse::new(headers);
-    let _ = response.set_status_code(status);
-    let Ok(outgoing) = response.body() else {
-        return;
-    };
-    ResponseOutparam::set(out, Ok(response));
-    let Ok(stream) = outgoing.write() else { return };
-    for chunk in body.chunks(4096) {
-        if stream.blocking_write_and_flush(chunk).is_err() {
-            return;
-        }
-    }
-    drop(stream);
-    let _ = OutgoingBody::finish(outgoing, None);
 }
 
 impl wasi::exports::http::incoming_handler::Guest for Json {
