@@ -1,5 +1,6 @@
 //! A small HTTP/1.1 client for the admin API (and for tests that talk to a
-//! node over real sockets): one connection per request, bodies in memory.
+//! node over real sockets): one connection per request; bodies in memory,
+//! except objects, which stream both ways.
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -76,6 +77,23 @@ async fn open(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let length = body.len() as u64;
+    open_body(method, url, headers, Full::new(body), Some(length)).await
+}
+
+/// Like [`open`], with a body that streams (`length` is sent as
+/// `Content-Length` when known, else the body is chunked).
+async fn open_body<B>(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: B,
+    length: Option<u64>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (authority, path) = split_url(url)?;
     let path = if path.is_empty() {
         "/".to_owned()
@@ -99,11 +117,59 @@ async fn open(
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let request = builder
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(Full::new(body))
-        .context("invalid request")?;
+    if let Some(length) = length {
+        builder = builder.header(header::CONTENT_LENGTH, length);
+    }
+    let request = builder.body(body).context("invalid request")?;
     sender.send_request(request).await.context("request failed")
+}
+
+/// A request body read from a file or stdin on a thread of its own, in
+/// chunks, so an upload never sits in memory whole.
+pub struct ReadBody {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+}
+
+impl ReadBody {
+    /// Chunks read from `reader`, at most a few in flight.
+    pub fn spawn(mut reader: impl std::io::Read + Send + 'static) -> Self {
+        const CHUNK: usize = 256 << 10;
+        let (tx, chunks) = tokio::sync::mpsc::channel(4);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        Self { chunks }
+    }
+}
+
+impl hyper::body::Body for ReadBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.chunks
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|r| r.map(hyper::body::Frame::data)))
+    }
 }
 
 /// Sends one request to `url` (`http://host:port/path`).
@@ -260,6 +326,38 @@ impl Admin {
         )
         .await
         .with_context(|| format!("cannot reach the admin API at {}", self.url))
+    }
+
+    /// Sends a request whose body streams and returns the response head,
+    /// with its body still to read. The timeout covers the head only when
+    /// `head_timeout` is set: an upload's head comes after its whole body,
+    /// and a download's body may take longer than any fixed timeout.
+    pub async fn open_stream<B>(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: B,
+        length: Option<u64>,
+        head_timeout: bool,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let auth = format!("Bearer {}", self.token);
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        let url = format!("{}{path}", self.url);
+        let open = open_body(method, &url, &all, body, length);
+        let opened = if head_timeout {
+            tokio::time::timeout(self.timeout, open)
+                .await
+                .with_context(|| format!("no answer from {url} within {:?}", self.timeout))?
+        } else {
+            open.await
+        };
+        opened.with_context(|| format!("cannot reach the admin API at {}", self.url))
     }
 
     /// GETs `path` and hands each line of the streaming answer to `each`.

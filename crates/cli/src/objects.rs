@@ -1,12 +1,13 @@
 //! `nimbus objects`: put, get, list and delete objects of the node's
 //! buckets through the admin API.
 
-use crate::client::{Admin, decode, percent_encode};
+use crate::client::{Admin, ReadBody, Reply, decode, percent_encode};
 use crate::output::{Format, table};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http::Method;
-use std::io::{Read as _, Write as _};
+use http_body_util::BodyExt as _;
+use std::io::Write as _;
 
 /// `BUCKET/KEY` split in two; the key may itself hold `/`.
 pub fn split(target: &str) -> anyhow::Result<(&str, &str)> {
@@ -25,7 +26,22 @@ fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Uploads `file` (`-` for stdin) as `BUCKET/KEY`.
+/// Reads a whole (small) answer into a [`Reply`].
+async fn whole(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .context("reading the answer failed")?
+        .to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Uploads `file` (`-` for stdin) as `BUCKET/KEY`, streaming it.
 pub async fn put(
     admin: &Admin,
     target: &str,
@@ -34,28 +50,31 @@ pub async fn put(
     format: Format,
 ) -> anyhow::Result<()> {
     let (bucket, key) = split(target)?;
-    let bytes = if file == "-" {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .context("cannot read stdin")?;
-        buf
+    let (body, length) = if file == "-" {
+        (ReadBody::spawn(std::io::stdin()), None)
     } else {
-        std::fs::read(file).with_context(|| format!("cannot read {file}"))?
+        let f = std::fs::File::open(file).with_context(|| format!("cannot read {file}"))?;
+        let length = f
+            .metadata()
+            .with_context(|| format!("cannot read {file}"))?
+            .len();
+        (ReadBody::spawn(f), Some(length))
     };
     let mut headers = Vec::new();
     if let Some(ct) = content_type {
         headers.push(("content-type", ct));
     }
-    let reply = admin
-        .raw_with(
+    let response = admin
+        .open_stream(
             Method::PUT,
             &object_path(bucket, key),
             &headers,
-            Bytes::from(bytes),
+            body,
+            length,
+            false,
         )
         .await?;
-    let stored: serde_json::Value = decode(reply)?;
+    let stored: serde_json::Value = decode(whole(response).await?)?;
     if format == Format::Json {
         return print_json(&stored);
     }
@@ -69,24 +88,37 @@ pub async fn put(
     Ok(())
 }
 
-/// Writes `BUCKET/KEY` to `out` (stdout when absent).
+/// Writes `BUCKET/KEY` to `out` (stdout when absent) as it arrives.
 pub async fn get(admin: &Admin, target: &str, out: Option<&str>) -> anyhow::Result<()> {
     let (bucket, key) = split(target)?;
-    let reply = admin
-        .raw_with(Method::GET, &object_path(bucket, key), &[], Bytes::new())
+    let response = admin
+        .open_stream(
+            Method::GET,
+            &object_path(bucket, key),
+            &[],
+            http_body_util::Empty::<Bytes>::new(),
+            None,
+            true,
+        )
         .await?;
-    if !reply.status.is_success() {
-        let _: serde_json::Value = decode(reply)?;
+    if !response.status().is_success() {
+        let _: serde_json::Value = decode(whole(response).await?)?;
         bail!("the node did not return the object");
     }
-    match out {
+    let mut sink: Box<dyn std::io::Write> = match out {
         Some(path) => {
-            std::fs::write(path, &reply.body).with_context(|| format!("cannot write {path}"))?
+            Box::new(std::fs::File::create(path).with_context(|| format!("cannot write {path}"))?)
         }
-        None => std::io::stdout()
-            .write_all(&reply.body)
-            .context("cannot write to stdout")?,
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the download broke off")?;
+        if let Some(data) = frame.data_ref() {
+            sink.write_all(data).context("cannot write the object")?;
+        }
     }
+    sink.flush().context("cannot write the object")?;
     Ok(())
 }
 

@@ -304,6 +304,52 @@ async fn objects_on_local_disk_round_trip_raise_events_and_survive_a_crash() {
     );
     let out = node.cli(&["objects", "get", "uploads/reports/q1.csv"]);
     assert_eq!(out.stdout, b"a,b\n1,2\n");
+    // Objects stream through the CLI both ways: a 48 MiB file goes up and
+    // comes back while the CLI's peak memory stays a fraction of it.
+    let big = node.dir.path().join("big.bin");
+    let data: Vec<u8> = (0..48u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    let back = node.dir.path().join("back.bin");
+    for args in [
+        vec!["objects", "put", "uploads/big.bin", big.to_str().unwrap()],
+        vec!["objects", "get", "uploads/big.bin", back.to_str().unwrap()],
+    ] {
+        assert!(
+            std::path::Path::new("/usr/bin/time").exists() || std::env::var_os("CI").is_none(),
+            "GNU time is needed under CI (apt-get install time)"
+        );
+        if !std::path::Path::new("/usr/bin/time").exists() {
+            eprintln!("SKIPPED: the CLI's peak memory (no /usr/bin/time)");
+            assert!(node.cli(&args).status.success());
+            continue;
+        }
+        let out = std::process::Command::new("/usr/bin/time")
+            .args(["-f", "peak-kib %M", env!("CARGO_BIN_EXE_nimbus")])
+            .args(&args)
+            .env("NIMBUS_DATA_DIR", node.data_dir())
+            .env_remove("NIMBUS_URL")
+            .env_remove("NIMBUS_TOKEN")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        let peak: u64 = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("peak-kib "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no peak memory in: {stderr}"));
+        assert!(
+            peak < 32 << 10,
+            "{args:?} peaked at {peak} KiB for a 48 MiB object"
+        );
+    }
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the object came back different"
+    );
+
     let out = node.cli(&["objects", "get", "uploads/reports/none.csv"]);
     assert!(!out.status.success());
     assert!(
