@@ -616,6 +616,8 @@ struct Idle {
     /// Its linear memory after the last request.
     memory: u64,
     since_ms: u64,
+    /// Whether it runs the optimising tier's code.
+    optimized: bool,
 }
 
 /// A response head from the function, with its body still streaming.
@@ -697,11 +699,11 @@ impl FunctionRuntime {
 
     /// The version's linked code, loaded first if it is not in memory; the
     /// optimised tier's as soon as it is ready.
-    async fn code(&self) -> Result<ProxyPre<Host>, InvokeError> {
+    async fn code(&self) -> Result<Linked, InvokeError> {
         let f = &self.inner;
         let current = f.pre.read().ok().and_then(|p| p.clone());
         match current {
-            Some(linked) if linked.optimized => return Ok(linked.pre),
+            Some(linked) if linked.optimized => return Ok(linked),
             Some(linked) => {
                 // Baseline code: take the optimised code once it is there.
                 return Ok(match f.core.cached(&f.spec.digest) {
@@ -713,9 +715,9 @@ impl FunctionRuntime {
                         if let Ok(mut idle) = f.idle.lock() {
                             idle.clear();
                         }
-                        better.pre
+                        better
                     }
-                    _ => linked.pre,
+                    _ => linked,
                 });
             }
             None => {}
@@ -724,7 +726,7 @@ impl FunctionRuntime {
         if let Ok(pre) = f.pre.read()
             && let Some(linked) = pre.as_ref()
         {
-            return Ok(linked.pre.clone());
+            return Ok(linked.clone());
         }
         let started = Instant::now();
         let linked = Core::pre(&f.core, &f.spec.digest).map_err(|e| {
@@ -740,7 +742,7 @@ impl FunctionRuntime {
             load_us = started.elapsed().as_micros() as u64,
             "loaded the function's code"
         );
-        Ok(linked.pre)
+        Ok(linked)
     }
 
     /// Runs `request` in a fresh instance, or in an idle one when the
@@ -784,11 +786,19 @@ impl FunctionRuntime {
         let invocation = tag.invocation.clone();
         let trace_ids = trace.map(|t| (t.trace_id_hex(), t.span_id_hex()));
         let reused = if f.reuse > 1 {
-            f.idle.lock().ok().and_then(|mut idle| idle.pop())
+            f.idle
+                .lock()
+                .ok()
+                .and_then(|mut idle| idle.pop())
+                // An instance of baseline code is dropped once optimised
+                // code is there: the fresh instance below runs that.
+                .filter(|i| {
+                    i.optimized || !f.core.cached(&f.spec.digest).is_some_and(|l| l.optimized)
+                })
         } else {
             None
         };
-        let (mut store, proxy, stdout, stderr, served, peak_memory) = match reused {
+        let (mut store, proxy, stdout, stderr, served, peak_memory, optimized) = match reused {
             Some(mut i) => {
                 let peak_memory = Arc::new(AtomicU64::new(i.memory));
                 let host = i.store.data_mut();
@@ -799,10 +809,19 @@ impl FunctionRuntime {
                 i.stdout.begin(tag.clone());
                 i.stderr.begin(tag);
                 i.store.set_epoch_deadline(1);
-                (i.store, i.proxy, i.stdout, i.stderr, i.served, peak_memory)
+                (
+                    i.store,
+                    i.proxy,
+                    i.stdout,
+                    i.stderr,
+                    i.served,
+                    peak_memory,
+                    i.optimized,
+                )
             }
             None => {
-                let pre = self.code().await?;
+                let linked = self.code().await?;
+                let (pre, optimized) = (linked.pre, linked.optimized);
                 let peak_memory = Arc::new(AtomicU64::new(0));
                 let stdout = FunctionOutput::new(tag.clone(), "stdout");
                 let stderr = FunctionOutput::new(tag, "stderr");
@@ -847,7 +866,7 @@ impl FunctionRuntime {
                     Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
                     Err(_) => return Err(InvokeError::Timeout(timeout)),
                 };
-                (store, proxy, stdout, stderr, 0, peak_memory)
+                (store, proxy, stdout, stderr, 0, peak_memory, optimized)
             }
         };
         let instantiate = started.elapsed();
@@ -900,6 +919,7 @@ impl FunctionRuntime {
                         served: served + 1,
                         memory: peak.load(Ordering::Relaxed),
                         since_ms: f.core.now_ms(),
+                        optimized,
                     };
                     // Kept only while the version's code is loaded: an
                     // unloaded version holds no instances.
