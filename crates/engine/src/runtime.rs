@@ -784,7 +784,6 @@ impl FunctionRuntime {
             invocation: invocation_id,
         };
         let invocation = tag.invocation.clone();
-        let trace_ids = trace.map(|t| (t.trace_id_hex(), t.span_id_hex()));
         let reused = if f.reuse > 1 {
             f.idle
                 .lock()
@@ -904,8 +903,8 @@ impl FunctionRuntime {
                         function = &*f.name,
                         version = f.spec.version,
                         trigger,
-                        trace_id = trace_ids.as_ref().map(|t| t.0.as_str()),
-                        span_id = trace_ids.as_ref().map(|t| t.1.as_str()),
+                        trace_id = trace.map(|t| t.trace_id_hex()),
+                        span_id = trace.map(|t| t.span_id_hex()),
                         error = %e,
                         "guest failed"
                     );
