@@ -93,6 +93,20 @@ async fn settled(client: &Client, stream: &str, consumer: &str) -> bool {
     info["num_ack_pending"] == 0 && info["num_pending"] == 0
 }
 
+/// Waits until Nimbus's consumer on `stream` has acknowledged everything.
+async fn all_acknowledged(client: &Client, stream: &str) {
+    eventually(
+        Duration::from_secs(30),
+        "every message acknowledged",
+        || async {
+            settled(client, stream, "nimbus-consume")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_messages_survive_kill_9() {
     const N: usize = 10_000;
@@ -147,16 +161,7 @@ async fn jetstream_messages_survive_kill_9() {
     assert_eq!(hit.get("ce-natssubject"), format!("{subject}.created"));
     assert_eq!(hit.get("nimbus-trigger"), "source");
     assert_eq!(hit.get("body_len"), "7", "the payload `order-0`");
-    eventually(
-        Duration::from_secs(30),
-        "every message acknowledged",
-        || async {
-            settled(&client, &stream, "nimbus-consume")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(&client, &stream).await;
     let status = node.status().await;
     assert_eq!(status.sources.len(), 1);
     assert!(status.sources[0].healthy, "{:?}", status.sources);
@@ -368,16 +373,7 @@ async fn jetstream_source_recovers_from_a_broker_restart() {
     );
     assert_eq!(distinct, N);
     let client = connect(&url).await;
-    eventually(
-        Duration::from_secs(30),
-        "every message acknowledged",
-        || async {
-            settled(&client, "WORK", "nimbus-consume")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(&client, "WORK").await;
     assert!(node.status().await.sources[0].healthy);
 }
 
@@ -426,16 +422,7 @@ async fn s3_notifications_become_object_events() {
     // Anything else passes on as it is.
     assert_eq!(hits[2].get("ce-type"), "nats.jetstream.message");
     assert_eq!(hits[2].get("body"), "not a notification");
-    eventually(
-        Duration::from_secs(30),
-        "every message acknowledged",
-        || async {
-            settled(&client, &stream, "nimbus-consume")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(&client, &stream).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(recorder.hits().len(), 3);
     delete_stream(&client, &stream).await;
@@ -484,16 +471,7 @@ async fn jetstream_large_messages_come_in_byte_bounded_pulls() {
     .await
     .iter()
     .for_each(|len| assert_eq!(len, "900003"));
-    eventually(
-        Duration::from_secs(30),
-        "every message acknowledged",
-        || async {
-            settled(&client, &stream, "nimbus-consume")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(&client, &stream).await;
     // A spent byte budget ends a pull, it is no broker failure: the
     // session never broke.
     let status = node.status().await;
