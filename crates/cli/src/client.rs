@@ -172,6 +172,21 @@ impl hyper::body::Body for ReadBody {
     }
 }
 
+/// Reads a response's (small) body whole into a [`Reply`].
+pub async fn whole(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .context("reading the response failed")?
+        .to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 /// Sends one request to `url` (`http://host:port/path`).
 pub async fn send(
     method: Method,
@@ -180,20 +195,7 @@ pub async fn send(
     body: Bytes,
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
-    let work = async {
-        let response = open(method, url, headers, body).await?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .context("reading the response failed")?
-            .to_bytes();
-        Ok::<_, anyhow::Error>(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
-    };
+    let work = async { whole(open(method, url, headers, body).await?).await };
     tokio::time::timeout(timeout, work)
         .await
         .with_context(|| format!("no answer from {url} within {timeout:?}"))?

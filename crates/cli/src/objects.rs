@@ -1,7 +1,7 @@
 //! `nimbus objects`: put, get, list and delete objects of the node's
 //! buckets through the admin API.
 
-use crate::client::{Admin, ReadBody, Reply, decode, percent_encode};
+use crate::client::{Admin, ReadBody, decode, percent_encode, whole};
 use crate::output::{Format, table};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -24,21 +24,6 @@ fn object_path(bucket: &str, key: &str) -> String {
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// Reads a whole (small) answer into a [`Reply`].
-async fn whole(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
-    let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .context("reading the answer failed")?
-        .to_bytes();
-    Ok(Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
 }
 
 /// Uploads `file` (`-` for stdin) as `BUCKET/KEY`, streaming it.

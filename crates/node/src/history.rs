@@ -73,14 +73,7 @@ impl History {
 pub async fn run(
     state: Arc<NodeState>,
     history: Arc<History>,
-    mut shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
+    shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
 ) {
-    let mut every = tokio::time::interval(EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => history.sample(&state),
-            _ = shutdown.changed() => return,
-        }
-    }
+    crate::every(EVERY, shutdown, || history.sample(&state)).await;
 }

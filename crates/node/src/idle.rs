@@ -21,17 +21,10 @@ const FASTEST: Duration = Duration::from_millis(50);
 pub async fn run(
     state: Arc<NodeState>,
     unload_after: Option<Duration>,
-    mut shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
+    shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
 ) {
     let period = unload_after.map_or(EVERY, |after| (after / 2).clamp(FASTEST, EVERY));
-    let mut every = tokio::time::interval(period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => sweep(&state, unload_after),
-            _ = shutdown.changed() => return,
-        }
-    }
+    crate::every(period, shutdown, || sweep(&state, unload_after)).await;
 }
 
 fn sweep(state: &NodeState, unload_after: Option<Duration>) {

@@ -287,6 +287,23 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     })
 }
 
+/// Calls `tick` every `period` (late ticks delayed, not bunched) until the
+/// node stops.
+pub(crate) async fn every(
+    period: Duration,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+    mut tick: impl FnMut(),
+) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => tick(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn wait_for_signal() {
     #[cfg(unix)]
