@@ -417,3 +417,68 @@ async fn postgres_source_recovers_from_a_server_crash() {
     );
     source_healthy(&node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_streams_through_bounded_memory() {
+    const ROWS: usize = 10_000;
+    const NOTE: usize = 8_000;
+    let Some(mut conn) = pg().await else {
+        return;
+    };
+    let table = unique("cdc_big", "_");
+    let slot = unique("nimbus_t", "_");
+    conn.execute(&format!(
+        "CREATE TABLE {table} (id serial PRIMARY KEY, note text NOT NULL)"
+    ))
+    .await
+    .unwrap();
+    let node = Node::start();
+    let g = guests();
+    let source = format!(
+        "[[functions.consume.sources]]\ntype = \"postgres\"\nurl = \"{PG}\"\ntables = [\"{table}\"]\nslot = \"{slot}\""
+    );
+    node.deploy(&manifest("events", &[("consume", &g.testbed, &source)]));
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be created",
+        || async {
+            let mut c = connect().await;
+            slot_exists(&mut c, &slot).await.then_some(())
+        },
+    )
+    .await;
+    let before = peak_rss_kib(node.pid());
+    // One transaction of 80 MB of row data.
+    conn.execute(&format!(
+        "INSERT INTO {table} (note) SELECT repeat(md5(g::text), {}) FROM generate_series(1, {ROWS}) g",
+        NOTE / 32
+    ))
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(240), "every change to run", || async {
+        let s = node.status().await.sources.into_iter().next()?;
+        (s.delivered >= ROWS as u64).then_some(())
+    })
+    .await;
+    let grew = peak_rss_kib(node.pid()).saturating_sub(before);
+    eprintln!(
+        "postgres, one transaction of {} MB: the node's peak RSS grew by {} MiB",
+        ROWS * NOTE / 1_000_000,
+        grew / 1024
+    );
+    assert!(
+        grew < 32 * 1024,
+        "the node's peak memory grew by {grew} KiB for one transaction"
+    );
+    node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
+    eventually(
+        Duration::from_secs(20),
+        "the slot to be dropped",
+        || async {
+            let mut c = connect().await;
+            (!slot_exists(&mut c, &slot).await).then_some(())
+        },
+    )
+    .await;
+    conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
+}

@@ -6,11 +6,13 @@
 //! the source; removing the source drops both, so no slot is left behind to
 //! hold WAL. The consumer streams the slot over the replication protocol
 //! (`START_REPLICATION`), so a change reaches the function as soon as its
-//! transaction commits. It delivers a transaction's row changes one at a
-//! time in commit order, and only after every change of the transaction
-//! succeeded (or was dead-lettered) confirms the slot past its commit. A
-//! crash in between streams the transaction again: at least once, nothing
-//! lost.
+//! transaction commits. pgoutput sends only committed transactions, so the
+//! consumer delivers each row change as it reads it, one at a time in commit
+//! order, and holds no more than one change in memory however large the
+//! transaction (the socket's flow control holds PostgreSQL back meanwhile).
+//! Only after every change of the transaction succeeded (or was
+//! dead-lettered) does it confirm the slot past the commit. A crash in
+//! between streams the transaction again: at least once, nothing lost.
 
 use crate::pg::{Conn, Replicated, Target, ident, literal};
 use crate::wire::Cursor;
@@ -33,6 +35,8 @@ const NOT_TAKEN_DELAY: Duration = Duration::from_secs(1);
 #[derive(Debug, PartialEq)]
 enum Decoded {
     Begin {
+        /// Where the transaction's commit record starts.
+        commit_lsn: u64,
         xid: u32,
     },
     Commit {
@@ -105,9 +109,12 @@ fn decode(b: &[u8]) -> Result<Decoded, SourceError> {
     let mut r = Cursor::new(b);
     Ok(match r.u8()? {
         b'B' => {
-            r.u64()?; // final lsn
+            let commit_lsn = r.u64()?;
             r.u64()?; // commit time
-            Decoded::Begin { xid: r.u32()? }
+            Decoded::Begin {
+                commit_lsn,
+                xid: r.u32()?,
+            }
         }
         b'C' => {
             r.u8()?; // flags
@@ -232,11 +239,11 @@ fn parse_lsn(text: &str) -> Option<u64> {
 }
 
 /// A change ready for its function.
-struct Change {
+struct Change<'a> {
     lsn: String,
     xid: u32,
     commit_lsn: u64,
-    relation: Relation,
+    relation: &'a Relation,
     operation: Operation,
     old: Option<Value>,
     new: Option<Value>,
@@ -363,7 +370,7 @@ impl PostgresSource {
         Ok(())
     }
 
-    fn message(&self, change: &Change, index: usize) -> Message {
+    fn message(&self, change: &Change<'_>, index: usize) -> Message {
         let op = match change.operation {
             Operation::Insert => "insert",
             Operation::Update => "update",
@@ -439,8 +446,9 @@ impl PostgresSource {
         };
         let _ticker = crate::wire::AbortOnDrop(ticker);
         let mut relations: HashMap<u32, Relation> = HashMap::new();
-        let mut current: Vec<Change> = Vec::new();
-        let mut xid = 0;
+        // The transaction being read: its id, its commit's LSN and the
+        // index of its next change.
+        let (mut xid, mut commit_lsn, mut index) = (0, 0, 0);
         let mut in_transaction = false;
         loop {
             let data = match stream.next().await? {
@@ -460,9 +468,11 @@ impl PostgresSource {
             };
             let (lsn, data) = data;
             match decode(&data)? {
-                Decoded::Begin { xid: x } => {
-                    xid = x;
-                    current.clear();
+                Decoded::Begin {
+                    commit_lsn: at,
+                    xid: x,
+                } => {
+                    (xid, commit_lsn, index) = (x, at, 0);
                     in_transaction = true;
                 }
                 Decoded::Relation(rel) => {
@@ -474,35 +484,32 @@ impl PostgresSource {
                     old,
                     new,
                 } => {
-                    let rel = relations.get(&relation).cloned().ok_or_else(|| {
+                    let rel = relations.get(&relation).ok_or_else(|| {
                         SourceError::Protocol(format!("a change to unknown relation {relation}"))
                     })?;
-                    current.push(Change {
+                    let change = Change {
                         lsn: lsn_text(lsn),
                         xid,
-                        commit_lsn: 0,
-                        old: old.map(|c| row(&rel, &c)),
-                        new: new.map(|c| row(&rel, &c)),
+                        commit_lsn,
+                        old: old.map(|c| row(rel, &c)),
+                        new: new.map(|c| row(rel, &c)),
                         relation: rel,
                         operation,
-                    });
+                    };
+                    let message = self.message(&change, index);
+                    index += 1;
+                    loop {
+                        let verdict = deliver.deliver(message.clone()).await;
+                        status.counted(&verdict);
+                        if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
+                            break;
+                        }
+                        // Not taken (the function is not being served
+                        // right now): the order holds, so wait.
+                        tokio::time::sleep(NOT_TAKEN_DELAY).await;
+                    }
                 }
                 Decoded::Commit { end_lsn } => {
-                    for (i, change) in current.iter_mut().enumerate() {
-                        change.commit_lsn = end_lsn;
-                        let message = self.message(change, i);
-                        loop {
-                            let verdict = deliver.deliver(message.clone()).await;
-                            status.counted(&verdict);
-                            if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
-                                break;
-                            }
-                            // Not taken (the function is not being served
-                            // right now): the order holds, so wait.
-                            tokio::time::sleep(NOT_TAKEN_DELAY).await;
-                        }
-                    }
-                    current.clear();
                     in_transaction = false;
                     confirmed.fetch_max(end_lsn, Ordering::AcqRel);
                     feedback.confirm(confirmed.load(Ordering::Acquire)).await?;
@@ -638,6 +645,17 @@ mod tests {
             json!({"id": 7, "note": null, "paid": true})
         );
 
+        let mut begin = vec![b'B'];
+        begin.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
+        begin.extend_from_slice(&0u64.to_be_bytes());
+        begin.extend_from_slice(&741u32.to_be_bytes());
+        assert_eq!(
+            decode(&begin).unwrap(),
+            Decoded::Begin {
+                commit_lsn: 0x1_0000_0010,
+                xid: 741
+            }
+        );
         let mut commit = vec![b'C', 0];
         commit.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
         commit.extend_from_slice(&0x1_0000_0020u64.to_be_bytes());
