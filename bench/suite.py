@@ -301,33 +301,78 @@ def main():
                     r = point(f"{scenario}: {name}", port, c, path, script)
                     results["scenarios"].setdefault(scenario, {}).setdefault(name, {})[str(c)] = r
         results["json_body_bytes"] = len(body)
-        for p in procs:
-            p.terminate()
-            p.wait()
-        procs.clear()
 
         # 3. Cold starts, each next to a warm request in the same trial.
+        # The warm request right after a cold one follows it back to back,
+        # while the cold one follows a pause (a deploy, an idle wait, a
+        # restart), and the first request after any pause is slower on this
+        # machine whatever serves it (the native control below). So each
+        # kind of cold start is also set against a warm request after the
+        # same pauses: the function loaded, everything else alike.
         def trial_pairs(prepare, path="/hello"):
-            cold, warm = [], []
+            cold, warm, pauses = [], [], []
             for i in range(trials):
+                paused = time.perf_counter()
                 prepare(i)
+                pauses.append(time.perf_counter() - paused)
                 s1, t1 = get(node.port, path)
                 s2, t2 = get(node.port, path)
                 assert s1 == 200 and s2 == 200, (s1, s2)
                 cold.append(t1)
                 warm.append(t2)
-            return cold, warm
+            return cold, warm, pauses
 
-        def summarize(kind, cold, warm):
+        def after_pauses(port, pauses, path="/hello"):
+            """A warm request after each pause, the server left alone."""
+            status, _ = get(port, path)
+            assert status == 200, status
+            out = []
+            for pause in pauses:
+                time.sleep(pause)
+                status, t = get(port, path)
+                assert status == 200, status
+                out.append(t)
+            return out
+
+        pending = {}
+
+        def summarize(kind, cold, warm, pauses):
             entry = {"cold_p50_us": percentile(cold, 50) * 1e6, "cold_p99_us": percentile(cold, 99) * 1e6,
-                     "warm_p50_us": percentile(warm, 50) * 1e6, "warm_p99_us": percentile(warm, 99) * 1e6}
+                     "warm_p50_us": percentile(warm, 50) * 1e6, "warm_p99_us": percentile(warm, 99) * 1e6,
+                     "pause_p50_ms": percentile(pauses, 50) * 1e3}
             entry["ratio_p50"] = entry["cold_p50_us"] / entry["warm_p50_us"]
             results["cold_start"][kind] = entry
+            pending[kind] = pauses
             print(f"cold start {kind:<22} p50 {entry['cold_p50_us']:.0f} µs  p99 {entry['cold_p99_us']:.0f} µs"
                   f"  (warm p50 {entry['warm_p50_us']:.0f} µs, ratio {entry['ratio_p50']:.2f})", flush=True)
 
+        def paused_reference(kind):
+            """The warm request after the same pauses as `kind`'s cold ones."""
+            entry = results["cold_start"][kind]
+            paused = after_pauses(node.port, pending.pop(kind))
+            entry["warm_after_pause_p50_us"] = percentile(paused, 50) * 1e6
+            entry["ratio_after_pause_p50"] = entry["cold_p50_us"] / entry["warm_after_pause_p50_us"]
+            print(f"cold start {kind:<22} warm after the same pauses p50 {entry['warm_after_pause_p50_us']:.0f} µs,"
+                  f" ratio {entry['ratio_after_pause_p50']:.2f}", flush=True)
+
+        # The control: the native server, back to back and after 300 ms.
+        native_paused = after_pauses(native_port, [0.3] * trials)
+        native_back = [get(native_port)[1] for _ in range(trials)]
+        results["cold_start_control"] = {
+            "native_back_to_back_p50_us": percentile(native_back, 50) * 1e6,
+            "native_after_300ms_p50_us": percentile(native_paused, 50) * 1e6,
+        }
+        ctl = results["cold_start_control"]
+        print(f"control: native hyper p50 {ctl['native_back_to_back_p50_us']:.0f} µs back to back, "
+              f"{ctl['native_after_300ms_p50_us']:.0f} µs after 300 ms", flush=True)
+        for p in procs:
+            p.terminate()
+            p.wait()
+        procs.clear()
+
         node.deploy(hello_manifest())
         summarize("after deploy", *trial_pairs(lambda i: node.deploy(hello_manifest(trial=i))))
+        paused_reference("after deploy")
 
         # (b) Scaled to zero: the node unloads a function 200 ms after its
         # last request; each trial waits until the node reports it unloaded.
@@ -343,15 +388,18 @@ def main():
 
         get(node.port)
         summarize("after scale to zero", *trial_pairs(scaled_to_zero))
+        # Its reference on a node that keeps the function loaded.
         node.stop()
         node.flags = []
         node.start()
+        paused_reference("after scale to zero")
 
         def restart(_i):
             node.stop()
             node.start()
 
         summarize("after node restart", *trial_pairs(restart))
+        paused_reference("after node restart")
         stats = node.status()["engine"]
         results["cold_start"]["after node restart"]["compiled_after_restart"] = stats["compiled"]
 
@@ -526,9 +574,22 @@ def render(r, concurrency):
                     ratio = f"({p['rps'] / points_of(servers, 'wasmtime serve', c):.2f}× wasmtime serve)"
                 lines.append(f"| {c} | {name} | {p['rps']:.0f} | {p['p50_us']} | {p['p99_us']} | {ratio} |")
     lines += ["", f"## Cold starts ({r['trials']} trials each, measured at the client over a fresh connection)\n",
-              "| first request | p50 µs | p99 µs | warm p50 µs | cold / warm (p50) |", "|---|---|---|---|---|"]
+              "Each cold request comes after a pause (the deploy, the wait until the function is unloaded, the "
+              "restart); the first warm column is the request right after it, back to back, the second a request "
+              "to the loaded function after the same pauses.\n",
+              "| first request | p50 µs | p99 µs | pause p50 ms | warm p50 µs, back to back | cold / warm | "
+              "warm p50 µs, after the same pauses | cold / warm after the same pauses |",
+              "|---|---|---|---|---|---|---|---|"]
     for kind, e in r["cold_start"].items():
-        lines.append(f"| {kind} | {e['cold_p50_us']:.0f} | {e['cold_p99_us']:.0f} | {e['warm_p50_us']:.0f} | {e['ratio_p50']:.2f} |")
+        lines.append(f"| {kind} | {e['cold_p50_us']:.0f} | {e['cold_p99_us']:.0f} | {e.get('pause_p50_ms', 0):.0f} | "
+                     f"{e['warm_p50_us']:.0f} | {e['ratio_p50']:.2f} | {e.get('warm_after_pause_p50_us', 0):.0f} | "
+                     f"{e.get('ratio_after_pause_p50', 0):.2f} |")
+    ctl = r.get("cold_start_control")
+    if ctl:
+        lines += ["", f"Control: the native hyper server answers in {ctl['native_back_to_back_p50_us']:.0f} µs (p50) "
+                  f"back to back and in {ctl['native_after_300ms_p50_us']:.0f} µs after a 300 ms pause "
+                  f"({ctl['native_after_300ms_p50_us'] / ctl['native_back_to_back_p50_us']:.2f}×): the pause alone "
+                  "costs that much, with no function to load."]
     lines += ["", "## Deploy to first response\n",
               "A never-seen component: `nimbus deploy` until the first 200, next to `wasmtime compile` of the same bytes (medians).\n",
               "| component | bytes | deploy → first response ms | wasmtime compile ms | ratio |", "|---|---|---|---|---|"]
