@@ -368,8 +368,9 @@ impl Core {
         self.loaded.lock().ok()?.get(digest).cloned()
     }
 
-    /// Compiles a component with the baseline tier, stores it and its
-    /// baseline artifact, links it, and starts the optimising compile.
+    /// Compiles a component with the baseline tier, stores it, links it,
+    /// and starts the optimising compile (which stores the baseline
+    /// artifact first).
     fn compile_tiered(
         core: &Arc<Self>,
         digest: &ComponentDigest,
@@ -379,15 +380,9 @@ impl Core {
         let component = Component::new(&core.baseline, bytes)
             .map_err(|e| ComponentError::Invalid(format!("{e:#}")))?;
         validate::check_interfaces(&core.baseline, &core.baseline_linker, &component)?;
-        let serialized = component.serialize().map_err(EngineError::wasmtime)?;
         core.artifacts
             .put_component(digest, bytes)
             .map_err(EngineError::io("storing the component"))?;
-        // The baseline artifact too, so a restart before the optimising
-        // compile is done maps code instead of compiling.
-        core.artifacts
-            .put_compiled(digest, &core.baseline_fingerprint, &serialized)
-            .map_err(EngineError::io("storing the compiled artifact"))?;
         core.compiled.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             digest = %digest,
@@ -396,14 +391,23 @@ impl Core {
             "compiled component (baseline)"
         );
         let linked = core.link(digest, &component, false)?;
-        Self::optimize_in_background(core, digest, bytes.to_vec());
+        Self::optimize_in_background(core, digest, bytes.to_vec(), Some(component));
         Ok(linked)
     }
 
     /// Compiles a component with the optimising tier on a thread of its
     /// own, stores the artifact and puts its code in place of the
-    /// baseline's, unless that compile is already running.
-    fn optimize_in_background(core: &Arc<Self>, digest: &ComponentDigest, bytes: Vec<u8>) {
+    /// baseline's, unless that compile is already running. A `baseline`
+    /// component just compiled has its artifact stored there first (off
+    /// the deploy's path: it only spares a restart a compile), so a restart
+    /// before the optimising compile is done maps code instead of
+    /// compiling.
+    fn optimize_in_background(
+        core: &Arc<Self>,
+        digest: &ComponentDigest,
+        bytes: Vec<u8>,
+        baseline: Option<Component>,
+    ) {
         let fresh = core
             .optimizing
             .lock()
@@ -418,6 +422,11 @@ impl Core {
                 let core = core.clone();
                 let digest = digest.clone();
                 move || {
+                    if let Some(component) = baseline
+                        && let Err(e) = core.store_baseline(&digest, &component)
+                    {
+                        tracing::warn!(digest = %digest, error = %e, "cannot store the baseline artifact; a restart compiles the component again");
+                    }
                     if let Err(e) = core.optimize(&digest, &bytes) {
                         tracing::warn!(digest = %digest, error = %e, "optimising compile failed; the baseline code keeps serving");
                     }
@@ -432,6 +441,18 @@ impl Core {
                 running.remove(digest);
             }
         }
+    }
+
+    fn store_baseline(
+        &self,
+        digest: &ComponentDigest,
+        component: &Component,
+    ) -> Result<(), EngineError> {
+        let serialized = component.serialize().map_err(EngineError::wasmtime)?;
+        self.artifacts
+            .put_compiled(digest, &self.baseline_fingerprint, &serialized)
+            .map(drop)
+            .map_err(EngineError::io("storing the compiled artifact"))
     }
 
     fn optimize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Result<(), EngineError> {
@@ -546,7 +567,7 @@ impl Core {
         }
         if let Some(component) = core.map_artifact(digest, false) {
             let linked = core.link(digest, &component, false)?;
-            Self::optimize_in_background(core, digest, bytes);
+            Self::optimize_in_background(core, digest, bytes, None);
             return Ok(linked);
         }
         Self::compile_tiered(core, digest, &bytes)
