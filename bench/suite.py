@@ -344,23 +344,20 @@ def main():
                 out.append(t)
             return out
 
-        pending = {}
-
         def summarize(kind, cold, warm, pauses):
             entry = {"cold_p50_us": percentile(cold, 50) * 1e6, "cold_p99_us": percentile(cold, 99) * 1e6,
                      "warm_p50_us": percentile(warm, 50) * 1e6, "warm_p99_us": percentile(warm, 99) * 1e6,
                      "pause_p50_ms": percentile(pauses, 50) * 1e3}
             entry["ratio_p50"] = entry["cold_p50_us"] / entry["warm_p50_us"]
             results["cold_start"][kind] = entry
-            pending[kind] = pauses
             print(f"cold start {kind:<22} p50 {entry['cold_p50_us']:.0f} µs  p99 {entry['cold_p99_us']:.0f} µs"
                   f"  (warm p50 {entry['warm_p50_us']:.0f} µs, ratio {entry['ratio_p50']:.2f})", flush=True)
 
-        def paused_reference(kind):
+        def paused_reference(kind, pauses):
             """The warm request after the same pauses as `kind`'s cold ones."""
             entry = results["cold_start"][kind]
             poll = lambda: admin_get(node, "/v1/functions/hello")
-            paused = after_pauses(node.port, pending.pop(kind), poll)
+            paused = after_pauses(node.port, pauses, poll)
             entry["warm_after_pause_p50_us"] = percentile(paused, 50) * 1e6
             entry["ratio_after_pause_p50"] = entry["cold_p50_us"] / entry["warm_after_pause_p50_us"]
             print(f"cold start {kind:<22} warm after the same pauses p50 {entry['warm_after_pause_p50_us']:.0f} µs,"
@@ -397,12 +394,13 @@ def main():
                 time.sleep(0.05)
 
         get(node.port)
-        summarize("after scale to zero", *trial_pairs(scaled_to_zero))
+        cold, warm, pauses = trial_pairs(scaled_to_zero)
+        summarize("after scale to zero", cold, warm, pauses)
         # Its reference on a node that keeps the function loaded.
         node.stop()
         node.flags = []
         node.start()
-        paused_reference("after scale to zero")
+        paused_reference("after scale to zero", pauses)
 
         def restart(_i):
             node.stop()
