@@ -226,6 +226,81 @@ async fn restart_after_kill9_serves_same_versions_without_recompiling() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_exporting_wizer_initialize_start_from_their_snapshot() {
+    let node = Node::start();
+    let g = guests();
+    node.deploy(&manifest(
+        "preinit",
+        &[
+            ("snap", &g.preinit, "routes = [\"/snap\"]"),
+            ("again", &g.preinit, "routes = [\"/again\"]\nreuse = 5"),
+            ("trap", &g.preinit_trap, "routes = [\"/trap\"]"),
+        ],
+    ));
+    // The baseline code serves at once, initialising on its first request
+    // as it would on any other host.
+    let first = node.get("/snap").await.text();
+    assert!(first.contains("init_runs=1 requests=1"), "{first}");
+    let checksum = first.rsplit("checksum=").next().unwrap().to_owned();
+
+    // The optimised code starts every fresh instance from the state
+    // `wizer-initialize` left: initialised once, at build time, and with no
+    // request of an earlier instance behind it.
+    eventually(
+        Duration::from_secs(120),
+        "the pre-initialised code",
+        || async {
+            let s = node.status().await;
+            (s.engine.optimized >= 2).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let text = node.get("/snap").await.text();
+        assert_eq!(
+            text,
+            format!("preinitialized=true init_runs=1 requests=1 checksum={checksum}"),
+            "{}",
+            node.log()
+        );
+    }
+    // A reused instance starts from the snapshot too, and keeps its own
+    // state between the requests it serves.
+    let a = node.get("/again").await.text();
+    let b = node.get("/again").await.text();
+    assert!(
+        a.starts_with("preinitialized=true init_runs=1 requests=1"),
+        "{a}"
+    );
+    assert!(
+        b.starts_with("preinitialized=true init_runs=1 requests=2"),
+        "{b}"
+    );
+    assert!(node.log().contains("pre-initialised component"));
+
+    // A component whose initialisation traps is compiled as uploaded, and
+    // the node log says why.
+    let r = node.get("/trap").await;
+    assert_status(&r, StatusCode::OK);
+    assert_eq!(r.text(), "served as uploaded\n");
+    let log = node.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("cannot pre-initialise the component"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{log}"));
+    assert!(warning.contains("`wizer-initialize` failed"), "{warning}");
+
+    // The snapshot is the stored optimised artifact: a restart maps it.
+    let node = node.restart_after_kill9();
+    let text = node.get("/snap").await.text();
+    assert!(
+        text.starts_with("preinitialized=true init_runs=1 requests=1"),
+        "{text}"
+    );
+    assert_eq!(node.status().await.engine.compiled, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
     let mut node = Node::start();
     let g = guests();

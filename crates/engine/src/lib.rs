@@ -2,7 +2,9 @@
 //!
 //! It owns the engine (Cranelift, epoch interruption, the pooling instance
 //! allocator and every limit that goes with it), the validation of uploaded
-//! components, the content-addressed store of compiled artifacts, the
+//! components, their pre-initialisation (a component exporting
+//! `wizer-initialize` starts every instance from the state it left), the
+//! content-addressed store of compiled artifacts, the
 //! pre-instantiated handle of each deployed version, and the execution of one
 //! HTTP request in a fresh instance under its timeout and memory cap. The
 //! gateway hands it a `hyper` request and gets a streamed response back; every
@@ -13,6 +15,7 @@ mod artifact;
 mod limits;
 pub mod outbound;
 mod output;
+mod preinit;
 mod runtime;
 mod validate;
 

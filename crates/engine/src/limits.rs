@@ -71,3 +71,14 @@ pub const MAX_OUTPUT_BYTES_PER_INVOCATION: usize = 1 << 20;
 
 /// Time allowed to open an outbound connection (TCP and TLS).
 pub const OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a component's `wizer-initialize` may run when its optimised code is
+/// built. It does once what each instance would otherwise do on its first
+/// request, so it gets the default request timeout.
+pub const PREINIT_TIMEOUT: Duration = DEFAULT_TIMEOUT;
+
+/// Linear memory a component's `wizer-initialize` may grow to. What it
+/// leaves becomes every instance's starting memory and part of the compiled
+/// artifact, so it is held to a few interpreter heaps rather than to
+/// [`MAX_MEMORY_BYTES`].
+pub const PREINIT_MEMORY_BYTES: u64 = 256 << 20;

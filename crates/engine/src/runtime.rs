@@ -5,6 +5,7 @@ use crate::artifact::{ArtifactStore, ComponentDigest};
 use crate::limits::*;
 use crate::outbound::{self, Denial, OutboundPolicy};
 use crate::output::{FunctionOutput, OutputTag};
+use crate::preinit;
 use crate::validate::{self, ComponentError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -457,8 +458,22 @@ impl Core {
 
     fn optimize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Result<(), EngineError> {
         let started = Instant::now();
-        let component = Component::new(&self.inner, bytes)
-            .map_err(|e| ComponentError::Invalid(format!("{e:#}")))?;
+        let snapshot = preinit::exports_initializer(bytes)
+            .then(|| self.preinitialize(digest, bytes))
+            .flatten();
+        let compiled = snapshot
+            .as_deref()
+            .map(|code| Component::new(&self.inner, code));
+        let component = match compiled {
+            Some(Ok(component)) => component,
+            failed => {
+                if let Some(Err(e)) = failed {
+                    tracing::warn!(digest = %digest, error = %format!("{e:#}"), "the pre-initialised component does not compile; it serves as uploaded");
+                }
+                Component::new(&self.inner, bytes)
+                    .map_err(|e| ComponentError::Invalid(format!("{e:#}")))?
+            }
+        };
         let serialized = component.serialize().map_err(EngineError::wasmtime)?;
         self.artifacts
             .put_compiled(digest, &self.fingerprint, &serialized)
@@ -481,6 +496,63 @@ impl Core {
             "optimised component"
         );
         Ok(())
+    }
+
+    /// Runs the component's initialisation function once, with the
+    /// baseline tier, and returns the component rewritten to start from the
+    /// state it left; `None` (with a warning saying why) if that cannot be
+    /// done, and the component then serves as uploaded. The run sees no
+    /// environment, files or network, and its output is discarded: it
+    /// belongs to the component, which any number of functions may share.
+    fn preinitialize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let host = Host {
+            table: ResourceTable::new(),
+            wasi: WasiCtx::builder().build(),
+            http: WasiHttpCtx::new(),
+            hooks: Hooks {
+                policy: Arc::new(OutboundPolicy::default()),
+                function: format!("component {digest}").into(),
+                trace: None,
+            },
+            limiter: Limiter {
+                memory_bytes: usize::try_from(PREINIT_MEMORY_BYTES).unwrap_or(usize::MAX),
+                denied: false,
+                peak: Arc::new(AtomicU64::new(0)),
+            },
+            deadline: started + PREINIT_TIMEOUT,
+        };
+        let mut store = Store::new(&self.baseline, host);
+        store.limiter(|host| &mut host.limiter);
+        store.set_epoch_deadline(
+            (PREINIT_TIMEOUT.as_millis() / EPOCH_TICK.as_millis().max(1)) as u64,
+        );
+        // The snapshot is taken by a library working on user input: should
+        // it panic, the component still gets its optimised code.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            preinit::preinitialize(&self.baseline_linker, store, bytes, PREINIT_TIMEOUT)
+        }))
+        .unwrap_or_else(|_| {
+            Err(preinit::PreinitError::Unsupported(
+                "the snapshot failed unexpectedly".into(),
+            ))
+        });
+        match run {
+            Ok(snapshot) => {
+                tracing::info!(
+                    digest = %digest,
+                    component_bytes = bytes.len(),
+                    snapshot_bytes = snapshot.len(),
+                    init_ms = started.elapsed().as_millis() as u64,
+                    "pre-initialised component"
+                );
+                Some(snapshot)
+            }
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "cannot pre-initialise the component; it serves as uploaded");
+                None
+            }
+        }
     }
 
     /// Links a component against the host's imports, once per component

@@ -6,6 +6,12 @@
 //! The engine and the loaded script are kept for the instance's next
 //! request: in a fresh instance per request that changes nothing, in a
 //! reused instance (`reuse` in nimbus.toml) the interpreter starts once.
+//!
+//! The component also exports `wizer-initialize`, which starts the
+//! interpreter and loads the script, as JavaScript toolchains for
+//! components do. Nimbus runs it once when it builds the optimised code,
+//! so every fresh instance starts with the interpreter ready; `wasmtime
+//! serve` ignores the export and starts the interpreter on each request.
 
 use boa_engine::{Context, JsString, JsValue, Source, js_string};
 use std::cell::RefCell;
@@ -28,18 +34,43 @@ thread_local! {
     static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
 }
 
+wit_bindgen::generate!({
+    inline: "
+        package nimbus-bench:js;
+        world js {
+            export wizer-initialize: func();
+        }
+    ",
+});
+
+impl Guest for Js {
+    fn wizer_initialize() {
+        CONTEXT.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = start().ok();
+            }
+        });
+    }
+}
+
+export!(Js);
+
+/// Starts the interpreter and loads the handler script.
+fn start() -> Result<Context, String> {
+    let mut context = Context::default();
+    context
+        .eval(Source::from_bytes(HANDLER))
+        .map_err(|e| e.to_string())?;
+    Ok(context)
+}
+
 fn run(method: &str, path: &str) -> Result<String, String> {
     CONTEXT.with(|cell| {
         let mut slot = cell.borrow_mut();
         let context = match slot.as_mut() {
             Some(context) => context,
-            None => {
-                let mut context = Context::default();
-                context
-                    .eval(Source::from_bytes(HANDLER))
-                    .map_err(|e| e.to_string())?;
-                slot.insert(context)
-            }
+            None => slot.insert(start()?),
         };
         call(context, method, path)
     })

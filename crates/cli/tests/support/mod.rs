@@ -41,6 +41,8 @@ pub struct Guests {
     pub testbed: PathBuf,
     pub command: PathBuf,
     pub foreign_import: PathBuf,
+    pub preinit: PathBuf,
+    pub preinit_trap: PathBuf,
     pub hello: PathBuf,
     pub api: PathBuf,
 }
@@ -57,6 +59,8 @@ pub fn guests() -> &'static Guests {
             testbed: f.join("testbed.wasm"),
             command: f.join("command.wasm"),
             foreign_import: f.join("foreign_import.wasm"),
+            preinit: f.join("preinit.wasm"),
+            preinit_trap: f.join("preinit_trap.wasm"),
             hello: e.join("hello.wasm"),
             api: e.join("api.wasm"),
         }
