@@ -51,6 +51,47 @@ async fn slot_exists(conn: &mut Conn, slot: &str) -> bool {
         .is_empty()
 }
 
+/// Drops a test's replication slot and publication when the test ends,
+/// passed or failed: a slot left behind holds the server's WAL for good.
+/// Declared before the node, so it runs after the node was killed.
+struct SlotCleanup(String);
+
+impl Drop for SlotCleanup {
+    fn drop(&mut self) {
+        let slot = self.0.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let Ok(mut conn) = Conn::connect(&Target::parse(PG).unwrap()).await else {
+                    return;
+                };
+                // The killed node's walsender may take a moment to let go.
+                for _ in 0..50 {
+                    let gone = conn
+                        .execute(&format!(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE slot_name = '{slot}' AND NOT active"
+                        ))
+                        .await
+                        .is_ok()
+                        && !slot_exists(&mut conn, &slot).await;
+                    if gone {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = conn
+                    .execute(&format!("DROP PUBLICATION IF EXISTS {slot}"))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// A ce-id's place in commit order: the commit's LSN, then the change's
 /// index within it.
 fn commit_order(ce_id: &str) -> (u64, usize) {
@@ -71,6 +112,7 @@ async fn postgres_changes_survive_kill_9_in_commit_order() {
     };
     let table = unique("cdc", "_");
     let slot = unique("nimbus_t", "_");
+    let _cleanup = SlotCleanup(slot.clone());
     conn.execute(&format!(
         "CREATE TABLE {table} (id serial PRIMARY KEY, n int NOT NULL, note text)"
     ))
@@ -209,6 +251,7 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     };
     let table = unique("cdc_fail", "_");
     let slot = unique("nimbus_t", "_");
+    let _cleanup = SlotCleanup(slot.clone());
     let recorder = Recorder::start().await;
     let node = Node::start();
     let g = guests();
