@@ -48,8 +48,17 @@ pub fn build(manifest: &Manifest) -> anyhow::Result<()> {
 /// Uploads the components the node lacks and applies the manifest.
 pub async fn deploy(admin: &Admin, manifest: &Manifest) -> anyhow::Result<DeployResponse> {
     let mut functions = BTreeMap::new();
+    // Functions sharing a component file read, hash and upload it once.
+    let mut uploaded: std::collections::HashMap<&Path, String> = std::collections::HashMap::new();
     for (name, f) in &manifest.functions {
-        let digest = upload(admin, name.as_str(), &f.component).await?;
+        let digest = match uploaded.get(f.component.as_path()) {
+            Some(digest) => digest.clone(),
+            None => {
+                let digest = upload(admin, name.as_str(), &f.component).await?;
+                uploaded.insert(&f.component, digest.clone());
+                digest
+            }
+        };
         functions.insert(
             name.clone(),
             DeployFunction {

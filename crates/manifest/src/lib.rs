@@ -297,11 +297,7 @@ impl Manifest {
             base
         };
 
-        // Routes by shape: only routes of the same shape can conflict, so
-        // each is compared with those alone (a manifest of 10,000
-        // functions is checked in linear time).
-        let mut seen: std::collections::HashMap<Vec<route::Segment>, Vec<(&FunctionName, &Route)>> =
-            std::collections::HashMap::new();
+        let mut seen = route::RouteIndex::default();
         for (name, f) in &raw.functions {
             if let Some(both) = f.secrets.keys().find(|k| f.env.contains_key(*k)) {
                 return Err(ManifestError::at(
@@ -316,10 +312,7 @@ impl Manifest {
             }
             for spanned in &f.routes {
                 let route = &spanned.get_ref().0;
-                let same_shape = seen.entry(route.path.shape()).or_default();
-                if let Some((other, existing)) =
-                    same_shape.iter().find(|(_, r)| r.conflicts_with(route))
-                {
+                if let Some((other, existing)) = seen.insert(name, route) {
                     return Err(ManifestError::at(
                         path,
                         text,
@@ -329,7 +322,6 @@ impl Manifest {
                         ),
                     ));
                 }
-                same_shape.push((name, route));
             }
             let twice = first_repeat(&f.schedules, Schedule::key)
                 .map(|(at, key)| (at, format!("the schedule `{key}` twice: remove one (it would fire twice per tick)")))

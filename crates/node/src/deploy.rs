@@ -3,7 +3,8 @@
 //! a node.
 
 use nimbus_api::{Change, DeployRequest};
-use nimbus_manifest::{FunctionConfig, FunctionName, Route};
+use nimbus_manifest::route::RouteIndex;
+use nimbus_manifest::{FunctionConfig, FunctionName};
 use nimbus_store::FunctionRecord;
 
 /// Why a deploy was refused before anything changed.
@@ -39,11 +40,13 @@ pub struct Step {
 /// removes it, and refuses it when it would break another app.
 pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<Step>, PlanError> {
     let mut steps = Vec::new();
+    let by_name: std::collections::HashMap<&FunctionName, &FunctionRecord> =
+        current.iter().map(|r| (&r.name, r)).collect();
     for (name, f) in &request.functions {
         if nimbus_engine::ComponentDigest::parse(&f.component).is_none() {
             return Err(PlanError::BadDigest(f.component.clone()));
         }
-        let existing = current.iter().find(|r| &r.name == name);
+        let existing = by_name.get(name).copied();
         if let Some(r) = existing
             && r.app != request.app
         {
@@ -78,10 +81,14 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
                 .iter()
                 .map(move |route| (&r.name, route))
         });
-    let mut seen: Vec<(&FunctionName, &Route)> = others.collect();
+    let mut seen = RouteIndex::default();
+    for (name, route) in others {
+        // Routes already deployed were checked when they were.
+        let _ = seen.insert(name, route);
+    }
     for step in &steps {
         for route in &step.config.routes {
-            if let Some((other, other_route)) = seen.iter().find(|(_, r)| r.conflicts_with(route)) {
+            if let Some((other, other_route)) = seen.insert(&step.name, route) {
                 return Err(PlanError::RouteConflict {
                     name: step.name.to_string(),
                     route: route.to_string(),
@@ -89,7 +96,6 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
                     other_route: other_route.to_string(),
                 });
             }
-            seen.push((&step.name, route));
         }
     }
     for r in current.iter().filter(|r| r.app == request.app) {
@@ -109,6 +115,7 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
 mod tests {
     use super::*;
     use nimbus_api::DeployFunction;
+    use nimbus_manifest::Route;
     use nimbus_store::FunctionVersion;
 
     const D1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
