@@ -568,8 +568,10 @@ def render(r, concurrency):
     titles = {"json": f"## Real work: JSON parse and transform of a {r.get('json_body_bytes', 0):,} byte body "
                       f"(bench/guests/json, {sizes['json']:,} bytes)\n",
               "js": f"## A large interpreter-based component: JavaScript on the Boa engine "
-                    f"(bench/guests/js, {sizes['js']:,} bytes)\n\n`nimbus, reuse` keeps the started interpreter "
-                    f"in the instance for its next request (`reuse = 10000`).\n"}
+                    f"(bench/guests/js, {sizes['js']:,} bytes)\n\nThe component exports `wizer-initialize`: "
+                    f"`nimbus` runs it once when it builds the optimised code, so each fresh instance starts with "
+                    f"the interpreter loaded; `wasmtime serve` starts it on every request. `nimbus, reuse` keeps "
+                    f"the instance for its next request (`reuse = 10000`).\n"}
     for scenario, servers in r["scenarios"].items():
         lines += ["", titles[scenario], "| concurrency | server | req/s | p50 µs | p99 µs | nimbus / this |", "|---|---|---|---|---|---|"]
         for c in ["1", "16"]:
