@@ -506,22 +506,17 @@ impl Core {
     /// belongs to the component, which any number of functions may share.
     fn preinitialize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let host = Host {
-            table: ResourceTable::new(),
-            wasi: WasiCtx::builder().build(),
-            http: WasiHttpCtx::new(),
-            hooks: Hooks {
+        let host = Host::new(
+            WasiCtx::builder().build(),
+            Hooks {
                 policy: Arc::new(OutboundPolicy::default()),
                 function: format!("component {digest}").into(),
                 trace: None,
             },
-            limiter: Limiter {
-                memory_bytes: usize::try_from(PREINIT_MEMORY_BYTES).unwrap_or(usize::MAX),
-                denied: false,
-                peak: Arc::new(AtomicU64::new(0)),
-            },
-            deadline: started + PREINIT_TIMEOUT,
-        };
+            PREINIT_MEMORY_BYTES,
+            Arc::new(AtomicU64::new(0)),
+            started + PREINIT_TIMEOUT,
+        );
         let mut store = Store::new(&self.baseline, host);
         store.limiter(|host| &mut host.limiter);
         store.set_epoch_deadline(
@@ -921,23 +916,17 @@ impl FunctionRuntime {
                 wasi.envs(&f.spec.env)
                     .stdout(stdout.clone())
                     .stderr(stderr.clone());
-                let host = Host {
-                    table: ResourceTable::new(),
-                    wasi: wasi.build(),
-                    http: WasiHttpCtx::new(),
-                    hooks: Hooks {
+                let host = Host::new(
+                    wasi.build(),
+                    Hooks {
                         policy: f.policy.clone(),
                         function: f.name.clone(),
                         trace,
                     },
-                    limiter: Limiter {
-                        memory_bytes: usize::try_from(f.spec.limits.memory_bytes)
-                            .unwrap_or(usize::MAX),
-                        denied: false,
-                        peak: peak_memory.clone(),
-                    },
+                    f.spec.limits.memory_bytes,
+                    peak_memory.clone(),
                     deadline,
-                };
+                );
                 let mut store = Store::new(pre.engine(), host);
                 store.limiter(|host| &mut host.limiter);
                 store.set_epoch_deadline(1);
@@ -1101,6 +1090,31 @@ struct Host {
     hooks: Hooks,
     limiter: Limiter,
     deadline: Instant,
+}
+
+impl Host {
+    /// A store's state: `wasi` and `hooks` as given, linear memory capped
+    /// at `memory_bytes` (its peak kept in `peak`), until `deadline`.
+    fn new(
+        wasi: WasiCtx,
+        hooks: Hooks,
+        memory_bytes: u64,
+        peak: Arc<AtomicU64>,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            table: ResourceTable::new(),
+            wasi,
+            http: WasiHttpCtx::new(),
+            hooks,
+            limiter: Limiter {
+                memory_bytes: usize::try_from(memory_bytes).unwrap_or(usize::MAX),
+                denied: false,
+                peak,
+            },
+            deadline,
+        }
+    }
 }
 
 impl WasiView for Host {
