@@ -185,8 +185,10 @@ fn find<'a, 'p, T>(
     pick(&node.wildcard, method, allowed).map(|e| (e, Some(segments.join("/"))))
 }
 
-/// Decodes `%XX` escapes of a path segment (invalid escapes stay as they are).
-fn percent_decode(text: &str) -> String {
+/// Decodes the `%XX` escapes of a URL path or path segment (invalid
+/// escapes stay as they are; `+` is itself). A query value decodes the
+/// same once its `+`s are spaces.
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -220,6 +222,15 @@ mod tests {
                 .map(|m| Method::try_from(m.to_string()).unwrap())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn percent_escapes_decode_and_invalid_ones_stay() {
+        assert_eq!(percent_decode("a%20b%2Fc"), "a b/c");
+        assert_eq!(percent_decode("caf%C3%A9+x"), "café+x");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41%"), "A%");
     }
 
     fn router() -> Router<&'static str> {

@@ -527,41 +527,10 @@ pub(crate) fn query_value(req: &hyper::Request<Incoming>, key: &str) -> Option<S
     query_param(req, key).map(percent_decode)
 }
 
-/// Decodes `%XX` escapes of a query value (invalid ones stay as written).
+/// Decodes `%XX` escapes of a query value, where `+` is a space (invalid
+/// escapes stay as written).
 fn percent_decode(text: &str) -> String {
-    decode(text, true)
-}
-
-/// Decodes `%XX` escapes of a path, where `+` is itself.
-pub(crate) fn percent_decode_path(text: &str) -> String {
-    decode(text, false)
-}
-
-fn decode(text: &str, plus_is_space: bool) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', _) if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    nimbus_gateway::router::percent_decode(&text.replace('+', " "))
 }
 
 /// The `limit` query parameter: 100 when absent, else 1 to `max`.

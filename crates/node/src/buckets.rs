@@ -88,7 +88,7 @@ pub async fn handle(
             ),
         };
     }
-    let key = match crate::admin::percent_decode_path(&raw).parse::<ObjectKey>() {
+    let key = match nimbus_gateway::router::percent_decode(&raw).parse::<ObjectKey>() {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_key", e.to_string()),
     };
