@@ -183,6 +183,10 @@ def throughput(broker, count, work, mqtt=None):
 
 class Recorder(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
+    # The default backlog of 5 overflows when many deliveries connect at
+    # once; a dropped SYN is retried a second later, which would be
+    # measured as a second of delivery latency.
+    request_queue_size = 1024
 
 
 def latency(broker, count, rate, work, mqtt=None):
