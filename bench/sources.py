@@ -11,10 +11,8 @@ queues for a session). `--brokers` runs some of them. Run through bench/run-sour
 Results: bench/results/sources.md and bench/results/sources.json.
 """
 import argparse
-import http.server
 import json
 import os
-import socketserver
 import subprocess
 import tempfile
 import threading
@@ -181,23 +179,25 @@ def throughput(broker, count, work, mqtt=None):
     return base, count / (end - start)
 
 
-class Recorder(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    # The default backlog of 5 overflows when many deliveries connect at
-    # once; a dropped SYN is retried a second later, which would be
-    # measured as a second of delivery latency.
-    request_queue_size = 1024
+class Recorder:
+    """The HTTP server the latency function reports to (`source-peer
+    record`, in Rust, so a report costs the function little time of its
+    own): keeps, per request, the time since the publish time its message
+    carries."""
 
+    def __init__(self):
+        self.seen = []
+        self.proc = subprocess.Popen([str(PEER), "record"], stdout=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline().split()
+        if first[:1] != ["port"]:
+            raise RuntimeError(f"source-peer record did not start: {first}")
+        self.port = int(first[1])
+        threading.Thread(target=self._read, daemon=True).start()
 
-def latency(broker, count, rate, work, mqtt=None):
-    """Publish-to-function latency: the function reports each message to a
-    recorder at its start; the message carries its publish time."""
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            now = time.time_ns()
-            q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+    def _read(self):
+        for line in self.proc.stdout:
+            at, _, target = line.rstrip("\n").partition(" ")
+            q = urllib.parse.parse_qs(urllib.parse.urlparse(target).query)
             try:
                 body = json.loads(q["body"][0])
                 # A Redis entry arrives as its fields: {"body": "..."};
@@ -206,20 +206,21 @@ def latency(broker, count, rate, work, mqtt=None):
                     body = json.loads(body["new"]["body"])
                 elif "t" not in body:
                     body = json.loads(body["body"])
-                t = body["t"]
-                seen.append((now - t) / 1e6)
-            except (KeyError, ValueError):
+                self.seen.append((int(at) - body["t"]) / 1e6)
+            except (KeyError, ValueError, TypeError):
                 pass
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
 
-        def log_message(self, *args):
-            pass
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
 
-    server = Recorder(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+def latency(broker, count, rate, work, mqtt=None):
+    """Publish-to-function latency: the function reports each message to a
+    recorder at its start; the message carries its publish time."""
+    server = Recorder()
+    seen = server.seen
+    url = f"http://127.0.0.1:{server.port}"
     name = f"BENCH_LAT_{time.time_ns()}"
     env = f'env = {{ ACTION = "relay", RECORDER = "{url}" }}\nallowed_outbound_hosts = ["{url}"]\n'
     node = SourceNode(work / f"lat-{broker}")
@@ -248,7 +249,7 @@ def latency(broker, count, rate, work, mqtt=None):
         node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
     finally:
         node.stop()
-        server.shutdown()
+        server.stop()
         if broker == "postgres":
             drop_tables(name)
     if not seen:

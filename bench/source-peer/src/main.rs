@@ -11,11 +11,15 @@
 //!   source-peer setup jetstream URL STREAM SUBJECTS
 //!   source-peer setup amqp URL QUEUE
 //!   source-peer setup postgres URL TABLE
+//!   source-peer record
 //!
 //! For PostgreSQL, TABLE also names the publication and the slot that
 //! `setup` creates (Nimbus, given `slot = TABLE`, reuses them); each row is
 //! inserted in a transaction of its own, and `drain` streams the slot and
 //! confirms each transaction, then drops the slot and the publication.
+//!
+//! `record` serves the reports of the latency benchmark's function until
+//! it is killed (see [`record`]).
 //!
 //! A message's body is `{"t":<publish time, ns since the epoch>,"i":<n>}`.
 //! RATE 0 publishes as fast as the broker takes them. Results are printed
@@ -262,6 +266,67 @@ async fn drain_postgres(url: &str, table: &str, count: usize) -> Result<f64, Err
     Ok(rate)
 }
 
+/// The HTTP server a latency function reports to: prints `port <n>`, then
+/// one line per request, `<unix ns at its arrival> <request target>`, and
+/// answers 200 with no body (keep-alive). Written in Rust with the rest of
+/// the peer so that the recorder costs the function little time of its own:
+/// a function delivered in order waits for its report's answer.
+async fn record() -> Result<(), Error> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("port {}", listener.local_addr()?.port());
+    let (lines, out) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        while let Ok(line) = out.recv() {
+            if stdout.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        let (socket, _) = listener.accept().await?;
+        let _ = socket.set_nodelay(true);
+        let lines = lines.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = socket.into_split();
+            let mut read = BufReader::new(read);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+                // The head ends with an empty line; the reports carry no body.
+                let mut header = String::new();
+                loop {
+                    header.clear();
+                    if read.read_line(&mut header).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if header.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                let _ = lines.send(format!("{at} {target}\n"));
+                if write
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -326,6 +391,7 @@ async fn main() -> Result<(), Error> {
             c.declare_queue(queue).await?;
             Ok(())
         }
+        ["record"] => record().await,
         _ => Err("usage: see the top of bench/source-peer/src/main.rs".into()),
     }
 }
