@@ -109,9 +109,75 @@ fn parse_headers(block: &[u8]) -> Result<HeaderBlock, SourceError> {
 type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::Sender<Msg>>>>;
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Msg>>>>;
 
+/// The connection's sending half. Concurrent sends are gathered: each
+/// appends its bytes to a queue, and whoever then holds the socket writes
+/// everything queued in one system call, so a busy consumer's
+/// acknowledgements leave in batches instead of one write each. A send
+/// returns once its own bytes were written, or with the error of the write
+/// that carried them.
+struct Writer {
+    socket: tokio::sync::Mutex<OwnedWriteHalf>,
+    queue: Mutex<Queued>,
+}
+
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    /// Sends queued so far, and how many of them are written.
+    appended: u64,
+    written: u64,
+    /// Why the connection's last write failed.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn new(socket: OwnedWriteHalf) -> Self {
+        Self {
+            socket: tokio::sync::Mutex::new(socket),
+            queue: Mutex::new(Queued::default()),
+        }
+    }
+
+    async fn send(&self, bytes: &[u8]) -> Result<(), SourceError> {
+        let poisoned = || SourceError::Disconnected("the connection's writer failed".into());
+        let mine = {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            q.bytes.extend_from_slice(bytes);
+            q.appended += 1;
+            q.appended
+        };
+        // Let the other ready tasks queue theirs first: a consumer's
+        // acknowledgements then share a write.
+        tokio::task::yield_now().await;
+        let mut socket = self.socket.lock().await;
+        let (batch, upto) = {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            if q.written >= mine {
+                return Ok(());
+            }
+            if let Some(why) = &q.failed {
+                return Err(SourceError::Disconnected(why.clone()));
+            }
+            (std::mem::take(&mut q.bytes), q.appended)
+        };
+        let result = socket.write_all(&batch).await;
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        match result {
+            Ok(()) => {
+                q.written = upto;
+                Ok(())
+            }
+            Err(e) => {
+                q.failed = Some(e.to_string());
+                Err(SourceError::Disconnected(e.to_string()))
+            }
+        }
+    }
+}
+
 /// A connected client. Dropping it closes the connection.
 pub struct Client {
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<Writer>,
     subs: Subscriptions,
     pending: Pending,
     next: AtomicU64,
@@ -210,7 +276,7 @@ impl Client {
             tokio::time::timeout(CONNECT_TIMEOUT, handshake)
                 .await
                 .map_err(|_| SourceError::Unreachable(format!("{addr} (timed out)")))??;
-        let writer = Arc::new(tokio::sync::Mutex::new(write));
+        let writer = Arc::new(Writer::new(write));
         let subs: Subscriptions = Default::default();
         let pending: Pending = Default::default();
         let closed: Arc<Mutex<Option<String>>> = Default::default();
@@ -258,12 +324,7 @@ impl Client {
     }
 
     async fn send(&self, bytes: Vec<u8>) -> Result<(), SourceError> {
-        self.writer
-            .lock()
-            .await
-            .write_all(&bytes)
-            .await
-            .map_err(|e| SourceError::Disconnected(e.to_string()))
+        self.writer.send(&bytes).await
     }
 
     /// A subject under this client's inbox, for replies.
@@ -425,7 +486,7 @@ fn parse_msg_line(line: &str) -> Result<(String, u64, Option<String>, usize, usi
 
 async fn read_loop(
     mut read: BufReader<OwnedReadHalf>,
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<Writer>,
     subs: Subscriptions,
     pending: Pending,
     closed: Arc<Mutex<Option<String>>>,
@@ -463,12 +524,7 @@ async fn read_loop(
                     let _ = tx.send(msg).await;
                 }
             } else if line == "PING" {
-                writer
-                    .lock()
-                    .await
-                    .write_all(b"PONG\r\n")
-                    .await
-                    .map_err(|e| SourceError::Disconnected(e.to_string()))?;
+                writer.send(b"PONG\r\n").await?;
             } else if let Some(err) = line.strip_prefix("-ERR") {
                 let err = err.trim().trim_matches('\'').to_owned();
                 // Errors that close the connection end it; the rest (such as
@@ -502,6 +558,47 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent sends share writes, yet each one's bytes arrive whole
+    /// and once; after the peer is gone a send says so.
+    #[tokio::test]
+    async fn gathered_sends_arrive_whole_and_failures_are_reported() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_read, write) = client.unwrap().into_split();
+        let (mut peer, _) = server.unwrap();
+        let writer = Arc::new(Writer::new(write));
+        let sends: Vec<_> = (0..200)
+            .map(|i| {
+                let writer = writer.clone();
+                tokio::spawn(async move { writer.send(format!("<{i:03}>").as_bytes()).await })
+            })
+            .collect();
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+        let mut got = vec![0u8; 200 * 5];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
+            .await
+            .expect("every send's bytes arrive")
+            .unwrap();
+        let mut seen: Vec<&[u8]> = got.chunks(5).collect();
+        seen.sort();
+        let want: Vec<String> = (0..200).map(|i| format!("<{i:03}>")).collect();
+        assert_eq!(seen, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
+
+        drop(peer);
+        let mut failed = false;
+        for _ in 0..50 {
+            if writer.send(&[b'x'; 4096]).await.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(failed, "sends to a closed peer kept succeeding");
+    }
 
     #[test]
     fn urls_parse() {
