@@ -140,11 +140,10 @@ pub(crate) fn decide(
     Decision::Retry { at }
 }
 
-/// A uniformly random number in [0, 1) for backoff jitter.
+/// A uniformly random number in [0, 1) for backoff jitter (from the
+/// thread's id generator: a decision costs no system call).
 fn jitter() -> f64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+    (nimbus_telemetry::trace::next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// RFC 3339 time of `ms` since the epoch.
@@ -680,11 +679,13 @@ fn build_request(
                 .boxed_unsync(),
         )
         .map_err(|e| format!("stored request is invalid: {e}"))?;
+    let cloudevent = cloudevent_headers(c, n);
     let headers = request.headers_mut();
-    for (k, v) in c.headers.iter().cloned().chain(cloudevent_headers(c, n)) {
+    headers.reserve(c.headers.len() + cloudevent.len() + 1);
+    for (k, v) in c.headers.iter().chain(&cloudevent) {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(&v),
+            HeaderValue::from_str(v),
         ) {
             if k.as_str().starts_with("ce-") || k.as_str().starts_with("nimbus-") {
                 headers.insert(k, v);

@@ -37,9 +37,11 @@ fn seed() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The next 64 random bits (splitmix64 over the thread's state): ids need
-/// to be unique and unpredictable enough to sample on, not secret.
-fn next_u64() -> u64 {
+/// The next 64 random bits (splitmix64 over the thread's state, seeded
+/// once from the operating system): for ids, which need to be unique and
+/// unpredictable enough to sample on, and for backoff jitter; never for
+/// secrets.
+pub fn next_u64() -> u64 {
     IDS.with(|state| {
         let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
         state.set(s);
