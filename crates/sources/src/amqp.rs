@@ -15,14 +15,14 @@
 //! one channel, queue declare / delete, basic.qos / consume / publish /
 //! ack / reject.
 
-use crate::wire::{Cursor, Url, decode};
+use crate::wire::{Cursor, Url, Writer, decode};
 use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::Amqp;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Mutex, mpsc};
 
 /// Longest a connection attempt (and the negotiation) may take.
@@ -292,7 +292,7 @@ fn close_reason(args: &[u8]) -> String {
 
 /// An open connection with one channel.
 pub struct Client {
-    write: Arc<Mutex<OwnedWriteHalf>>,
+    write: Arc<Writer>,
     replies: Mutex<mpsc::Receiver<Result<MethodFrame, SourceError>>>,
     deliveries: Mutex<Option<mpsc::Receiver<Delivery>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -430,7 +430,7 @@ impl Client {
             .map_err(io)?;
         expect(read_frame(&mut read).await?, 20, 11)?;
 
-        let write = Arc::new(Mutex::new(write));
+        let write = Arc::new(Writer::new(write));
         let (reply_tx, replies) = mpsc::channel(16);
         let (delivery_tx, deliveries) = mpsc::channel(1024);
         let reader = tokio::spawn(read_loop(read, write.clone(), reply_tx, delivery_tx));
@@ -440,13 +440,7 @@ impl Client {
                 let mut every = tokio::time::interval(HEARTBEAT / 2);
                 loop {
                     every.tick().await;
-                    if write
-                        .lock()
-                        .await
-                        .write_all(&frame(8, 0, &[]))
-                        .await
-                        .is_err()
-                    {
+                    if write.send(&frame(8, 0, &[])).await.is_err() {
                         return;
                     }
                 }
@@ -461,12 +455,7 @@ impl Client {
     }
 
     async fn send(&self, bytes: Vec<u8>) -> Result<(), SourceError> {
-        self.write
-            .lock()
-            .await
-            .write_all(&bytes)
-            .await
-            .map_err(|e| SourceError::Disconnected(e.to_string()))
+        self.write.send(&bytes).await
     }
 
     /// Sends a method and waits for the broker's answer, which must be
@@ -578,7 +567,7 @@ impl Client {
 
 async fn read_loop(
     mut read: BufReader<OwnedReadHalf>,
-    write: Arc<Mutex<OwnedWriteHalf>>,
+    write: Arc<Writer>,
     replies: mpsc::Sender<Result<MethodFrame, SourceError>>,
     deliveries: mpsc::Sender<Delivery>,
 ) {
@@ -619,9 +608,7 @@ async fn read_loop(
                             let reason = close_reason(&payload[4..]);
                             let ok = if class == 10 { (10, 51) } else { (20, 41) };
                             let _ = write
-                                .lock()
-                                .await
-                                .write_all(&method(channel, ok.0, ok.1, Args::default()))
+                                .send(&method(channel, ok.0, ok.1, Args::default()))
                                 .await;
                             let e = if reason.starts_with("404") {
                                 SourceError::Config(reason)

@@ -558,17 +558,10 @@ impl MqttSource {
         slots: &Arc<Semaphore>,
     ) -> Result<(), SourceError> {
         let (mut read, write) = open(&self.target, self.session_of(false)).await?;
-        let write = Arc::new(tokio::sync::Mutex::new(write));
+        let write = Arc::new(crate::wire::Writer::new(write));
         let send = move |bytes: Vec<u8>| {
             let write = write.clone();
-            async move {
-                write
-                    .lock()
-                    .await
-                    .write_all(&bytes)
-                    .await
-                    .map_err(|e| SourceError::Disconnected(e.to_string()))
-            }
+            async move { write.send(&bytes).await }
         };
         send(subscribe_packet(1, &self.topics, self.qos, self.version)).await?;
         // The broker took the session: what it queued meanwhile arrives now,
@@ -654,13 +647,14 @@ impl MqttSource {
                             return;
                         }
                         let ready = acks.lock().map(|mut a| a.done(id)).unwrap_or_default();
-                        for id in ready {
-                            if let Err(e) = send(puback_packet(id)).await {
-                                // Sent again by the broker on reconnection.
-                                tracing::warn!(function = %function, error = %e, "could not acknowledge an mqtt message");
-                                let _ = abandon.try_send(());
-                                return;
-                            }
+                        if ready.is_empty() {
+                            return;
+                        }
+                        let pubacks = ready.into_iter().flat_map(puback_packet).collect();
+                        if let Err(e) = send(pubacks).await {
+                            // Sent again by the broker on reconnection.
+                            tracing::warn!(function = %function, error = %e, "could not acknowledge an mqtt message");
+                            let _ = abandon.try_send(());
                         }
                     });
                 }

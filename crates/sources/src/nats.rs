@@ -7,14 +7,14 @@
 //! slow consumer pushes back on the server instead of growing memory.
 
 use crate::SourceError;
-use crate::wire::{Url, bad_url};
+use crate::wire::{Url, Writer, bad_url};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest a connection attempt (and the handshake) may take.
@@ -108,72 +108,6 @@ fn parse_headers(block: &[u8]) -> Result<HeaderBlock, SourceError> {
 
 type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::Sender<Msg>>>>;
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Msg>>>>;
-
-/// The connection's sending half. Concurrent sends are gathered: each
-/// appends its bytes to a queue, and whoever then holds the socket writes
-/// everything queued in one system call, so a busy consumer's
-/// acknowledgements leave in batches instead of one write each. A send
-/// returns once its own bytes were written, or with the error of the write
-/// that carried them.
-struct Writer {
-    socket: tokio::sync::Mutex<OwnedWriteHalf>,
-    queue: Mutex<Queued>,
-}
-
-#[derive(Default)]
-struct Queued {
-    bytes: Vec<u8>,
-    /// Sends queued so far, and how many of them are written.
-    appended: u64,
-    written: u64,
-    /// Why the connection's last write failed.
-    failed: Option<String>,
-}
-
-impl Writer {
-    fn new(socket: OwnedWriteHalf) -> Self {
-        Self {
-            socket: tokio::sync::Mutex::new(socket),
-            queue: Mutex::new(Queued::default()),
-        }
-    }
-
-    async fn send(&self, bytes: &[u8]) -> Result<(), SourceError> {
-        let poisoned = || SourceError::Disconnected("the connection's writer failed".into());
-        let mine = {
-            let mut q = self.queue.lock().map_err(|_| poisoned())?;
-            q.bytes.extend_from_slice(bytes);
-            q.appended += 1;
-            q.appended
-        };
-        // Let the other ready tasks queue theirs first: a consumer's
-        // acknowledgements then share a write.
-        tokio::task::yield_now().await;
-        let mut socket = self.socket.lock().await;
-        let (batch, upto) = {
-            let mut q = self.queue.lock().map_err(|_| poisoned())?;
-            if q.written >= mine {
-                return Ok(());
-            }
-            if let Some(why) = &q.failed {
-                return Err(SourceError::Disconnected(why.clone()));
-            }
-            (std::mem::take(&mut q.bytes), q.appended)
-        };
-        let result = socket.write_all(&batch).await;
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        match result {
-            Ok(()) => {
-                q.written = upto;
-                Ok(())
-            }
-            Err(e) => {
-                q.failed = Some(e.to_string());
-                Err(SourceError::Disconnected(e.to_string()))
-            }
-        }
-    }
-}
 
 /// A connected client. Dropping it closes the connection.
 pub struct Client {
@@ -558,47 +492,6 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Concurrent sends share writes, yet each one's bytes arrive whole
-    /// and once; after the peer is gone a send says so.
-    #[tokio::test]
-    async fn gathered_sends_arrive_whole_and_failures_are_reported() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (_read, write) = client.unwrap().into_split();
-        let (mut peer, _) = server.unwrap();
-        let writer = Arc::new(Writer::new(write));
-        let sends: Vec<_> = (0..200)
-            .map(|i| {
-                let writer = writer.clone();
-                tokio::spawn(async move { writer.send(format!("<{i:03}>").as_bytes()).await })
-            })
-            .collect();
-        for s in sends {
-            s.await.unwrap().unwrap();
-        }
-        let mut got = vec![0u8; 200 * 5];
-        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
-            .await
-            .expect("every send's bytes arrive")
-            .unwrap();
-        let mut seen: Vec<&[u8]> = got.chunks(5).collect();
-        seen.sort();
-        let want: Vec<String> = (0..200).map(|i| format!("<{i:03}>")).collect();
-        assert_eq!(seen, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
-
-        drop(peer);
-        let mut failed = false;
-        for _ in 0..50 {
-            if writer.send(&[b'x'; 4096]).await.is_err() {
-                failed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(failed, "sends to a closed peer kept succeeding");
-    }
 
     #[test]
     fn urls_parse() {

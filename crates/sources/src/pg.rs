@@ -430,18 +430,13 @@ pub struct ReplicationStream {
 /// the server hears from the client while a change is being handled.
 #[derive(Clone)]
 pub struct Feedback {
-    writer: std::sync::Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    writer: std::sync::Arc<crate::wire::Writer>,
 }
 
 impl Feedback {
     /// Confirms everything up to `lsn`.
     pub async fn confirm(&self, lsn: u64) -> Result<(), SourceError> {
-        self.writer
-            .lock()
-            .await
-            .write_all(&status_update(lsn))
-            .await
-            .map_err(|e| SourceError::Disconnected(e.to_string()))
+        self.writer.send(&status_update(lsn)).await
     }
 }
 
@@ -482,7 +477,7 @@ impl Conn {
                 reader: BufReader::new(std::io::Cursor::new(buffered).chain(read)),
             },
             Feedback {
-                writer: std::sync::Arc::new(tokio::sync::Mutex::new(write)),
+                writer: std::sync::Arc::new(crate::wire::Writer::new(write)),
             },
         ))
     }
