@@ -337,6 +337,94 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
     conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
 }
 
+/// With `concurrency` above 1, changes run at once (order is given up for
+/// throughput), and the slot still moves past every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_run_at_once_when_concurrency_allows() {
+    const ROWS: usize = 20;
+    let Some(mut conn) = pg().await else {
+        return;
+    };
+    let table = unique("cdc_wide", "_");
+    let slot = unique("nimbus_t", "_");
+    let _cleanup = SlotCleanup(slot.clone());
+    conn.execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    // Each report is answered only once four are in at the same time:
+    // changes delivered one at a time would each wait alone.
+    let source = format!("tables = [\"{table}\"]\nslot = \"{slot}\"\nconcurrency = 4");
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &g.testbed,
+            &consumer(&recorder, &source, "hold=4", ""),
+        )],
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be created",
+        || async {
+            let mut c = connect().await;
+            slot_exists(&mut c, &slot).await.then_some(())
+        },
+    )
+    .await;
+    conn.execute(&format!(
+        "INSERT INTO {table} SELECT generate_series(1, {ROWS})"
+    ))
+    .await
+    .unwrap();
+    let end = conn.execute("SELECT pg_current_wal_lsn()").await.unwrap()[0][0]
+        .clone()
+        .unwrap();
+    eventually(Duration::from_secs(60), "every change to run", || async {
+        (recorder.hits().len() >= ROWS).then_some(())
+    })
+    .await;
+    let hits = recorder.hits();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
+    assert_eq!((distinct, duplicates), (ROWS, 0));
+    let alone: Vec<_> = hits
+        .iter()
+        .filter(|h| h.get("held") != "together")
+        .map(|h| h.get("ce-id").to_owned())
+        .collect();
+    assert!(alone.is_empty(), "changes that ran alone: {alone:?}");
+    // Confirmed past the transaction once all of its changes are done.
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be confirmed past the changes",
+        || async {
+            let mut c = connect().await;
+            let past = c
+                .execute(&format!(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}' \
+                     AND confirmed_flush_lsn >= '{end}'::pg_lsn"
+                ))
+                .await
+                .unwrap();
+            (!past.is_empty()).then_some(())
+        },
+    )
+    .await;
+    node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
+    eventually(
+        Duration::from_secs(20),
+        "the slot to be dropped",
+        || async {
+            let mut c = connect().await;
+            (!slot_exists(&mut c, &slot).await).then_some(())
+        },
+    )
+    .await;
+    conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
+}
+
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A PostgreSQL server of the test's own (the machine's is shared), with

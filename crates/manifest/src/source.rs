@@ -474,7 +474,8 @@ impl Format {
 #[serde(try_from = "RawSource", into = "RawSource")]
 pub struct Source {
     pub kind: SourceKind,
-    /// Messages in flight at once (default 4; 1 keeps the stream's order).
+    /// Messages in flight at once (default 4, and 1 for PostgreSQL, whose
+    /// changes then keep commit order; 1 keeps any source's order).
     pub concurrency: u32,
     /// Messages fetched per read (default 16).
     pub batch: u32,
@@ -485,16 +486,22 @@ pub struct Source {
 struct RawSource {
     #[serde(flatten)]
     kind: SourceKind,
-    #[serde(default = "default_concurrency")]
-    concurrency: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<u32>,
     #[serde(default, skip_serializing_if = "Format::is_default")]
     format: Format,
 }
 
-fn default_concurrency() -> u32 {
-    4
+/// Messages in flight when the manifest does not say: a change stream is
+/// delivered in commit order unless asked otherwise; other brokers run a
+/// few at once.
+fn default_concurrency(kind: &SourceKind) -> u32 {
+    match kind {
+        SourceKind::Postgres(_) => 1,
+        _ => 4,
+    }
 }
 /// Messages fetched per read when the manifest does not say: JetStream
 /// pulls in larger batches (NATS's own clients pull 500 at a time), which
@@ -509,10 +516,12 @@ fn default_batch(kind: &SourceKind) -> u32 {
 impl TryFrom<RawSource> for Source {
     type Error = String;
     fn try_from(r: RawSource) -> Result<Self, String> {
-        if r.concurrency == 0 || r.concurrency > MAX_SOURCE_CONCURRENCY {
+        let concurrency = r
+            .concurrency
+            .unwrap_or_else(|| default_concurrency(&r.kind));
+        if concurrency == 0 || concurrency > MAX_SOURCE_CONCURRENCY {
             return Err(format!(
-                "invalid source concurrency {}: use 1 to {MAX_SOURCE_CONCURRENCY}",
-                r.concurrency
+                "invalid source concurrency {concurrency}: use 1 to {MAX_SOURCE_CONCURRENCY}"
             ));
         }
         let batch = r.batch.unwrap_or_else(|| default_batch(&r.kind));
@@ -530,7 +539,7 @@ impl TryFrom<RawSource> for Source {
         }
         Ok(Self {
             kind: r.kind,
-            concurrency: r.concurrency,
+            concurrency,
             batch,
             format: r.format,
         })
@@ -541,7 +550,7 @@ impl From<Source> for RawSource {
     fn from(s: Source) -> Self {
         Self {
             kind: s.kind,
-            concurrency: s.concurrency,
+            concurrency: Some(s.concurrency),
             batch: Some(s.batch),
             format: s.format,
         }
@@ -698,10 +707,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.key(), "postgres:postgres://app:***@h/shop");
+        // A change stream keeps commit order unless asked for more at once.
+        assert_eq!(p.concurrency, 1);
+        let q: Source = toml::from_str(
+            "type = \"postgres\"\nurl = \"postgres://h/db\"\ntables = [\"t\"]\nconcurrency = 8",
+        )
+        .unwrap();
+        assert_eq!(q.concurrency, 8);
+        assert_eq!(
+            serde_json::from_str::<Source>(&serde_json::to_string(&q).unwrap()).unwrap(),
+            q
+        );
         let a: Source =
             toml::from_str("type = \"amqp\"\nurl = \"amqp://guest:guest@h/\"\nqueue = \"jobs\"")
                 .unwrap();
         assert_eq!(a.key(), "amqp:amqp://guest:***@h/:jobs");
+        assert_eq!(a.concurrency, 4);
         for bad in [
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a..b\"",
             "type = \"nats\"\nurl = \"nats://h\"\nsubject = \"a.>.b\"",

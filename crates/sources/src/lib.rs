@@ -228,6 +228,7 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             function,
             &url(&s.url)?,
             s,
+            source.concurrency,
         )?)),
         SourceKind::JetStream(s) => Ok(Arc::new(jetstream::JetStreamSource::new(
             function,

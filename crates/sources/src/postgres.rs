@@ -7,22 +7,25 @@
 //! hold WAL. The consumer streams the slot over the replication protocol
 //! (`START_REPLICATION`), so a change reaches the function as soon as its
 //! transaction commits. pgoutput sends only committed transactions, so the
-//! consumer delivers each row change as it reads it, one at a time in commit
-//! order, and holds no more than one change in memory however large the
-//! transaction (the socket's flow control holds PostgreSQL back meanwhile).
-//! Only after every change of the transaction succeeded (or was
-//! dead-lettered) does it confirm the slot past the commit. A crash in
-//! between streams the transaction again: at least once, nothing lost.
+//! consumer delivers each row change as it reads it: with concurrency 1
+//! (the default) one at a time in commit order, otherwise up to
+//! `concurrency` at once. It holds no more changes in memory than it runs,
+//! however large the transaction (the socket's flow control holds
+//! PostgreSQL back meanwhile). Only after every change of a transaction,
+//! and of every transaction before it, succeeded (or was dead-lettered)
+//! does it confirm the slot past the commit. A crash in between streams the
+//! transaction again: at least once, nothing lost.
 
 use crate::pg::{Conn, Replicated, Target, ident, literal};
 use crate::wire::Cursor;
 use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, Verdict};
 use nimbus_manifest::{Operation, Postgres};
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
 
 /// How often the consumer tells PostgreSQL how far it got, at the least
 /// (PostgreSQL ends a silent stream after `wal_sender_timeout`, 60 s by
@@ -30,6 +33,73 @@ use std::time::Duration;
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Wait before offering a change again that the node did not take.
 const NOT_TAKEN_DELAY: Duration = Duration::from_secs(1);
+
+/// How far the transactions read so far are handled. The slot may be
+/// confirmed past a commit only once every change of that transaction and
+/// of every one before it is handled: with changes running at once, a
+/// later transaction can finish first.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Transactions not yet confirmable, oldest first: the end of the
+    /// commit record once it was read, and the changes still running.
+    open: VecDeque<(Option<u64>, usize)>,
+    /// The number of the transaction at the front of `open`.
+    first: u64,
+}
+
+impl Progress {
+    /// A transaction begins; returns its number.
+    fn begin(&mut self) -> u64 {
+        self.open.push_back((None, 0));
+        self.first + self.open.len() as u64 - 1
+    }
+
+    fn entry(&mut self, txn: u64) -> Option<&mut (Option<u64>, usize)> {
+        let at = usize::try_from(txn.checked_sub(self.first)?).ok()?;
+        self.open.get_mut(at)
+    }
+
+    /// One change of transaction `txn` starts running.
+    fn started(&mut self, txn: u64) {
+        if let Some(t) = self.entry(txn) {
+            t.1 += 1;
+        }
+    }
+
+    /// One change of `txn` is handled; returns how far the slot may now be
+    /// confirmed, if that moved.
+    fn finished(&mut self, txn: u64) -> Option<u64> {
+        if let Some(t) = self.entry(txn) {
+            t.1 = t.1.saturating_sub(1);
+        }
+        self.settle()
+    }
+
+    /// The commit record of `txn` was read, ending at `end_lsn`.
+    fn committed(&mut self, txn: u64, end_lsn: u64) -> Option<u64> {
+        if let Some(t) = self.entry(txn) {
+            t.0 = Some(end_lsn);
+        }
+        self.settle()
+    }
+
+    /// Drops the handled transactions at the front; returns the end of the
+    /// last one dropped.
+    fn settle(&mut self) -> Option<u64> {
+        let mut upto = None;
+        while let Some(&(Some(end), 0)) = self.open.front() {
+            self.open.pop_front();
+            self.first += 1;
+            upto = Some(end);
+        }
+        upto
+    }
+
+    /// Whether everything read so far is handled.
+    fn idle(&self) -> bool {
+        self.open.is_empty()
+    }
+}
 
 /// One decoded pgoutput message.
 #[derive(Debug, PartialEq)]
@@ -255,10 +325,16 @@ pub struct PostgresSource {
     tables: Vec<(String, String)>,
     operations: Vec<Operation>,
     slot: String,
+    concurrency: u32,
 }
 
 impl PostgresSource {
-    pub fn new(function: &str, url: &str, config: &Postgres) -> Result<Self, SourceError> {
+    pub fn new(
+        function: &str,
+        url: &str,
+        config: &Postgres,
+        concurrency: u32,
+    ) -> Result<Self, SourceError> {
         let target = Target::parse(url)?;
         let tables = config
             .tables
@@ -277,6 +353,7 @@ impl PostgresSource {
             tables,
             operations: config.operations.clone(),
             slot,
+            concurrency: concurrency.max(1),
         })
     }
 
@@ -410,8 +487,8 @@ impl PostgresSource {
     }
 
     /// One connected session: streams the slot and delivers each
-    /// transaction's changes in order once it has committed; returns only
-    /// on an error.
+    /// transaction's changes once it has committed (in order with one slot
+    /// of concurrency); returns only on an error.
     async fn session(
         &self,
         deliver: &Arc<dyn Deliver>,
@@ -424,16 +501,22 @@ impl PostgresSource {
         let conn = Conn::connect_replication(&self.target).await?;
         let (mut stream, feedback) = conn.start_replication(&self.slot, &self.slot).await?;
         status.healthy();
-        // How far every change is handled; the server hears it at least
-        // every STATUS_INTERVAL, also while a function runs (or PostgreSQL
-        // would end the stream after its wal_sender_timeout).
+        // How far every change is handled. The server hears it as soon as
+        // it moves (confirmations in quick succession share one message)
+        // and at least every STATUS_INTERVAL, also while a function runs
+        // (or PostgreSQL would end the stream after its
+        // wal_sender_timeout).
         let confirmed = Arc::new(AtomicU64::new(0));
-        let ticker = {
-            let (feedback, confirmed) = (feedback.clone(), confirmed.clone());
+        let moved = Arc::new(Notify::new());
+        let confirmer = {
+            let (feedback, confirmed, moved) = (feedback.clone(), confirmed.clone(), moved.clone());
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(STATUS_INTERVAL);
                 loop {
-                    every.tick().await;
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = moved.notified() => {}
+                    }
                     if feedback
                         .confirm(confirmed.load(Ordering::Acquire))
                         .await
@@ -444,23 +527,33 @@ impl PostgresSource {
                 }
             })
         };
-        let _ticker = crate::wire::AbortOnDrop(ticker);
+        let _confirmer = crate::wire::AbortOnDrop(confirmer);
+        let advance = {
+            let moved = moved.clone();
+            move |upto: Option<u64>| {
+                if let Some(lsn) = upto {
+                    confirmed.fetch_max(lsn, Ordering::AcqRel);
+                    moved.notify_one();
+                }
+            }
+        };
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let running = Arc::new(Semaphore::new(self.concurrency as usize));
         let mut relations: HashMap<u32, Relation> = HashMap::new();
-        // The transaction being read: its id, its commit's LSN and the
-        // index of its next change.
-        let (mut xid, mut commit_lsn, mut index) = (0, 0, 0);
-        let mut in_transaction = false;
+        // The transaction being read: its number in `progress`, its id, its
+        // commit's LSN and the index of its next change.
+        let (mut txn, mut xid, mut commit_lsn, mut index) = (0, 0, 0, 0);
         loop {
             let data = match stream.next().await? {
                 Replicated::Keepalive { wal_end, reply } => {
-                    // Between transactions everything sent so far is
-                    // handled: confirming it lets PostgreSQL recycle WAL
+                    // With every change read so far handled, everything
+                    // sent is: confirming it lets PostgreSQL recycle WAL
                     // that held only other tables' changes.
-                    if !in_transaction {
-                        confirmed.fetch_max(wal_end, Ordering::AcqRel);
-                    }
-                    if reply {
-                        feedback.confirm(confirmed.load(Ordering::Acquire)).await?;
+                    let idle = progress.lock().map(|p| p.idle()).unwrap_or(false);
+                    if idle {
+                        advance(Some(wal_end));
+                    } else if reply {
+                        moved.notify_one();
                     }
                     continue;
                 }
@@ -473,7 +566,7 @@ impl PostgresSource {
                     xid: x,
                 } => {
                     (xid, commit_lsn, index) = (x, at, 0);
-                    in_transaction = true;
+                    txn = progress.lock().map(|mut p| p.begin()).unwrap_or(0);
                 }
                 Decoded::Relation(rel) => {
                     relations.insert(rel.id, rel);
@@ -498,21 +591,42 @@ impl PostgresSource {
                     };
                     let message = self.message(&change, index);
                     index += 1;
-                    loop {
-                        let verdict = deliver.deliver(message.clone()).await;
-                        status.counted(&verdict);
-                        if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
-                            break;
-                        }
-                        // Not taken (the function is not being served
-                        // right now): the order holds, so wait.
-                        tokio::time::sleep(NOT_TAKEN_DELAY).await;
+                    // Waiting here stops the reading: PostgreSQL holds what
+                    // the function cannot take yet. With one slot, a change
+                    // starts only once the one before it is handled.
+                    let slot = running
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SourceError::Disconnected("stopping".into()))?;
+                    if let Ok(mut p) = progress.lock() {
+                        p.started(txn);
                     }
+                    let (deliver, status, progress) =
+                        (deliver.clone(), status.clone(), progress.clone());
+                    let advance = advance.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            let verdict = deliver.deliver(message.clone()).await;
+                            status.counted(&verdict);
+                            if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
+                                break;
+                            }
+                            // Not taken (the function is not being served
+                            // right now): the order holds, so wait.
+                            tokio::time::sleep(NOT_TAKEN_DELAY).await;
+                        }
+                        advance(progress.lock().ok().and_then(|mut p| p.finished(txn)));
+                        drop(slot);
+                    });
                 }
                 Decoded::Commit { end_lsn } => {
-                    in_transaction = false;
-                    confirmed.fetch_max(end_lsn, Ordering::AcqRel);
-                    feedback.confirm(confirmed.load(Ordering::Acquire)).await?;
+                    advance(
+                        progress
+                            .lock()
+                            .ok()
+                            .and_then(|mut p| p.committed(txn, end_lsn)),
+                    );
                 }
                 Decoded::Other => {}
             }
@@ -580,6 +694,39 @@ impl EventSource for PostgresSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The slot moves past a commit only once that transaction and every
+    /// one before it are handled, whatever order their changes finish in.
+    #[test]
+    fn confirmation_waits_for_earlier_transactions() {
+        let mut p = Progress::default();
+        let a = p.begin();
+        p.started(a);
+        p.started(a);
+        assert_eq!(p.committed(a, 100), None, "two changes still running");
+        let b = p.begin();
+        p.started(b);
+        assert_eq!(p.committed(b, 200), None);
+        // The later transaction finishes first: nothing to confirm yet.
+        assert_eq!(p.finished(b), None);
+        assert_eq!(p.finished(a), None);
+        assert!(!p.idle());
+        // The last change of the first one releases both.
+        assert_eq!(p.finished(a), Some(200));
+        assert!(p.idle());
+        // A transaction with no delivered change (other tables, filtered
+        // operations) is confirmed at its commit.
+        let c = p.begin();
+        assert_eq!(p.committed(c, 300), Some(300));
+        // One still being read holds back nothing before it but itself.
+        let d = p.begin();
+        p.started(d);
+        assert_eq!(p.finished(d), None, "its commit has not been read");
+        assert_eq!(p.committed(d, 400), Some(400));
+        // Numbers of transactions already settled are ignored.
+        assert_eq!(p.finished(a), None);
+        assert!(p.idle());
+    }
 
     fn relation_message() -> Vec<u8> {
         let mut b = vec![b'R'];

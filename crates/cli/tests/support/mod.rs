@@ -309,15 +309,19 @@ impl Recorder {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let hits: std::sync::Arc<std::sync::Mutex<Vec<Hit>>> = Default::default();
         let shared = hits.clone();
+        // Reports that asked to be held, so far.
+        let held = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let hits = shared.clone();
+                let held = held.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let hits = hits.clone();
+                        let held = held.clone();
                         async move {
                             use http_body_util::BodyExt;
                             let path = req.uri().path().to_owned();
@@ -339,6 +343,32 @@ impl Recorder {
                                 })
                                 .collect();
                             query.insert("h-traceparent".into(), header_trace);
+                            // `hold=N`: answered only once N held reports are
+                            // here at the same time (each group of N in
+                            // turn), or after 10 s; the hit says which.
+                            if let Ok(n) = query
+                                .get("hold")
+                                .map_or("", String::as_str)
+                                .parse::<usize>()
+                            {
+                                let mut nth = 0;
+                                held.send_modify(|c| {
+                                    *c += 1;
+                                    nth = *c;
+                                });
+                                let group_full = nth.div_ceil(n.max(1)) * n.max(1);
+                                let mut seen = held.subscribe();
+                                let together = tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    seen.wait_for(|c| *c >= group_full),
+                                )
+                                .await
+                                .is_ok();
+                                query.insert(
+                                    "held".into(),
+                                    if together { "together" } else { "alone" }.into(),
+                                );
+                            }
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let hit = Hit {
                                 path,
