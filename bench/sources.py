@@ -158,6 +158,11 @@ def throughput(broker, count, work, mqtt=None):
     node = SourceNode(work / f"data-{broker}")
     node.start()
     try:
+        # The function is compiled, optimised code included, before the
+        # clock starts: the drain measures the source, not a first compile
+        # (which would also take a core from the drain).
+        node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
+        node.wait_optimized()
         if broker == "mqtt":
             # The session must exist before the messages, as for the peer.
             node.deploy(manifest(source_for(broker, name, mqtt)))
@@ -300,7 +305,9 @@ def main():
         "(reading as many at a time as Nimbus does with its defaults: Redis COUNT 16, JetStream "
         "pulls of 128, RabbitMQ prefetch 32), acknowledging each message and doing nothing else "
         "(`mosquitto_sub` for MQTT). Latency: publish to the function's start (its first "
-        "outbound request) at a paced 1,000 messages/s.",
+        "outbound request) at a paced 1,000 messages/s. Nimbus's clock starts at the deploy that "
+        "adds the source (for MQTT, at the node's restart with its session's messages waiting), "
+        "its function already compiled.",
         "",
         "| broker | plain consumer msg/s | Nimbus msg/s | ratio | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|",
