@@ -444,6 +444,45 @@ async fn spans_reach_a_real_otlp_receiver_over_grpc_and_http() {
         let wait = spans.iter().find(|s| s["name"] == "queue").unwrap();
         assert_eq!(wait["parent"], attempt["span_id"]);
         assert_eq!(wait["start"], attempt["start"]);
+        // Queued work without a caller's trace gets one of its own, whose
+        // attempt is the root: no span points at a parent never recorded.
+        let reply = nimbus_cli::client::send(
+            http::Method::GET,
+            &node.url("/t/ok"),
+            &[("nimbus-invocation-type", "async")],
+            bytes::Bytes::new(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        let id = reply.headers["nimbus-invocation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let attempt = eventually(Duration::from_secs(30), "the untraced attempt", || async {
+            received(&out)
+                .into_iter()
+                .find(|s| s["attributes"]["faas.invocation_id"] == id.as_str())
+        })
+        .await;
+        assert_eq!(attempt["parent"], "", "a root span: {attempt}");
+        let trace = attempt["trace_id"].as_str().unwrap().to_owned();
+        let spans = eventually(Duration::from_secs(30), "its steps", || async {
+            let spans: Vec<_> = received(&out)
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace.as_str())
+                .collect();
+            (spans.len() >= 5).then_some(spans)
+        })
+        .await;
+        for s in &spans {
+            let parent = s["parent"].as_str().unwrap();
+            assert!(
+                parent.is_empty() || spans.iter().any(|p| p["span_id"] == parent),
+                "{s} points at a span that was never recorded"
+            );
+        }
     }
     drop(receiver);
 }

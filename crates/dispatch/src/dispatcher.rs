@@ -62,6 +62,8 @@ pub struct NodeIntake {
 impl Intake for NodeIntake {
     fn accept(&self, new: NewInvocation) -> BoxFuture<'_, Result<Enqueued, QueueError>> {
         Box::pin(async move {
+            let mut new = new;
+            traced(&mut new.headers);
             let function = new.function.clone();
             let due = new.not_before.unwrap_or(0);
             let e = self.queue.enqueue(new).await?;
@@ -74,6 +76,21 @@ impl Intake for NodeIntake {
 
     fn location(&self, id: &str) -> String {
         format!("{}/v1/invocations/{id}", self.admin_url)
+    }
+}
+
+/// Work handed over for later (queued, or a broker message) is one trace
+/// across its attempts and destinations: the caller's, or, when it sent no
+/// valid `traceparent`, one minted here, whose attempts are the trace's
+/// root spans.
+fn traced(headers: &mut Vec<(String, String)>) {
+    use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
+    let valid = headers
+        .iter()
+        .any(|(k, v)| k == TRACEPARENT && TraceContext::parse(v).is_some());
+    if !valid {
+        headers.retain(|(k, _)| k != TRACEPARENT);
+        headers.push((TRACEPARENT.to_owned(), TraceContext::mint().header()));
     }
 }
 
@@ -359,19 +376,7 @@ impl Dispatcher {
             Some((attempt, first_at)) => (attempt.saturating_sub(1), first_at.min(first)),
             None => (0, first),
         };
-        // Every attempt at a message belongs to one trace.
-        let traced = new.headers.iter().any(|(k, v)| {
-            k == nimbus_telemetry::trace::TRACEPARENT
-                && nimbus_telemetry::trace::TraceContext::parse(v).is_some()
-        });
-        if !traced {
-            new.headers
-                .retain(|(k, _)| k != nimbus_telemetry::trace::TRACEPARENT);
-            new.headers.push((
-                nimbus_telemetry::trace::TRACEPARENT.to_owned(),
-                nimbus_telemetry::trace::TraceContext::root().header(),
-            ));
-        }
+        traced(&mut new.headers);
         let mut c = Claimed {
             id: id.to_owned(),
             function: new.function.clone(),

@@ -9,7 +9,6 @@ use http_body_util::{BodyExt, Limited};
 use nimbus_api::{AsyncAccepted, INVOCATION_ID_HEADER};
 use nimbus_manifest::WebhookPreset;
 use nimbus_queue::{BoxFuture, Enqueued, Idempotency, NewInvocation, QueueError, Trigger};
-use nimbus_telemetry::trace::{TRACEPARENT, TraceContext};
 use std::sync::Arc;
 
 /// Header asking for an asynchronous invocation.
@@ -25,7 +24,8 @@ pub const MAX_ASYNC_BODY: u64 = 16 << 20;
 /// Where accepted asynchronous work goes: the node's queue, which wakes
 /// its dispatcher.
 pub trait Intake: Send + Sync {
-    /// Stores `new` durably.
+    /// Stores `new` durably, as one trace across its attempts: the one
+    /// its `traceparent` carries, or a new one.
     fn accept(&self, new: NewInvocation) -> BoxFuture<'_, Result<Enqueued, QueueError>>;
     /// The URL at which an invocation's status can be polled.
     fn location(&self, id: &str) -> String;
@@ -127,23 +127,14 @@ pub fn new_invocation(
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
         .unwrap_or(ce_source);
-    // Work queued now is part of the caller's trace, or starts one that
-    // every attempt and destination continues.
-    let has_trace = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .is_some();
-    let mut stored: Vec<(String, String)> = headers
+    // The caller's `traceparent` is kept; `Intake::accept` starts a trace
+    // for work that came without a valid one.
+    let stored: Vec<(String, String)> = headers
         .iter()
         .filter(|(k, _)| stored_header(k.as_str()))
         .filter(|(k, _)| !matches!(k.as_str(), "ce-id" | "ce-specversion" | "ce-time"))
-        .filter(|(k, _)| has_trace || k.as_str() != TRACEPARENT)
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
-    if !has_trace {
-        stored.push((TRACEPARENT.to_owned(), TraceContext::root().header()));
-    }
     Ok(NewInvocation {
         function: function.to_owned(),
         target: None,

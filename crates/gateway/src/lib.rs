@@ -347,7 +347,9 @@ impl Gateway {
         let timing = Timing {
             wall_start,
             admitted,
-            parent: caller.map(|c| c.span_id),
+            // A context Nimbus minted for queued work stands for no span:
+            // the invocation is then the trace's root.
+            parent: caller.and_then(|c| c.parent_span()),
             queued: info.waiting_since_ms.map_or(Duration::ZERO, |since| {
                 let since = std::time::UNIX_EPOCH + Duration::from_millis(since.max(0) as u64);
                 wall_start.duration_since(since).unwrap_or_default()

@@ -52,6 +52,15 @@ pub fn next_u64() -> u64 {
     })
 }
 
+/// The span id of a minted context: a fixed mix of its trace id, never
+/// zero.
+fn minted_span(trace_id: &[u8; 16]) -> [u8; 8] {
+    let (hi, lo) = trace_id.split_at(8);
+    let word = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
+    let mixed = (word(hi) ^ word(lo).rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    if mixed == 0 { 1u64 } else { mixed }.to_be_bytes()
+}
+
 fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     for chunk in b.chunks_mut(8) {
@@ -108,6 +117,33 @@ impl TraceContext {
         ctx.trace_id.copy_from_slice(&bytes[..16]);
         ctx.span_id.copy_from_slice(&bytes[16..]);
         ctx
+    }
+
+    /// A new trace for work queued before any span of it exists (an
+    /// asynchronous invocation accepted without a caller's trace, a broker
+    /// message without one). Its span id is derived from its trace id, so
+    /// [`TraceContext::is_minted`] recognises it wherever the work runs:
+    /// the work's spans are then the trace's roots, not children of a span
+    /// that nobody records.
+    pub fn mint() -> Self {
+        let trace_id: [u8; 16] = random();
+        Self {
+            trace_id,
+            span_id: minted_span(&trace_id),
+            flags: 1,
+        }
+    }
+
+    /// Whether this context was made by [`TraceContext::mint`] (a caller's
+    /// span id matches by chance once in 2^64).
+    pub fn is_minted(&self) -> bool {
+        self.span_id == minted_span(&self.trace_id)
+    }
+
+    /// The span a hop of this context has for parent: none for a minted
+    /// context, which stands for no recorded span.
+    pub fn parent_span(&self) -> Option<[u8; 8]> {
+        (!self.is_minted()).then_some(self.span_id)
     }
 
     /// The next hop of the same trace.
@@ -185,6 +221,24 @@ mod tests {
         let child = ctx.child();
         assert_eq!(child.trace_id, ctx.trace_id);
         assert_ne!(child.span_id, ctx.span_id);
+    }
+
+    #[test]
+    fn minted_contexts_are_recognised_and_have_no_parent() {
+        let minted = TraceContext::mint();
+        assert!(minted.is_minted());
+        assert_eq!(minted.parent_span(), None);
+        // Through a stored header and back.
+        let again = TraceContext::parse(&minted.header()).unwrap();
+        assert!(again.is_minted());
+        // Its hops, a new trace and a caller's context are ordinary spans.
+        let child = minted.child();
+        assert!(!child.is_minted());
+        assert_eq!(child.parent_span(), Some(child.span_id));
+        assert!(!TraceContext::root().is_minted());
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(!TraceContext::parse(v).unwrap().is_minted());
+        assert_ne!(TraceContext::mint().trace_id, minted.trace_id);
     }
 
     #[test]
