@@ -51,6 +51,32 @@ async fn slot_exists(conn: &mut Conn, slot: &str) -> bool {
         .is_empty()
 }
 
+/// Capture starts once the consumer has created its slot.
+async fn slot_created(slot: &str) {
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be created",
+        || async {
+            let mut c = connect().await;
+            slot_exists(&mut c, slot).await.then_some(())
+        },
+    )
+    .await;
+}
+
+/// Removing a source drops its slot.
+async fn slot_dropped(slot: &str) {
+    eventually(
+        Duration::from_secs(20),
+        "the slot to be dropped",
+        || async {
+            let mut c = connect().await;
+            (!slot_exists(&mut c, slot).await).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Drops a test's replication slot and publication when the test ends,
 /// passed or failed: a slot left behind holds the server's WAL for good.
 /// Declared before the node, so it runs after the node was killed.
@@ -129,15 +155,7 @@ async fn postgres_changes_survive_kill_9_in_commit_order() {
         "events",
         &[("consume", &g.testbed, &consumer(&recorder, &source, "", ""))],
     ));
-    eventually(
-        Duration::from_secs(10),
-        "the slot to be created",
-        || async {
-            let mut c = connect().await;
-            slot_exists(&mut c, &slot).await.then_some(())
-        },
-    )
-    .await;
+    slot_created(&slot).await;
     // 10,000 row changes in 100 transactions, written while the node runs,
     // dies and comes back.
     let writer = {
@@ -291,16 +309,7 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
             ),
         )],
     ));
-    // Capture starts when the consumer has created its slot.
-    eventually(
-        Duration::from_secs(10),
-        "the slot to be created",
-        || async {
-            let mut c = connect().await;
-            slot_exists(&mut c, &slot).await.then_some(())
-        },
-    )
-    .await;
+    slot_created(&slot).await;
     conn.execute(&format!("INSERT INTO {table} SELECT generate_series(1, 5)"))
         .await
         .unwrap();
@@ -325,15 +334,7 @@ async fn postgres_failures_are_dead_lettered_and_the_slot_moves_on() {
         "two attempts each, no redelivery"
     );
     node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
-    eventually(
-        Duration::from_secs(20),
-        "the slot to be dropped",
-        || async {
-            let mut c = connect().await;
-            (!slot_exists(&mut c, &slot).await).then_some(())
-        },
-    )
-    .await;
+    slot_dropped(&slot).await;
     conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
 }
 
@@ -365,15 +366,7 @@ async fn postgres_changes_run_at_once_when_concurrency_allows() {
             &consumer(&recorder, &source, "hold=4", ""),
         )],
     ));
-    eventually(
-        Duration::from_secs(10),
-        "the slot to be created",
-        || async {
-            let mut c = connect().await;
-            slot_exists(&mut c, &slot).await.then_some(())
-        },
-    )
-    .await;
+    slot_created(&slot).await;
     conn.execute(&format!(
         "INSERT INTO {table} SELECT generate_series(1, {ROWS})"
     ))
@@ -413,15 +406,7 @@ async fn postgres_changes_run_at_once_when_concurrency_allows() {
     )
     .await;
     node.deploy(&manifest("events", &[("consume", &g.testbed, "")]));
-    eventually(
-        Duration::from_secs(20),
-        "the slot to be dropped",
-        || async {
-            let mut c = connect().await;
-            (!slot_exists(&mut c, &slot).await).then_some(())
-        },
-    )
-    .await;
+    slot_dropped(&slot).await;
     conn.execute(&format!("DROP TABLE {table}")).await.unwrap();
 }
 
