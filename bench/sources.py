@@ -146,16 +146,33 @@ def drop_tables(*names):
                         f'DROP TABLE IF EXISTS "{n.lower()}"'], check=False)
 
 
+# The opt-in instance reuse of `bench/run` (one instance serves messages one
+# after another, recycled after this many).
+REUSE = "reuse = 10000\n"
+
+
 def throughput(broker, count, work, mqtt=None):
+    """The plain consumer's rate, then Nimbus's: a fresh instance per
+    message (the default), and with instance reuse."""
     stamp = time.time_ns()
     base_name = f"BENCH_BASE_{stamp}"
     if broker == "mqtt":
         mqtt.subscribe("peer-" + base_name, f"{base_name}/#")
     prefill(broker, base_name, count, mqtt)
-    base = baseline(broker, base_name, count, mqtt)
+    try:
+        base = baseline(broker, base_name, count, mqtt)
+    finally:
+        if broker == "postgres":
+            drop_tables(base_name)
+    fresh = drain(broker, count, work / f"data-{broker}", f"BENCH_NIMBUS_{stamp}", mqtt)
+    reused = drain(broker, count, work / f"reuse-{broker}", f"BENCH_REUSE_{stamp}", mqtt, REUSE)
+    return base, fresh, reused
 
-    name = f"BENCH_NIMBUS_{stamp}"
-    node = SourceNode(work / f"data-{broker}")
+
+def drain(broker, count, data_dir, name, mqtt=None, extra=""):
+    """Nimbus's rate: `count` messages pre-filled in `name`, drained into
+    hello (with `extra` manifest lines)."""
+    node = SourceNode(data_dir)
     node.start()
     try:
         # The function is compiled, optimised code included, before the
@@ -165,7 +182,7 @@ def throughput(broker, count, work, mqtt=None):
         node.wait_optimized()
         if broker == "mqtt":
             # The session must exist before the messages, as for the peer.
-            node.deploy(manifest(source_for(broker, name, mqtt)))
+            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra))
             node.stop()
             prefill(broker, name, count, mqtt)
             start = time.perf_counter()
@@ -173,15 +190,15 @@ def throughput(broker, count, work, mqtt=None):
         else:
             prefill(broker, name, count, mqtt)
             start = time.perf_counter()
-            node.deploy(manifest(source_for(broker, name, mqtt)))
+            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra))
         end = node.wait_delivered(count)
         # Removing the source releases what it holds in the broker.
         node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
     finally:
         node.stop()
         if broker == "postgres":
-            drop_tables(base_name, name)
-    return base, count / (end - start)
+            drop_tables(name)
+    return count / (end - start)
 
 
 class Recorder:
@@ -282,12 +299,14 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
             for broker in args.brokers.split(","):
-                base, nimbus = throughput(broker, count, work, mqtt)
+                base, nimbus, reused = throughput(broker, count, work, mqtt)
                 lat = latency(broker, 5_000 if not args.quick else 2_000, 1_000, work, mqtt)
                 results["brokers"][broker] = {
                     "plain_consumer_per_s": round(base),
                     "nimbus_per_s": round(nimbus),
                     "ratio": round(nimbus / base, 2),
+                    "nimbus_reuse_per_s": round(reused),
+                    "reuse_ratio": round(reused / base, 2),
                     "latency_at_1000_per_s": lat,
                 }
                 print(broker, json.dumps(results["brokers"][broker]), flush=True)
@@ -307,14 +326,16 @@ def main():
         "(`mosquitto_sub` for MQTT). Latency: publish to the function's start (its first "
         "outbound request) at a paced 1,000 messages/s. Nimbus's clock starts at the deploy that "
         "adds the source (for MQTT, at the node's restart with its session's messages waiting), "
-        "its function already compiled.",
+        "its function already compiled. `reuse`: the same function with `reuse = 10000` (an "
+        "instance serves messages one after another instead of one fresh instance each).",
         "",
-        "| broker | plain consumer msg/s | Nimbus msg/s | ratio | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| broker | plain consumer msg/s | Nimbus msg/s | ratio | Nimbus, reuse msg/s | ratio | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b, r in results["brokers"].items():
         l = r["latency_at_1000_per_s"]
-        lines.append(f"| {b} | {r['plain_consumer_per_s']:,} | {r['nimbus_per_s']:,} | {r['ratio']} | "
+        reuse = (f"{r['nimbus_reuse_per_s']:,} | {r['reuse_ratio']}" if "nimbus_reuse_per_s" in r else "– | –")
+        lines.append(f"| {b} | {r['plain_consumer_per_s']:,} | {r['nimbus_per_s']:,} | {r['ratio']} | {reuse} | "
                      f"{l['p50_ms']:.1f} | {l['p99_ms']:.1f} |")
     (RESULTS / "sources.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
