@@ -60,9 +60,8 @@ pub struct NodeIntake {
 }
 
 impl Intake for NodeIntake {
-    fn accept(&self, new: NewInvocation) -> BoxFuture<'_, Result<Enqueued, QueueError>> {
+    fn accept(&self, mut new: NewInvocation) -> BoxFuture<'_, Result<Enqueued, QueueError>> {
         Box::pin(async move {
-            let mut new = new;
             traced(&mut new.headers);
             let function = new.function.clone();
             let due = new.not_before.unwrap_or(0);
