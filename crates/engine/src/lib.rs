@@ -23,7 +23,7 @@ pub use artifact::{ArtifactStore, ComponentDigest};
 pub use limits::*;
 pub use outbound::{OutboundPolicy, OutboundRule, OutboundRuleError};
 pub use runtime::{
-    Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec, InvokeError,
-    InvokeOutcome, Load, ResponseBody, Trimmed,
+    Engine, EngineError, EngineStats, FunctionLimits, FunctionRuntime, FunctionSpec,
+    InstanceOrigin, InvokeError, InvokeOutcome, Load, ResponseBody, Trimmed,
 };
 pub use validate::ComponentError;

@@ -59,6 +59,16 @@ pub const MAX_WASM_STACK_BYTES: usize = 1 << 20;
 /// burst resident.
 pub const IDLE_INSTANCE_KEEP: Duration = Duration::from_secs(30);
 
+/// Prepared instances (instantiated ahead of a request, never used yet)
+/// kept across all functions. A request that finds one skips instantiation
+/// on its path; each holds a pool slot, so together they may take a tenth
+/// of [`MAX_INSTANCES`] at most.
+pub const MAX_PREPARED_INSTANCES: usize = MAX_INSTANCES as usize / 10;
+
+/// No instance is prepared while this many instances exist: past half of
+/// the pool, its slots are left to requests that need them now.
+pub const PREPARE_BELOW_LIVE_INSTANCES: u64 = MAX_INSTANCES as u64 / 2;
+
 /// Default timeout of one invocation when the manifest sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 

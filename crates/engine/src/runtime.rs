@@ -1,5 +1,7 @@
 //! The wasmtime engine, the compile/load path of components, and the
-//! execution of one request in a fresh instance.
+//! execution of one request in a fresh instance: prepared ahead of the
+//! request when the function is in use, so instantiation and the reset of
+//! the previous instance stay off the request's path.
 
 use crate::artifact::{ArtifactStore, ComponentDigest};
 use crate::limits::*;
@@ -13,7 +15,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -160,6 +162,10 @@ struct Core {
     ticker_stop: Arc<AtomicBool>,
     /// Reference point of the versions' idle clocks.
     epoch: Instant,
+    /// Prepared instances waiting, across all functions.
+    prepared: AtomicUsize,
+    /// Instances alive in the optimising tier's pool.
+    pool: Option<wasmtime::PoolingAllocatorMetrics>,
 }
 
 /// Linked code of one component, in one tier.
@@ -239,6 +245,7 @@ impl Engine {
             artifact_root.display()
         )))?;
 
+        let pool = inner.pooling_allocator_metrics();
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(vec![inner.weak(), baseline.weak()], ticker_stop.clone())
             .map_err(EngineError::io("starting the epoch ticker"))?;
@@ -259,6 +266,8 @@ impl Engine {
                 loaded_from_disk: AtomicU64::new(0),
                 ticker_stop,
                 epoch: Instant::now(),
+                prepared: AtomicUsize::new(0),
+                pool,
             }),
             log_sink: None,
         })
@@ -326,6 +335,7 @@ impl Engine {
                 cold: AtomicBool::new(true),
                 last_used_ms: AtomicU64::new(self.core.now_ms()),
                 idle: Mutex::new(Vec::new()),
+                running: AtomicUsize::new(0),
                 reuse,
                 policy: Arc::new(spec.outbound.clone()),
                 spec,
@@ -686,14 +696,19 @@ struct FunctionInner {
     cold: AtomicBool,
     /// When an invocation last started, on the core's clock.
     last_used_ms: AtomicU64,
-    /// Reusable instances waiting for their next request (reuse > 1 only).
+    /// Instances waiting for their next request: reusable ones (reuse > 1)
+    /// and prepared ones.
     idle: Mutex<Vec<Idle>>,
+    /// Invocations from their start until their response body is done.
+    running: AtomicUsize,
     reuse: u32,
     policy: Arc<OutboundPolicy>,
     spec: FunctionSpec,
 }
 
-/// An instance kept for its next request, with what that request resets.
+/// An instance kept for its next request, with what that request resets:
+/// one that served requests already (`reuse`), or one prepared ahead of
+/// its first.
 struct Idle {
     store: Store<Host>,
     proxy: Proxy,
@@ -706,16 +721,110 @@ struct Idle {
     since_ms: u64,
     /// Whether it runs the optimising tier's code.
     optimized: bool,
+    /// Held while the instance was prepared and has not served yet.
+    prepared: Option<PreparedTicket>,
+}
+
+/// Counts an invocation in [`FunctionInner::running`] while it lives.
+struct Running(Arc<FunctionInner>);
+
+impl Running {
+    fn start(f: &Arc<FunctionInner>) -> Self {
+        f.running.fetch_add(1, Ordering::Relaxed);
+        Self(f.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its invocation counted as running until it
+/// is done.
+struct Counted<B> {
+    body: B,
+    _running: Running,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts a prepared instance against [`MAX_PREPARED_INSTANCES`] until it
+/// serves or is dropped.
+struct PreparedTicket(Arc<Core>);
+
+impl PreparedTicket {
+    /// A ticket, unless the node holds as many prepared instances as it
+    /// may or its pool is more than half in use.
+    fn take(core: &Arc<Core>) -> Option<Self> {
+        let live = core.pool.as_ref().map_or(0, |p| p.component_instances());
+        if live >= PREPARE_BELOW_LIVE_INSTANCES {
+            return None;
+        }
+        let before = core.prepared.fetch_add(1, Ordering::Relaxed);
+        let ticket = Self(core.clone());
+        (before < MAX_PREPARED_INSTANCES).then_some(ticket)
+    }
+}
+
+impl Drop for PreparedTicket {
+    fn drop(&mut self) {
+        self.0.prepared.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A response head from the function, with its body still streaming.
 pub struct InvokeOutcome {
     pub response: http::Response<ResponseBody>,
-    /// Time spent creating the instance (zero for a reused one).
+    /// Time spent getting the instance: creating it, or taking a waiting
+    /// one.
     pub instantiate: Duration,
+    /// Where the instance came from.
+    pub instance: InstanceOrigin,
     /// Largest linear memory of the instance in bytes; final once the body
     /// has been read.
     pub peak_memory: Arc<AtomicU64>,
+}
+
+/// Where the instance that ran an invocation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceOrigin {
+    /// Created for the invocation, on its path.
+    New,
+    /// Created ahead of the invocation, after an earlier one; it had served
+    /// no request before.
+    Prepared,
+    /// Kept from earlier invocations (`reuse`).
+    Reused,
+}
+
+impl InstanceOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Prepared => "prepared",
+            Self::Reused => "reused",
+        }
+    }
 }
 
 /// What [`FunctionRuntime::trim`] released.
@@ -749,7 +858,7 @@ impl FunctionRuntime {
         self.inner.pre.read().map(|p| p.is_some()).unwrap_or(false)
     }
 
-    /// Idle reusable instances waiting for a request.
+    /// Instances waiting for a request: reusable ones and prepared ones.
     pub fn idle_instances(&self) -> usize {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
@@ -833,8 +942,129 @@ impl FunctionRuntime {
         Ok(linked)
     }
 
-    /// Runs `request` in a fresh instance, or in an idle one when the
-    /// function reuses instances. `trace` is the invocation's context (the
+    /// A new instance of `linked` whose output is tagged `tag`.
+    async fn instantiate(
+        &self,
+        linked: &Linked,
+        tag: OutputTag,
+        trace: Option<nimbus_telemetry::trace::TraceContext>,
+        peak_memory: Arc<AtomicU64>,
+        deadline: Instant,
+    ) -> Result<(Store<Host>, Proxy, FunctionOutput, FunctionOutput), InvokeError> {
+        let f = &self.inner;
+        let stdout = FunctionOutput::new(tag.clone(), "stdout");
+        let stderr = FunctionOutput::new(tag, "stderr");
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&f.spec.env)
+            .stdout(stdout.clone())
+            .stderr(stderr.clone());
+        let host = Host::new(
+            wasi.build(),
+            Hooks {
+                policy: f.policy.clone(),
+                function: f.name.clone(),
+                trace,
+            },
+            f.spec.limits.memory_bytes,
+            peak_memory,
+            deadline,
+        );
+        let mut store = Store::new(linked.pre.engine(), host);
+        store.limiter(|host| &mut host.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let instantiated =
+            tokio::time::timeout_at(deadline.into(), linked.pre.instantiate_async(&mut store))
+                .await;
+        match instantiated {
+            Ok(Ok(proxy)) => Ok((store, proxy, stdout, stderr)),
+            Ok(Err(e)) => Err(classify(e, &store, &f.spec.limits, true)),
+            Err(_) => Err(InvokeError::Timeout(f.spec.limits.timeout)),
+        }
+    }
+
+    /// Puts `instance` in the pool for a next request while the version's
+    /// code is loaded and the pool has room; else gives it back.
+    fn keep(&self, instance: Idle) -> Option<Idle> {
+        let f = &self.inner;
+        // An unloaded version holds no instances.
+        let loaded = f.pre.read().map(|p| p.is_some()).unwrap_or(false);
+        if loaded
+            && let Ok(mut pool) = f.idle.lock()
+            && pool.len() < f.spec.max_idle_instances as usize
+        {
+            pool.push(instance);
+            return None;
+        }
+        Some(instance)
+    }
+
+    /// Instantiates the version's optimised code ahead of its next request,
+    /// when the code is loaded and the node has room for one more prepared
+    /// instance. Called after an invocation that ran alone, so only
+    /// functions in use hold prepared instances; like reusable ones they
+    /// are dropped after [`IDLE_INSTANCE_KEEP`] unused.
+    async fn prepare(&self) {
+        let f = &self.inner;
+        let Some(linked) = f.pre.read().ok().and_then(|p| p.clone()) else {
+            return;
+        };
+        let room = f
+            .idle
+            .lock()
+            .is_ok_and(|pool| pool.len() < f.spec.max_idle_instances as usize);
+        if !linked.optimized || !room {
+            return;
+        }
+        let Some(ticket) = PreparedTicket::take(&f.core) else {
+            return;
+        };
+        // Replaced by the invocation's own tag when it starts.
+        let tag = OutputTag {
+            sink: f.log_sink.clone(),
+            redactor: f.spec.secrets.clone(),
+            trace: None,
+            trigger: "http",
+            function: f.name.clone(),
+            version: f.spec.version,
+            invocation: Arc::from(""),
+        };
+        let peak = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + f.spec.limits.timeout;
+        match self
+            .instantiate(&linked, tag, None, peak.clone(), deadline)
+            .await
+        {
+            Ok((store, proxy, stdout, stderr)) => {
+                drop(self.keep(Idle {
+                    store,
+                    proxy,
+                    stdout,
+                    stderr,
+                    served: 0,
+                    memory: peak.load(Ordering::Relaxed),
+                    since_ms: f.core.now_ms(),
+                    optimized: true,
+                    prepared: Some(ticket),
+                }));
+            }
+            Err(e) => tracing::debug!(
+                function = &*f.name,
+                version = f.spec.version,
+                error = %e,
+                "cannot prepare an instance"
+            ),
+        }
+    }
+
+    /// Runs `request` in a fresh instance (one prepared ahead when one is
+    /// waiting), or in an idle one when the function reuses instances. `trace` is the invocation's context (the
     /// one its `traceparent` header carries), continued by its output lines
     /// and outbound requests. Returns once the function has set its
     /// response head; the body streams afterwards, under the same deadline.
@@ -850,6 +1080,7 @@ impl FunctionRuntime {
         B::Error: Into<HttpError>,
     {
         let started = Instant::now();
+        let running = Running::start(&self.inner);
         let f = &self.inner;
         f.last_used_ms.store(f.core.now_ms(), Ordering::Relaxed);
         let timeout = f.spec.limits.timeout;
@@ -872,84 +1103,60 @@ impl FunctionRuntime {
             invocation: invocation_id,
         };
         let invocation = tag.invocation.clone();
-        let reused = if f.reuse > 1 {
-            f.idle
-                .lock()
-                .ok()
-                .and_then(|mut idle| idle.pop())
-                // An instance of baseline code is dropped once optimised
-                // code is there: the fresh instance below runs that.
-                .filter(|i| {
-                    i.optimized || !f.core.cached(&f.spec.digest).is_some_and(|l| l.optimized)
-                })
-        } else {
-            None
-        };
-        let (mut store, proxy, stdout, stderr, served, peak_memory, optimized) = match reused {
-            Some(mut i) => {
-                let peak_memory = Arc::new(AtomicU64::new(i.memory));
-                let host = i.store.data_mut();
-                host.hooks.trace = trace;
-                host.limiter.denied = false;
-                host.limiter.peak = peak_memory.clone();
-                host.deadline = deadline;
-                i.stdout.begin(tag.clone());
-                i.stderr.begin(tag);
-                i.store.set_epoch_deadline(1);
-                (
-                    i.store,
-                    i.proxy,
-                    i.stdout,
-                    i.stderr,
-                    i.served,
-                    peak_memory,
-                    i.optimized,
-                )
-            }
-            None => {
-                let linked = self.code().await?;
-                let (pre, optimized) = (linked.pre, linked.optimized);
-                let peak_memory = Arc::new(AtomicU64::new(0));
-                let stdout = FunctionOutput::new(tag.clone(), "stdout");
-                let stderr = FunctionOutput::new(tag, "stderr");
-                let mut wasi = WasiCtx::builder();
-                wasi.envs(&f.spec.env)
-                    .stdout(stdout.clone())
-                    .stderr(stderr.clone());
-                let host = Host::new(
-                    wasi.build(),
-                    Hooks {
-                        policy: f.policy.clone(),
-                        function: f.name.clone(),
-                        trace,
-                    },
-                    f.spec.limits.memory_bytes,
-                    peak_memory.clone(),
-                    deadline,
-                );
-                let mut store = Store::new(pre.engine(), host);
-                store.limiter(|host| &mut host.limiter);
-                store.set_epoch_deadline(1);
-                store.epoch_deadline_callback(|ctx| {
-                    if Instant::now() >= ctx.data().deadline {
-                        Ok(UpdateDeadline::Interrupt)
+        let waiting = f
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            // An instance of baseline code is dropped once optimised code
+            // is there: the fresh instance below runs that.
+            .filter(|i| i.optimized || !f.core.cached(&f.spec.digest).is_some_and(|l| l.optimized));
+        let (mut store, proxy, stdout, stderr, served, peak_memory, optimized, origin) =
+            match waiting {
+                Some(mut i) => {
+                    let origin = if i.prepared.take().is_some() {
+                        InstanceOrigin::Prepared
                     } else {
-                        Ok(UpdateDeadline::Yield(1))
-                    }
-                });
-                let proxy = match tokio::time::timeout_at(
-                    deadline.into(),
-                    pre.instantiate_async(&mut store),
-                )
-                .await
-                {
-                    Ok(Ok(proxy)) => proxy,
-                    Ok(Err(e)) => return Err(classify(e, &store, &f.spec.limits, true)),
-                    Err(_) => return Err(InvokeError::Timeout(timeout)),
-                };
-                (store, proxy, stdout, stderr, 0, peak_memory, optimized)
-            }
-        };
+                        InstanceOrigin::Reused
+                    };
+                    let peak_memory = Arc::new(AtomicU64::new(i.memory));
+                    let host = i.store.data_mut();
+                    host.hooks.trace = trace;
+                    host.limiter.denied = false;
+                    host.limiter.peak = peak_memory.clone();
+                    host.deadline = deadline;
+                    i.stdout.begin(tag.clone());
+                    i.stderr.begin(tag);
+                    i.store.set_epoch_deadline(1);
+                    (
+                        i.store,
+                        i.proxy,
+                        i.stdout,
+                        i.stderr,
+                        i.served,
+                        peak_memory,
+                        i.optimized,
+                        origin,
+                    )
+                }
+                None => {
+                    let linked = self.code().await?;
+                    let peak_memory = Arc::new(AtomicU64::new(0));
+                    let (store, proxy, stdout, stderr) = self
+                        .instantiate(&linked, tag, trace, peak_memory.clone(), deadline)
+                        .await?;
+                    (
+                        store,
+                        proxy,
+                        stdout,
+                        stderr,
+                        0,
+                        peak_memory,
+                        linked.optimized,
+                        InstanceOrigin::New,
+                    )
+                }
+            };
         let instantiate = started.elapsed();
 
         let (sender, mut receiver) = tokio::sync::oneshot::channel();
@@ -960,10 +1167,10 @@ impl FunctionRuntime {
         let out = http
             .new_response_outparam(sender)
             .map_err(|e| InvokeError::BadRequest(format!("{e:#}")))?;
-        let inner = self.inner.clone();
+        let this = self.clone();
         let peak = peak_memory.clone();
         let mut call = Box::pin(async move {
-            let f = &*inner;
+            let f = &*this.inner;
             let limits = f.spec.limits;
             let call = proxy
                 .wasi_http_incoming_handler()
@@ -975,54 +1182,66 @@ impl FunctionRuntime {
             };
             stdout.flush_pending();
             stderr.flush_pending();
-            match &result {
-                Err(e) => {
-                    // Also after the response head was sent (a failure while
-                    // streaming), so the reason is always tied to the
-                    // invocation. A failed instance is never reused.
-                    tracing::warn!(
-                        invocation_id = &*invocation,
-                        function = &*f.name,
-                        version = f.spec.version,
-                        trigger,
-                        trace_id = trace.map(|t| t.trace_id_hex()),
-                        span_id = trace.map(|t| t.span_id_hex()),
-                        error = %e,
-                        "guest failed"
-                    );
+            if let Err(e) = &result {
+                // Also after the response head was sent (a failure while
+                // streaming), so the reason is always tied to the
+                // invocation. A failed instance is never reused.
+                tracing::warn!(
+                    invocation_id = &*invocation,
+                    function = &*f.name,
+                    version = f.spec.version,
+                    trigger,
+                    trace_id = trace.map(|t| t.trace_id_hex()),
+                    span_id = trace.map(|t| t.span_id_hex()),
+                    error = %e,
+                    "guest failed"
+                );
+            }
+            let instance = Idle {
+                store,
+                proxy,
+                stdout,
+                stderr,
+                served: served + 1,
+                memory: peak.load(Ordering::Relaxed),
+                since_ms: f.core.now_ms(),
+                optimized,
+                prepared: None,
+            };
+            let kept = if result.is_ok() && instance.served < f.reuse {
+                this.keep(instance)
+            } else {
+                Some(instance)
+            };
+            // Alone, the invocation leaves what follows it to a task of its
+            // own, which runs once this request's task has handed the
+            // response over: dropping the store (which resets its memory
+            // slot) and preparing a replacement for the next request. With
+            // others running there is no idle time to hide that work in, so
+            // the store is dropped here and nothing is prepared.
+            if let Some(done) = kept {
+                if this.inner.running.load(Ordering::Relaxed) <= 1 {
+                    tokio::spawn(async move {
+                        drop(done);
+                        this.prepare().await;
+                    });
+                } else {
+                    drop(done);
                 }
-                Ok(()) if served + 1 < f.reuse => {
-                    let idle = Idle {
-                        store,
-                        proxy,
-                        stdout,
-                        stderr,
-                        served: served + 1,
-                        memory: peak.load(Ordering::Relaxed),
-                        since_ms: f.core.now_ms(),
-                        optimized,
-                    };
-                    // Kept only while the version's code is loaded: an
-                    // unloaded version holds no instances.
-                    let loaded = f.pre.read().map(|p| p.is_some()).unwrap_or(false);
-                    if loaded
-                        && let Ok(mut pool) = f.idle.lock()
-                        && pool.len() < f.spec.max_idle_instances as usize
-                    {
-                        pool.push(idle);
-                    }
-                }
-                Ok(()) => {}
             }
             result
         });
         let outcome = |response: http::Response<WasiBody>| InvokeOutcome {
             peak_memory: peak_memory.clone(),
             response: response.map(|body| {
-                body.map_err(|e| std::io::Error::other(e.to_string()))
-                    .boxed_unsync()
+                Counted {
+                    body: body.map_err(|e| std::io::Error::other(e.to_string())),
+                    _running: running,
+                }
+                .boxed_unsync()
             }),
             instantiate,
+            instance: origin,
         };
         // The guest runs on this task until it sets its response head; a
         // guest that is done by then (most are) costs no task of its own.

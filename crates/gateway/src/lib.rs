@@ -428,6 +428,7 @@ impl Gateway {
                     status: parts.status.as_u16(),
                     to_head: elapsed,
                     instantiate: outcome.instantiate,
+                    instance: outcome.instance,
                     cold,
                     peak_memory: outcome.peak_memory.clone(),
                     timing,
@@ -680,6 +681,8 @@ struct Summary {
     /// Until the response head.
     to_head: std::time::Duration,
     instantiate: std::time::Duration,
+    /// Where the instance came from: new, prepared ahead or reused.
+    instance: nimbus_engine::InstanceOrigin,
     cold: bool,
     peak_memory: Arc<AtomicU64>,
     timing: Timing,
@@ -725,6 +728,7 @@ impl Drop for ResponseStream {
             billed_ms = ms.ceil() as u64,
             head_ms = s.to_head.as_secs_f64() * 1000.0,
             instantiate_us = s.instantiate.as_micros() as u64,
+            instance = s.instance.as_str(),
             peak_memory_bytes = s.peak_memory.load(Ordering::Relaxed),
             "faas.coldstart" = s.cold,
             "invocation"
