@@ -91,7 +91,8 @@ pub struct FunctionSummary {
     /// since the node started; the next request loads it).
     #[serde(default)]
     pub loaded: bool,
-    /// Reusable instances waiting for a request (with `reuse` above 1).
+    /// Instances waiting for a request: reusable ones (with `reuse` above
+    /// 1) and ones prepared ahead of the next request.
     #[serde(default)]
     pub idle_instances: u64,
     /// Whether the node could load it (false: see `error`).
