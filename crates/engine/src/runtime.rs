@@ -1007,7 +1007,7 @@ impl FunctionRuntime {
 
     /// Instantiates the version's optimised code ahead of its next request,
     /// when the code is loaded and the node has room for one more prepared
-    /// instance. Called after an invocation that ran alone, so only
+    /// instance. Called after an HTTP request that ran alone, so only
     /// functions in use hold prepared instances; like reusable ones they
     /// are dropped after [`IDLE_INSTANCE_KEEP`] unused.
     async fn prepare(&self) {
@@ -1213,14 +1213,16 @@ impl FunctionRuntime {
             } else {
                 Some(instance)
             };
-            // Alone, the invocation leaves what follows it to a task of its
-            // own, which runs once this request's task has handed the
+            // An HTTP request running alone leaves what follows it to a task
+            // of its own, which runs once this request's task has handed the
             // response over: dropping the store (which resets its memory
             // slot) and preparing a replacement for the next request. With
-            // others running there is no idle time to hide that work in, so
-            // the store is dropped here and nothing is prepared.
+            // others running there is no idle time to hide that work in, and
+            // queued work and event sources (whose deliveries follow one
+            // another) measured slower with it, so there the store is
+            // dropped here and nothing is prepared.
             if let Some(done) = kept {
-                if this.inner.running.load(Ordering::Relaxed) <= 1 {
+                if trigger == "http" && this.inner.running.load(Ordering::Relaxed) <= 1 {
                     tokio::spawn(async move {
                         drop(done);
                         this.prepare().await;
