@@ -994,8 +994,7 @@ impl FunctionRuntime {
     fn keep(&self, instance: Idle) -> Option<Idle> {
         let f = &self.inner;
         // An unloaded version holds no instances.
-        let loaded = f.pre.read().map(|p| p.is_some()).unwrap_or(false);
-        if loaded
+        if self.is_loaded()
             && let Ok(mut pool) = f.idle.lock()
             && pool.len() < f.spec.max_idle_instances as usize
         {
