@@ -376,17 +376,19 @@ impl Dispatcher {
             None => (0, first),
         };
         traced(&mut new.headers);
+        // The message moves into the attempts' form; what only a
+        // dead-letter copy needs stays behind in `new`.
         let mut c = Claimed {
             id: id.to_owned(),
-            function: new.function.clone(),
+            function: std::mem::take(&mut new.function),
             target: None,
             trigger: new.trigger,
-            method: new.method.clone(),
-            path: new.path.clone(),
-            headers: new.headers.clone(),
+            method: std::mem::take(&mut new.method),
+            path: std::mem::take(&mut new.path),
+            headers: std::mem::take(&mut new.headers),
             body: new.body.clone(),
-            ce_source: new.ce_source.clone(),
-            ce_type: new.ce_type.clone(),
+            ce_source: std::mem::take(&mut new.ce_source),
+            ce_type: std::mem::take(&mut new.ce_type),
             ce_time: new.ce_time.unwrap_or(age_from),
             created_at: age_from,
             age_from,
@@ -442,9 +444,18 @@ impl Dispatcher {
                         reason = %reason,
                         "dead-lettered"
                     );
+                    let copy = NewInvocation {
+                        function: c.function,
+                        method: c.method,
+                        path: c.path,
+                        headers: c.headers,
+                        ce_source: c.ce_source,
+                        ce_type: c.ce_type,
+                        ..new
+                    };
                     return match self
                         .queue
-                        .dead_letter(new, attempts, reason, response)
+                        .dead_letter(copy, attempts, reason, response)
                         .await
                     {
                         Ok(_) => MessageOutcome::DeadLettered,
@@ -627,11 +638,16 @@ impl Dispatcher {
         n: u32,
     ) -> (Option<u16>, Option<String>, Option<StoredResponse>) {
         let mut headers = c.headers.clone();
-        headers.extend(cloudevent_headers(c, n));
+        headers.extend(cloudevent_headers(c, n).map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        }));
         match nimbus_engine::outbound::deliver(
             url,
             &headers,
-            Bytes::from(c.body.clone()),
+            c.body.clone(),
             DELIVERY_TIMEOUT,
             MAX_RESULT_BYTES,
         )
@@ -655,17 +671,33 @@ impl Dispatcher {
     }
 }
 
-/// The CloudEvents binary-mode attributes of an attempt.
-fn cloudevent_headers(c: &Claimed, n: u32) -> Vec<(String, String)> {
-    vec![
-        ("ce-specversion".into(), "1.0".into()),
-        ("ce-id".into(), c.id.clone()),
-        ("ce-source".into(), c.ce_source.clone()),
-        ("ce-type".into(), c.ce_type.clone()),
-        ("ce-time".into(), rfc3339(c.ce_time)),
-        ("nimbus-attempt".into(), n.to_string()),
-        ("nimbus-trigger".into(), c.trigger.as_str().into()),
+const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+const NIMBUS_ATTEMPT: HeaderName = HeaderName::from_static("nimbus-attempt");
+const NIMBUS_TRIGGER: HeaderName = HeaderName::from_static("nimbus-trigger");
+
+/// The CloudEvents binary-mode attributes of an attempt. An attribute that
+/// cannot be a header value (a broker's message id with control
+/// characters) is left out.
+fn cloudevent_headers(c: &Claimed, n: u32) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let text = |s: &str| HeaderValue::from_str(s).ok();
+    [
+        (CE_SPECVERSION, Some(HeaderValue::from_static("1.0"))),
+        (CE_ID, text(&c.id)),
+        (CE_SOURCE, text(&c.ce_source)),
+        (CE_TYPE, text(&c.ce_type)),
+        (CE_TIME, text(&rfc3339(c.ce_time))),
+        (NIMBUS_ATTEMPT, Some(HeaderValue::from(n))),
+        (
+            NIMBUS_TRIGGER,
+            Some(HeaderValue::from_static(c.trigger.as_str())),
+        ),
     ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v?)))
 }
 
 fn build_request(
@@ -678,15 +710,14 @@ fn build_request(
         .method(method)
         .uri(c.path.as_str())
         .body(
-            http_body_util::Full::new(Bytes::from(c.body.clone()))
+            http_body_util::Full::new(c.body.clone())
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         )
         .map_err(|e| format!("stored request is invalid: {e}"))?;
-    let cloudevent = cloudevent_headers(c, n);
     let headers = request.headers_mut();
-    headers.reserve(c.headers.len() + cloudevent.len() + 1);
-    for (k, v) in c.headers.iter().chain(&cloudevent) {
+    headers.reserve(c.headers.len() + 8);
+    for (k, v) in &c.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(v),
@@ -697,6 +728,9 @@ fn build_request(
                 headers.append(k, v);
             }
         }
+    }
+    for (k, v) in cloudevent_headers(c, n) {
+        headers.insert(k, v);
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(c.body.len()));
     Ok(request)
@@ -785,7 +819,7 @@ fn destination_event(
         method: "POST".into(),
         path: "/".into(),
         headers,
-        body: serde_json::to_vec(&record).unwrap_or_default(),
+        body: serde_json::to_vec(&record).unwrap_or_default().into(),
         ce_source: format!("/nimbus/functions/{}", c.function),
         ce_type: format!("nimbus.invocation.{status}"),
         ce_time: None,
@@ -809,6 +843,74 @@ mod tests {
             max_age: Period::from_secs(60),
             ..RetryPolicy::default()
         }
+    }
+
+    fn claimed(id: &str, headers: &[(&str, &str)]) -> Claimed {
+        Claimed {
+            id: id.to_owned(),
+            function: "f".into(),
+            target: None,
+            trigger: Trigger::Source,
+            method: "POST".into(),
+            path: "/hook?x=1".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            body: Bytes::from_static(b"{\"n\":1}"),
+            ce_source: "nats://127.0.0.1:4222/ORDERS".into(),
+            ce_type: "nats.jetstream.message".into(),
+            ce_time: 1_700_000_000_123,
+            created_at: 0,
+            age_from: 0,
+            attempt: 1,
+            attempts_total: 1,
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn attempts_carry_their_cloudevent_attributes() {
+        let c = claimed(
+            "42",
+            &[
+                ("content-type", "application/json"),
+                ("x-tag", "a"),
+                ("x-tag", "b"),
+                // Attributes the message names itself are Nimbus's to set.
+                ("ce-id", "forged"),
+                ("ce-natssequence", "42"),
+            ],
+        );
+        let r = build_request(&c, 2).unwrap();
+        assert_eq!(r.method(), "POST");
+        assert_eq!(r.uri(), "/hook?x=1");
+        let h = r.headers();
+        let one = |k: &str| h.get(k).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(one("ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(h.get_all("ce-id").iter().count(), 1);
+        assert_eq!(one("ce-id").as_deref(), Some("42"));
+        assert_eq!(
+            one("ce-source").as_deref(),
+            Some("nats://127.0.0.1:4222/ORDERS")
+        );
+        assert_eq!(one("ce-type").as_deref(), Some("nats.jetstream.message"));
+        assert_eq!(one("ce-time").as_deref(), Some("2023-11-14T22:13:20.123Z"));
+        assert_eq!(one("ce-natssequence").as_deref(), Some("42"));
+        assert_eq!(one("nimbus-attempt").as_deref(), Some("2"));
+        assert_eq!(one("nimbus-trigger").as_deref(), Some("source"));
+        assert_eq!(one("content-type").as_deref(), Some("application/json"));
+        assert_eq!(h.get_all("x-tag").iter().count(), 2);
+        assert_eq!(one("content-length").as_deref(), Some("7"));
+
+        // A broker's id that cannot be a header value is left out, not
+        // made up.
+        let r = build_request(&claimed("bad\nid", &[]), 1).unwrap();
+        assert!(r.headers().get("ce-id").is_none());
+        assert_eq!(
+            r.headers().get("nimbus-attempt").unwrap().to_str().unwrap(),
+            "1"
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ fn tick_event(function: &str, schedule: &Schedule, key: &str, tick: i64) -> NewI
             ("content-type".into(), content_type.into()),
             ("ce-subject".into(), key.to_owned()),
         ],
-        body: payload.into_bytes(),
+        body: payload.into_bytes().into(),
         ce_source: format!("/nimbus/schedule/{function}"),
         ce_type: "nimbus.schedule".into(),
         ce_time: Some(tick),

@@ -142,7 +142,7 @@ pub fn new_invocation(
         method: method.as_str().to_owned(),
         path: path_and_query.to_owned(),
         headers: stored,
-        body: body.to_vec(),
+        body,
         ce_source,
         ce_type,
         ce_time: None,
@@ -332,7 +332,7 @@ async fn accept_object_events(
     // Each record's invocation starts from the request without its body
     // (a notification can be large and hold many records).
     let mut template = new;
-    template.body = Vec::new();
+    template.body = Bytes::new();
     template
         .headers
         .retain(|(k, _)| k != "content-type" && k != "content-length" && k != "ce-subject");
@@ -349,7 +349,7 @@ async fn accept_object_events(
         if let Some(idem) = &mut one.idempotency {
             idem.key = format!("{}#{i}", idem.key);
         }
-        one.body = serde_json::to_vec(&e.to_json()).unwrap_or_default();
+        one.body = serde_json::to_vec(&e.to_json()).unwrap_or_default().into();
         match intake.accept(one).await {
             Ok(q) => {
                 tracing::info!(

@@ -250,7 +250,7 @@ fn notice(function: &str, version: u64, alert: &Alert, change: &Change, now: i64
         method: "POST".into(),
         path: "/".into(),
         headers: vec![("content-type".into(), "application/json".into())],
-        body: serde_json::to_vec(&body).unwrap_or_default(),
+        body: serde_json::to_vec(&body).unwrap_or_default().into(),
         ce_source: format!("/nimbus/functions/{function}/alerts"),
         ce_type: format!("nimbus.alert.{state}"),
         ce_time: Some(now),

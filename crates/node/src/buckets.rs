@@ -261,7 +261,9 @@ fn object_event(
             ("content-type".into(), "application/json".into()),
             ("ce-subject".into(), info.key.clone()),
         ],
-        body: serde_json::to_vec(&event.to_json()).unwrap_or_default(),
+        body: serde_json::to_vec(&event.to_json())
+            .unwrap_or_default()
+            .into(),
         ce_source: format!("/nimbus/bucket/{bucket}"),
         ce_type: change.ce_type().to_owned(),
         ce_time: None,

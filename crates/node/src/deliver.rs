@@ -21,7 +21,7 @@ impl Deliver for NodeDeliver {
                 method: "POST".into(),
                 path: "/".into(),
                 headers: m.headers,
-                body: m.body,
+                body: m.body.into(),
                 ce_source: m.ce_source,
                 ce_type: m.ce_type,
                 ce_time: None,

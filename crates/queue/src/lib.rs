@@ -141,7 +141,9 @@ pub struct NewInvocation {
     /// Path and query.
     pub path: String,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// Shared, so each attempt's request and a dead-letter copy take no
+    /// copy of it.
+    pub body: bytes::Bytes,
     /// CloudEvents `source` and `type`.
     pub ce_source: String,
     pub ce_type: String,
@@ -193,7 +195,9 @@ pub struct Claimed {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// Shared, so each attempt's request and a dead-letter copy take no
+    /// copy of it.
+    pub body: bytes::Bytes,
     pub ce_source: String,
     pub ce_type: String,
     pub ce_time: i64,

@@ -223,7 +223,7 @@ fn insert(conn: &Connection, new: &NewInvocation, now: i64) -> Result<String, Qu
         new.method,
         new.path,
         headers,
-        new.body,
+        &new.body[..],
         new.ce_source,
         new.ce_type,
         new.ce_time.unwrap_or(now),
@@ -309,7 +309,7 @@ fn claimed_from_row(r: &Row<'_>) -> rusqlite::Result<(Claimed, String, String)> 
             method: r.get("method")?,
             path: r.get("path")?,
             headers: Vec::new(),
-            body: r.get("body")?,
+            body: r.get::<_, Vec<u8>>("body")?.into(),
             ce_source: r.get("ce_source")?,
             ce_type: r.get("ce_type")?,
             ce_time: r.get("ce_time")?,
@@ -733,7 +733,7 @@ mod tests {
             method: "POST".into(),
             path: "/".into(),
             headers: vec![("content-type".into(), "text/plain".into())],
-            body: b"payload".to_vec(),
+            body: bytes::Bytes::from_static(b"payload"),
             ce_source: "/test".into(),
             ce_type: "test".into(),
             ce_time: None,
@@ -773,7 +773,7 @@ mod tests {
             let e = q.enqueue(new("f")).await.unwrap();
             let claimed = q.claim("f", 10, now_ms()).await.unwrap();
             assert_eq!(claimed.len(), 1);
-            assert_eq!(claimed[0].body, b"payload");
+            assert_eq!(&claimed[0].body[..], b"payload");
             assert_eq!(claimed[0].headers[0].1, "text/plain");
             // Claimed work is not handed out twice.
             assert!(q.claim("f", 10, now_ms()).await.unwrap().is_empty());

@@ -168,19 +168,26 @@ struct AckInfo {
 }
 
 fn ack_info(reply: &str) -> Option<AckInfo> {
-    let tokens: Vec<&str> = reply.split('.').collect();
-    if tokens.get(..2) != Some(&["$JS", "ACK"]) {
-        return None;
-    }
-    let at = match tokens.len() {
+    // Runs once per message: no allocation.
+    let at = match reply.bytes().filter(|&b| b == b'.').count() + 1 {
         9 => 4,
         n if n >= 11 => 6,
         _ => return None,
     };
+    let mut tokens = reply.split('.');
+    if tokens.next() != Some("$JS") || tokens.next() != Some("ACK") {
+        return None;
+    }
+    let mut tokens = tokens.skip(at - 2);
+    let delivered = tokens.next()?.parse().ok()?;
+    let stream_sequence = tokens.next()?.parse().ok()?;
+    // The consumer sequence.
+    tokens.next()?;
+    let timestamp_ns = tokens.next()?.parse().ok()?;
     Some(AckInfo {
-        delivered: tokens.get(at)?.parse().ok()?,
-        stream_sequence: tokens.get(at + 1)?.parse().ok()?,
-        timestamp_ns: tokens.get(at + 3)?.parse().ok()?,
+        delivered,
+        stream_sequence,
+        timestamp_ns,
     })
 }
 
@@ -560,5 +567,7 @@ mod tests {
         );
         assert_eq!(ack_info("_INBOX.x"), None);
         assert_eq!(ack_info("$JS.ACK.a.b.c"), None);
+        assert_eq!(ack_info("$JS.NAK.ORDERS.nimbus-f.3.120.117.17.5"), None);
+        assert_eq!(ack_info("$JS.ACK.ORDERS.nimbus-f.x.120.117.17.5"), None);
     }
 }

@@ -292,11 +292,18 @@ impl Client {
         reply: Option<&str>,
         payload: &[u8],
     ) -> Result<(), SourceError> {
-        let mut bytes = match reply {
-            Some(r) => format!("PUB {subject} {r} {}\r\n", payload.len()),
-            None => format!("PUB {subject} {}\r\n", payload.len()),
+        // Written by hand: this runs once per acknowledgement.
+        let reply = reply.unwrap_or("");
+        let mut bytes = Vec::with_capacity(subject.len() + reply.len() + payload.len() + 32);
+        bytes.extend_from_slice(b"PUB ");
+        bytes.extend_from_slice(subject.as_bytes());
+        bytes.push(b' ');
+        if !reply.is_empty() {
+            bytes.extend_from_slice(reply.as_bytes());
+            bytes.push(b' ');
         }
-        .into_bytes();
+        push_decimal(&mut bytes, payload.len());
+        bytes.extend_from_slice(b"\r\n");
         bytes.extend_from_slice(payload);
         bytes.extend_from_slice(b"\r\n");
         self.send(bytes).await
@@ -489,6 +496,21 @@ async fn read_loop(
     }
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,6 +532,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn decimals_are_written() {
+        for n in [0, 7, 10, 4096, usize::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
     }
 
     #[test]
