@@ -151,13 +151,17 @@ async fn drain_redis(
                     .unwrap_or_default()
             })
             .unwrap_or_default();
-        for e in entries {
-            if let Some(id) = e.into_array().into_iter().next().and_then(|v| v.as_text()) {
-                acker
-                    .cmd(&[b"XACK", stream.as_bytes(), group.as_bytes(), id.as_bytes()])
-                    .await?;
-                done += 1;
-            }
+        // Each read's entries are acknowledged with one XACK, as Nimbus
+        // acknowledges whatever finished while its previous XACK was out.
+        let ids: Vec<String> = entries
+            .into_iter()
+            .filter_map(|e| e.into_array().into_iter().next().and_then(|v| v.as_text()))
+            .collect();
+        if !ids.is_empty() {
+            let mut args: Vec<&[u8]> = vec![b"XACK", stream.as_bytes(), group.as_bytes()];
+            args.extend(ids.iter().map(|id| id.as_bytes()));
+            acker.cmd(&args).await?;
+            done += ids.len();
         }
     }
     Ok(count as f64 / start.elapsed().as_secs_f64())

@@ -13,12 +13,17 @@ use crate::{BoxFuture, Deliver, EventSource, Message, SourceError, StatusCell, V
 use nimbus_manifest::RedisStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How long one XREADGROUP waits for new entries.
 const BLOCK_MS: &str = "2000";
 /// This node's consumer name within the group.
 const CONSUMER: &str = "nimbus";
+/// Most entries one XACK carries.
+const MAX_ACK_BATCH: usize = 1024;
+
+/// An entry to acknowledge, and who waits for the answer.
+type AckRequest = (String, oneshot::Sender<Result<(), SourceError>>);
 
 pub struct RedisStreamSource {
     function: String,
@@ -163,6 +168,48 @@ impl RedisStreamSource {
     }
 
     /// One connected session: returns only on a broker error.
+    /// Acknowledges entries on `conn`: one XACK carries every entry whose
+    /// function finished while the previous XACK was on its way, so a busy
+    /// source pays one round trip per batch, not per entry. Each request
+    /// is answered once its XACK was, so an entry leaves `in_flight` only
+    /// once the group no longer holds it pending. Ends when every sender
+    /// is gone, or at the first failed XACK.
+    fn acknowledge(self: Arc<Self>, mut conn: Conn) -> mpsc::UnboundedSender<AckRequest> {
+        // Unbounded in type only: each request holds one of the source's
+        // slots until it is answered.
+        let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
+        tokio::spawn(async move {
+            let mut batch: Vec<AckRequest> = Vec::new();
+            while let Some(first) = rx.recv().await {
+                batch.push(first);
+                while batch.len() < MAX_ACK_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let mut args: Vec<&[u8]> = Vec::with_capacity(batch.len() + 3);
+                args.extend([
+                    b"XACK".as_slice(),
+                    self.stream.as_bytes(),
+                    self.group.as_bytes(),
+                ]);
+                args.extend(batch.iter().map(|(id, _)| id.as_bytes()));
+                let result = conn.cmd(&args).await.map(|_| ());
+                let broken = result.is_err();
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(result.clone());
+                }
+                if broken {
+                    // The session sees the channel closed and reconnects;
+                    // the entries come back as its own pending ones.
+                    break;
+                }
+            }
+        });
+        tx
+    }
+
     async fn session(
         self: &Arc<Self>,
         deliver: &Arc<dyn Deliver>,
@@ -176,7 +223,7 @@ impl RedisStreamSource {
         for conn in [&mut reader, &mut acker] {
             conn.cmd(&[b"CLIENT", b"SETNAME", name.as_bytes()]).await?;
         }
-        let acker = Arc::new(Mutex::new(acker));
+        let acker = self.clone().acknowledge(acker);
         self.ensure_group(&mut reader).await?;
         status.healthy();
         // Our own pending entries first: delivered before a crash or a
@@ -185,6 +232,11 @@ impl RedisStreamSource {
         let mut claim_cursor = "0-0".to_owned();
         let mut last_claim = Instant::now();
         loop {
+            if acker.is_closed() {
+                return Err(SourceError::Disconnected(
+                    "acknowledging entries failed".into(),
+                ));
+            }
             let first = slots
                 .clone()
                 .acquire_owned()
@@ -249,16 +301,17 @@ impl RedisStreamSource {
                     let verdict = deliver.deliver(this.message(entry)).await;
                     status.counted(&verdict);
                     if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
-                        let acked = acker
-                            .lock()
-                            .await
-                            .cmd(&[
-                                b"XACK",
-                                this.stream.as_bytes(),
-                                this.group.as_bytes(),
-                                id.as_bytes(),
-                            ])
-                            .await;
+                        let (done, answer) = oneshot::channel();
+                        let acked = match acker.send((id.clone(), done)) {
+                            Ok(()) => answer.await.unwrap_or_else(|_| {
+                                Err(SourceError::Disconnected(
+                                    "the acknowledging connection closed".into(),
+                                ))
+                            }),
+                            Err(_) => Err(SourceError::Disconnected(
+                                "the acknowledging connection closed".into(),
+                            )),
+                        };
                         if let Err(e) = acked {
                             // Redelivered after reconnection: at least once.
                             tracing::warn!(function = %this.function, entry = %id, error = %e, "could not acknowledge an entry");
