@@ -286,7 +286,14 @@ async fn redis_stream_source_recovers_from_a_broker_restart() {
     source_unhealthy(&node).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.spawn();
-    let mut conn = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
+    // Accepting connections is not answering: a Redis loading its
+    // append-only file refuses commands (LOADING) for a while.
+    let mut conn = eventually(
+        Duration::from_secs(60),
+        "the restarted redis to answer",
+        || async { Conn::connect(&Target::parse(&url).unwrap()).await.ok() },
+    )
+    .await;
     xadd_many(&mut conn, "work", N / 2, "after").await;
     eventually(Duration::from_secs(240), "every entry to run", || async {
         (recorder.executions().len() >= N).then_some(())

@@ -167,7 +167,6 @@ impl RedisStreamSource {
         Ok(read_reply(conn.cmd(&args).await?))
     }
 
-    /// One connected session: returns only on a broker error.
     /// Acknowledges entries on `conn`: one XACK carries every entry whose
     /// function finished while the previous XACK was on its way, so a busy
     /// source pays one round trip per batch, not per entry. Each request
@@ -210,6 +209,7 @@ impl RedisStreamSource {
         tx
     }
 
+    /// One connected session: returns only on a broker error.
     async fn session(
         self: &Arc<Self>,
         deliver: &Arc<dyn Deliver>,
@@ -303,15 +303,14 @@ impl RedisStreamSource {
                     if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
                         let (done, answer) = oneshot::channel();
                         let acked = match acker.send((id.clone(), done)) {
-                            Ok(()) => answer.await.unwrap_or_else(|_| {
-                                Err(SourceError::Disconnected(
-                                    "the acknowledging connection closed".into(),
-                                ))
-                            }),
-                            Err(_) => Err(SourceError::Disconnected(
+                            Ok(()) => answer.await.ok(),
+                            Err(_) => None,
+                        }
+                        .unwrap_or_else(|| {
+                            Err(SourceError::Disconnected(
                                 "the acknowledging connection closed".into(),
-                            )),
-                        };
+                            ))
+                        });
                         if let Err(e) = acked {
                             // Redelivered after reconnection: at least once.
                             tracing::warn!(function = %this.function, entry = %id, error = %e, "could not acknowledge an entry");
