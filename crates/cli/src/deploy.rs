@@ -42,6 +42,23 @@ pub fn build(manifest: &Manifest) -> anyhow::Result<()> {
         }
         done.push(step);
     }
+    // A build that succeeded but left no component would otherwise fail
+    // later, as a file the user is told to build.
+    for (name, f) in &manifest.functions {
+        if f.build.is_some() && !f.component.is_file() {
+            let moved = match std::env::var_os("CARGO_TARGET_DIR") {
+                Some(dir) => format!(
+                    "; CARGO_TARGET_DIR is set ({}) and moves cargo's output there: add `--target-dir target` to the command, or unset it",
+                    Path::new(&dir).display()
+                ),
+                None => String::new(),
+            };
+            bail!(
+                "the build command of `{name}` succeeded but left no component at {}: make the command write it there, or fix `component` in the manifest{moved}",
+                f.component.display()
+            );
+        }
+    }
     Ok(())
 }
 

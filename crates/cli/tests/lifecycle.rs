@@ -425,3 +425,70 @@ async fn new_components_serve_from_baseline_code_until_optimised() {
         .count();
     assert_eq!(baseline * 2, names.len(), "{names:?}");
 }
+
+/// `nimbus deploy --build` with the repository's nimbus.toml, the README's
+/// first command: its build steps put the examples where the manifest reads
+/// them even when the environment moves cargo's output elsewhere; a build
+/// step that leaves no component is refused before anything is deployed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_build_puts_components_where_the_manifest_reads_them() {
+    let node = Node::start();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let deploy_build = |manifest: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["deploy", "--build", manifest.to_str().unwrap()])
+            .env("NIMBUS_DATA_DIR", node.data_dir())
+            .env("CARGO_TARGET_DIR", elsewhere.path())
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("NIMBUS_URL")
+            .env_remove("NIMBUS_TOKEN")
+            .output()
+            .unwrap()
+    };
+
+    // A copy of the repository's manifest and examples, never built.
+    let copy = tempfile::tempdir().unwrap();
+    let root = repo_root();
+    std::fs::copy(root.join("nimbus.toml"), copy.path().join("nimbus.toml")).unwrap();
+    for file in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "hello/Cargo.toml",
+        "hello/src/lib.rs",
+        "api/Cargo.toml",
+        "api/src/lib.rs",
+    ] {
+        let to = copy.path().join("examples").join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(root.join("examples").join(file), to).unwrap();
+    }
+    let out = deploy_build(&copy.path().join("nimbus.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.get("/hello").await.text(), "Hello from Nimbus!\n");
+    assert_status(&node.get("/api/greet/ada").await, StatusCode::OK);
+
+    // A command that succeeds without writing the component.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nimbus.toml");
+    std::fs::write(
+        &path,
+        "[app]\nname = \"ghosts\"\n\n[functions.ghost]\ncomponent = \"out/ghost.wasm\"\nbuild = { command = \"true\" }\nroutes = [\"/ghost\"]\n",
+    )
+    .unwrap();
+    let out = deploy_build(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the build command of `ghost` succeeded but left no component at")
+            && stderr.contains("out/ghost.wasm")
+            && stderr.contains("CARGO_TARGET_DIR is set"),
+        "{stderr}"
+    );
+    assert_status(&node.get("/ghost").await, StatusCode::NOT_FOUND);
+    assert_eq!(node.get("/hello").await.text(), "Hello from Nimbus!\n");
+}
