@@ -116,6 +116,9 @@ pub struct FunctionDetail {
     #[serde(flatten)]
     pub summary: FunctionSummary,
     pub versions: Vec<VersionInfo>,
+    /// Health and counters of the function's event sources.
+    #[serde(default)]
+    pub sources: Vec<SourceHealth>,
 }
 
 /// `POST /v1/functions/{name}/rollback` body.

@@ -13,7 +13,7 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Local time of a Unix ms timestamp, for listings.
+/// A Unix ms timestamp as UTC date and time, for listings.
 pub fn when(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.strftime("%Y-%m-%d %H:%M:%S%.3fZ").to_string())

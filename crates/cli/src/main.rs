@@ -452,18 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.async_queued, s.async_running, s.dead_lettered
             );
             for src in &s.sources {
-                let health = if src.healthy { "healthy" } else { "UNHEALTHY" };
-                println!(
-                    "source      {} {} {health}: {} delivered, {} dead-lettered{}",
-                    src.function,
-                    src.source,
-                    src.delivered,
-                    src.dead_lettered,
-                    src.last_error
-                        .as_ref()
-                        .map(|e| format!(" (last error: {e})"))
-                        .unwrap_or_default()
-                );
+                println!("source      {} {}", src.function, source_line(src));
             }
             println!(
                 "engine      {} compiled, {} optimised, {} loaded from the artifact cache (fingerprint {})",
@@ -492,6 +481,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("error       {e}");
             }
             println!("component   sha256:{}", s.digest);
+            println!(
+                "state       {}, {} in flight, {} idle instance{}",
+                if s.loaded {
+                    "loaded"
+                } else {
+                    "on disk (the next request loads it)"
+                },
+                s.in_flight,
+                s.idle_instances,
+                if s.idle_instances == 1 { "" } else { "s" }
+            );
             println!("routes      {}", s.routes.join(" "));
             println!(
                 "limits      memory {} MiB, timeout {}, max_concurrency {}, max_body {} MiB",
@@ -500,7 +500,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.config.limits.max_concurrency.get(),
                 s.config.limits.max_body.get()
             );
-            println!("in flight   {}", s.in_flight);
+            if !s.config.reuse.is_fresh() {
+                println!(
+                    "reuse       an instance serves up to {} requests",
+                    s.config.reuse.get()
+                );
+            }
+            for src in &d.sources {
+                println!("source      {}", source_line(src));
+            }
+            for sched in &s.config.schedules {
+                println!("schedule    {} ({})", sched.cron, sched.timezone);
+            }
+            for b in &s.config.buckets {
+                let events: Vec<&str> = b.events.iter().map(|e| e.ce_type()).collect();
+                println!(
+                    "bucket      {}{} on {}",
+                    b.bucket,
+                    if b.prefix.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (keys starting {:?})", b.prefix)
+                    },
+                    events.join(", ")
+                );
+            }
             let rows: Vec<Vec<String>> = d
                 .versions
                 .iter()
@@ -513,15 +537,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             String::new()
                         },
                         v.digest.chars().take(12).collect(),
-                        v.created_at.to_string(),
+                        nimbus_cli::invocations::when(v.created_at),
                     ]
                 })
                 .collect();
             println!();
-            print!(
-                "{}",
-                table(&["VERSION", "", "DIGEST", "CREATED (unix ms)"], &rows)
-            );
+            print!("{}", table(&["VERSION", "", "DIGEST", "CREATED"], &rows));
             Ok(())
         }
         Command::Invoke {
@@ -762,4 +783,19 @@ fn print_deploy(resp: &DeployResponse, gateway: &str, format: Format) -> anyhow:
         println!("app {} is up to date: nothing changed", resp.app);
     }
     Ok(())
+}
+
+/// A source's key, health and counters, as `nimbus status` shows them.
+fn source_line(src: &nimbus_api::SourceHealth) -> String {
+    format!(
+        "{} {}: {} delivered, {} dead-lettered{}",
+        src.source,
+        if src.healthy { "healthy" } else { "UNHEALTHY" },
+        src.delivered,
+        src.dead_lettered,
+        src.last_error
+            .as_ref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    )
 }

@@ -388,9 +388,22 @@ async fn broker_passwords_never_show() {
     let text = String::from_utf8_lossy(&node.cli(&["status"]).stdout).into_owned();
     let logs = String::from_utf8_lossy(&node.cli(&["logs", "consume"]).stdout).into_owned();
     let ls = String::from_utf8_lossy(&node.cli(&["ls"]).stdout).into_owned();
+    // The function's own status lists its source, healthy, with what it
+    // delivered.
+    let detail = eventually(Duration::from_secs(10), "the source's count", || async {
+        let text = String::from_utf8_lossy(&node.cli(&["status", "consume"]).stdout).into_owned();
+        text.contains(":orders healthy: 3 delivered, 0 dead-lettered")
+            .then_some(text)
+    })
+    .await;
+    let detail_json =
+        String::from_utf8_lossy(&node.cli(&["status", "consume", "-o", "json"]).stdout)
+            .into_owned();
     for (what, seen) in [
         ("status -o json", &status),
         ("status", &text),
+        ("status consume", &detail),
+        ("status consume -o json", &detail_json),
         ("logs", &logs),
         ("ls", &ls),
         ("the node's log", &node.log()),

@@ -387,6 +387,12 @@ fn detail(state: &NodeState, name: &str) -> Result<Response, ApiError> {
         &FunctionDetail {
             summary: summary(state, &record),
             versions,
+            sources: state
+                .sources
+                .statuses()
+                .into_iter()
+                .filter(|s| s.function == name.as_str())
+                .collect(),
         },
     ))
 }
