@@ -12,6 +12,7 @@
 //! [`FunctionRuntime::invoke`] call.
 
 mod artifact;
+mod epoch;
 mod limits;
 pub mod outbound;
 mod output;

@@ -4,6 +4,7 @@
 //! the previous instance stay off the request's path.
 
 use crate::artifact::{ArtifactStore, ComponentDigest};
+use crate::epoch::{EpochTicker, Ticking};
 use crate::limits::*;
 use crate::outbound::{self, Denial, OutboundPolicy};
 use crate::output::{FunctionOutput, OutputTag};
@@ -159,7 +160,8 @@ struct Core {
     compiled: AtomicU64,
     optimized: AtomicU64,
     loaded_from_disk: AtomicU64,
-    ticker_stop: Arc<AtomicBool>,
+    /// Advances both engines' epochs while any store exists.
+    ticker: Arc<EpochTicker>,
     /// Reference point of the versions' idle clocks.
     epoch: Instant,
     /// Prepared instances waiting, across all functions.
@@ -179,7 +181,7 @@ struct Linked {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -246,8 +248,7 @@ impl Engine {
         )))?;
 
         let pool = inner.pooling_allocator_metrics();
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(vec![inner.weak(), baseline.weak()], ticker_stop.clone())
+        let ticker = EpochTicker::spawn(vec![inner.weak(), baseline.weak()])
             .map_err(EngineError::io("starting the epoch ticker"))?;
 
         Ok(Self {
@@ -264,7 +265,7 @@ impl Engine {
                 compiled: AtomicU64::new(0),
                 optimized: AtomicU64::new(0),
                 loaded_from_disk: AtomicU64::new(0),
-                ticker_stop,
+                ticker,
                 epoch: Instant::now(),
                 prepared: AtomicUsize::new(0),
                 pool,
@@ -526,6 +527,7 @@ impl Core {
             PREINIT_MEMORY_BYTES,
             Arc::new(AtomicU64::new(0)),
             started + PREINIT_TIMEOUT,
+            self.ticker.ticking(),
         );
         let mut store = Store::new(&self.baseline, host);
         store.limiter(|host| &mut host.limiter);
@@ -649,32 +651,6 @@ impl Core {
         }
         Self::compile_tiered(core, digest, &bytes)
     }
-}
-
-/// Increments the engines' epochs every [`EPOCH_TICK`] on a dedicated
-/// thread until `stop` is set or the engines are dropped.
-fn spawn_epoch_ticker(
-    engines: Vec<wasmtime::EngineWeak>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("nimbus-epoch".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                let mut alive = false;
-                for engine in &engines {
-                    if let Some(engine) = engine.upgrade() {
-                        engine.increment_epoch();
-                        alive = true;
-                    }
-                }
-                if !alive {
-                    break;
-                }
-            }
-        })
-        .map(drop)
 }
 
 /// One deployed version of a function, ready to serve.
@@ -968,6 +944,7 @@ impl FunctionRuntime {
             f.spec.limits.memory_bytes,
             peak_memory,
             deadline,
+            f.core.ticker.ticking(),
         );
         let mut store = Store::new(linked.pre.engine(), host);
         store.limiter(|host| &mut host.limiter);
@@ -1310,19 +1287,24 @@ struct Host {
     hooks: Hooks,
     limiter: Limiter,
     deadline: Instant,
+    /// Keeps the epochs advancing while the store exists.
+    _ticking: Ticking,
 }
 
 impl Host {
     /// A store's state: `wasi` and `hooks` as given, linear memory capped
-    /// at `memory_bytes` (its peak kept in `peak`), until `deadline`.
+    /// at `memory_bytes` (its peak kept in `peak`), until `deadline`; the
+    /// epochs advance while it lives (`ticking`).
     fn new(
         wasi: WasiCtx,
         hooks: Hooks,
         memory_bytes: u64,
         peak: Arc<AtomicU64>,
         deadline: Instant,
+        ticking: Ticking,
     ) -> Self {
         Self {
+            _ticking: ticking,
             table: ResourceTable::new(),
             wasi,
             http: WasiHttpCtx::new(),
