@@ -748,7 +748,7 @@ impl AmqpSource {
         let tag = format!("nimbus:{}", self.function);
         // The broker sends at most `prefetch` unacknowledged messages: those
         // running and, but for one slot, as many again waiting.
-        let prefetch = crate::wire::room(self.concurrency).min(u16::MAX as usize) as u16;
+        let prefetch = crate::wire::room(self.concurrency, 0).min(u16::MAX as usize) as u16;
         let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
         status.healthy();
         let running = Arc::new(tokio::sync::Semaphore::new(self.concurrency as usize));

@@ -336,13 +336,9 @@ impl JetStreamSource {
     }
 
     /// Messages the consumer holds (running, waiting for a slot, or on
-    /// their way): twice the larger of `concurrency` and `batch`, so a pull
-    /// asks for a whole batch; with one slot, one message (order).
+    /// their way).
     fn room(&self) -> usize {
-        match self.concurrency {
-            1 => 1,
-            c => 2 * c.max(self.batch) as usize,
-        }
+        crate::wire::room(self.concurrency, self.batch)
     }
 
     fn message(&self, msg: Msg, info: &AckInfo) -> Message {

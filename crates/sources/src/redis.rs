@@ -101,6 +101,12 @@ impl RedisStreamSource {
         })
     }
 
+    /// Entries the source holds (running, waiting for a slot, or being
+    /// acknowledged).
+    fn room(&self) -> usize {
+        crate::wire::room(self.concurrency, self.batch)
+    }
+
     /// Creates the group at the end of the stream unless it exists.
     async fn ensure_group(&self, conn: &mut Conn) -> Result<(), SourceError> {
         match conn
@@ -214,7 +220,8 @@ impl RedisStreamSource {
         self: &Arc<Self>,
         deliver: &Arc<dyn Deliver>,
         status: &StatusCell,
-        slots: &Arc<Semaphore>,
+        room: &Arc<Semaphore>,
+        running: &Arc<Semaphore>,
     ) -> Result<(), SourceError> {
         let mut reader = Conn::connect(&self.target).await?;
         let mut acker = Conn::connect(&self.target).await?;
@@ -231,23 +238,26 @@ impl RedisStreamSource {
         let mut own_cursor = Some("0".to_owned());
         let mut claim_cursor = "0-0".to_owned();
         let mut last_claim = Instant::now();
+        let half = (self.room() / 2).max(1);
         loop {
             if acker.is_closed() {
                 return Err(SourceError::Disconnected(
                     "acknowledging entries failed".into(),
                 ));
             }
-            let first = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| SourceError::Disconnected("stopping".into()))?;
-            let mut held = vec![first];
-            while held.len() < self.batch as usize {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => held.push(p),
-                    Err(_) => break,
-                }
+            // A read asks for half the room once half the room is free:
+            // the other half still holds entries for the running slots, so
+            // functions do not starve while the next entries come, and a
+            // busy source pays one read per half-room of entries instead
+            // of one per freed slot.
+            let mut held = Vec::with_capacity(half);
+            while held.len() < half {
+                held.push(
+                    room.clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SourceError::Disconnected("stopping".into()))?,
+                );
             }
             let count = held.len().to_string();
             let batch = if let Some(cursor) = &own_cursor {
@@ -296,9 +306,14 @@ impl RedisStreamSource {
                 let deliver = deliver.clone();
                 let acker = acker.clone();
                 let status = status.clone();
+                let running = running.clone();
                 tokio::spawn(async move {
                     let id = entry.id.clone();
-                    let verdict = deliver.deliver(this.message(entry)).await;
+                    let message = this.message(entry);
+                    let verdict = {
+                        let _slot = running.acquire_owned().await;
+                        deliver.deliver(message).await
+                    };
                     status.counted(&verdict);
                     if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
                         let (done, answer) = oneshot::channel();
@@ -340,14 +355,15 @@ impl EventSource for RedisStreamSource {
         status: StatusCell,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let slots = Arc::new(Semaphore::new(self.concurrency as usize));
+            let room = Arc::new(Semaphore::new(self.room()));
+            let running = Arc::new(Semaphore::new(self.concurrency as usize));
             let this = self.clone();
             crate::wire::reconnecting(
                 "redis",
                 &self.function,
                 &self.stream,
                 status.clone(),
-                || this.session(&deliver, &status, &slots),
+                || this.session(&deliver, &status, &room, &running),
             )
             .await;
         })

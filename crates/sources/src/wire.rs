@@ -203,12 +203,16 @@ impl<'a> Cursor<'a> {
 }
 
 /// How many messages a consumer holds: those running and as many again
-/// waiting, so the next ones are already here when a slot frees up. With
-/// one slot, one message: waiting ones could take the slot out of order.
-pub(crate) fn room(concurrency: u32) -> usize {
+/// waiting, so the next ones are already here when a slot frees up. A
+/// consumer that reads (`batch`: the most one read asks for; 0 when the
+/// broker pushes) holds twice the larger of the two and reads once half is
+/// free, so a read fetches a whole batch while the other half keeps the
+/// slots busy. With one slot, one message: waiting ones could take the
+/// slot out of order.
+pub(crate) fn room(concurrency: u32, batch: u32) -> usize {
     match concurrency {
         1 => 1,
-        n => 2 * n as usize,
+        n => 2 * n.max(batch) as usize,
     }
 }
 
@@ -258,6 +262,18 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn room_fits_a_whole_read_in_each_half() {
+        // One slot: one message, so order holds.
+        assert_eq!(room(1, 16), 1);
+        // A pushing broker: the running ones and as many again.
+        assert_eq!(room(8, 0), 16);
+        // A reading consumer: each half holds a whole read...
+        assert_eq!(room(4, 16), 32);
+        // ...or the running ones, whichever is more.
+        assert_eq!(room(64, 16), 128);
+    }
 
     /// Concurrent sends share writes, yet each one's bytes arrive whole
     /// and once; after the peer is gone a send says so.
