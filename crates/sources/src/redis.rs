@@ -102,9 +102,16 @@ impl RedisStreamSource {
     }
 
     /// Entries the source holds (running, waiting for a slot, or being
-    /// acknowledged).
+    /// acknowledged): the running ones and as many again. Not more: an
+    /// entry waiting here stays pending in the group with its idle time
+    /// growing, so a long wait would let another consumer claim it.
     fn room(&self) -> usize {
-        crate::wire::room(self.concurrency, self.batch)
+        crate::wire::room(self.concurrency, 0)
+    }
+
+    /// Entries one read asks for: `batch`, at most half the room.
+    fn read_size(&self) -> usize {
+        (self.room() / 2).clamp(1, self.batch as usize)
     }
 
     /// Creates the group at the end of the stream unless it exists.
@@ -238,20 +245,20 @@ impl RedisStreamSource {
         let mut own_cursor = Some("0".to_owned());
         let mut claim_cursor = "0-0".to_owned();
         let mut last_claim = Instant::now();
-        let half = (self.room() / 2).max(1);
+        let read_size = self.read_size();
         loop {
             if acker.is_closed() {
                 return Err(SourceError::Disconnected(
                     "acknowledging entries failed".into(),
                 ));
             }
-            // A read asks for half the room once half the room is free:
-            // the other half still holds entries for the running slots, so
+            // A read waits until a whole read's worth of room is free: the
+            // entries still held keep the slots busy meanwhile, so
             // functions do not starve while the next entries come, and a
-            // busy source pays one read per half-room of entries instead
-            // of one per freed slot.
-            let mut held = Vec::with_capacity(half);
-            while held.len() < half {
+            // busy source pays one read per `batch` entries instead of one
+            // per freed slot.
+            let mut held = Vec::with_capacity(read_size);
+            while held.len() < read_size {
                 held.push(
                     room.clone()
                         .acquire_owned()
@@ -373,6 +380,30 @@ impl EventSource for RedisStreamSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_fill_half_the_room() {
+        let source = |concurrency, batch| {
+            let config: RedisStream = serde_json::from_value(
+                serde_json::json!({"url": "redis://127.0.0.1", "stream": "orders"}),
+            )
+            .unwrap();
+            RedisStreamSource::new("f", "redis://127.0.0.1", &config, concurrency, batch).unwrap()
+        };
+        // One slot: one entry at a time, in stream order.
+        assert_eq!((source(1, 16).room(), source(1, 16).read_size()), (1, 1));
+        // The running entries and as many again; reads of `batch`...
+        assert_eq!(
+            (source(16, 16).room(), source(16, 16).read_size()),
+            (32, 16)
+        );
+        assert_eq!(
+            (source(64, 16).room(), source(64, 16).read_size()),
+            (128, 16)
+        );
+        // ...at most half the room, so a read never waits for every slot.
+        assert_eq!((source(4, 16).room(), source(4, 16).read_size()), (8, 4));
+    }
 
     #[test]
     fn replies_become_entries() {
