@@ -204,11 +204,11 @@ impl<'a> Cursor<'a> {
 
 /// How many messages a consumer holds: those running and as many again
 /// waiting, so the next ones are already here when a slot frees up. A
-/// consumer that reads (`batch`: the most one read asks for; 0 when the
-/// broker pushes) holds twice the larger of the two and reads once half is
-/// free, so a read fetches a whole batch while the other half keeps the
-/// slots busy. With one slot, one message: waiting ones could take the
-/// slot out of order.
+/// consumer that pulls whole batches (JetStream: `batch`, the size of one
+/// pull; 0 for the others) holds twice the larger of the two and pulls
+/// once half is free, so a pull fetches a whole batch while the other half
+/// keeps the slots busy. With one slot, one message: waiting ones could
+/// take the slot out of order.
 pub(crate) fn room(concurrency: u32, batch: u32) -> usize {
     match concurrency {
         1 => 1,
@@ -269,7 +269,7 @@ mod tests {
         assert_eq!(room(1, 16), 1);
         // A pushing broker: the running ones and as many again.
         assert_eq!(room(8, 0), 16);
-        // A reading consumer: each half holds a whole read...
+        // A pulling consumer: each half holds a whole pull...
         assert_eq!(room(4, 16), 32);
         // ...or the running ones, whichever is more.
         assert_eq!(room(64, 16), 128);
