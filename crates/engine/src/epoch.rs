@@ -1,19 +1,20 @@
 //! The epoch ticker: advances the engines' epochs every [`EPOCH_TICK`]
-//! while any store exists, and sleeps while none does.
+//! while guest code can run (an instantiation or a call is under way), and
+//! sleeps once none has for [`EPOCH_LINGER`].
 //!
 //! Guests are interrupted by epoch deadlines: each tick makes a running
-//! guest yield to the executor and check its wall-clock deadline. Only a
-//! store can run guest code, so a node whose functions have all scaled to
-//! zero needs no ticks; without this gate the ticker alone would wake the
-//! idle process a hundred times a second.
+//! guest yield to the executor and check its wall-clock deadline. Idle
+//! instances (reusable, prepared or kept warm) run no code, so a node that
+//! serves nothing needs no ticks; without this gate the ticker alone would
+//! wake the idle process a hundred times a second.
 
-use crate::limits::EPOCH_TICK;
+use crate::limits::{EPOCH_LINGER, EPOCH_TICK};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// A thread incrementing the engines' epochs while stores are alive.
+/// A thread incrementing the engines' epochs while guests run.
 pub(crate) struct EpochTicker {
-    /// Stores alive: each holds a [`Ticking`].
+    /// Instantiations and calls under way: each holds a [`Ticking`].
     live: AtomicUsize,
     stop: AtomicBool,
     /// Epoch increments so far.
@@ -22,7 +23,7 @@ pub(crate) struct EpochTicker {
     thread: OnceLock<std::thread::Thread>,
 }
 
-/// Held by a store for its lifetime: the epochs advance while one exists.
+/// Held while guest code may run: the epochs advance while one exists.
 pub(crate) struct Ticking(Arc<EpochTicker>);
 
 impl Drop for Ticking {
@@ -52,11 +53,16 @@ impl EpochTicker {
     }
 
     fn run(&self, engines: &[wasmtime::EngineWeak]) {
+        // When a guest was last seen running; none since the last sleep.
+        let mut busy_at: Option<std::time::Instant> = None;
         while !self.stop.load(Ordering::SeqCst) {
-            if self.live.load(Ordering::SeqCst) == 0 {
-                // A store created after the check unparks the thread, and
+            if self.live.load(Ordering::SeqCst) > 0 {
+                busy_at = Some(std::time::Instant::now());
+            } else if busy_at.is_none_or(|at| at.elapsed() >= EPOCH_LINGER) {
+                // A guest starting after the check unparks the thread, and
                 // an unpark before `park` makes it return at once.
                 std::thread::park();
+                busy_at = None;
                 continue;
             }
             std::thread::sleep(EPOCH_TICK);
@@ -113,10 +119,10 @@ mod tests {
     }
 
     #[test]
-    fn ticks_only_while_a_store_exists() {
+    fn ticks_while_guests_run_and_a_second_after() {
         let engine = wasmtime::Engine::default();
         let ticker = EpochTicker::spawn(vec![engine.weak()]).unwrap();
-        // Ten ticks' worth of time without a store: none.
+        // Ten ticks' worth of time with no guest: none.
         assert_eq!(ticks_after(&ticker, EPOCH_TICK * 10), 0);
 
         let ticking = ticker.ticking();
@@ -125,7 +131,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the ticker did not wake");
             std::thread::sleep(EPOCH_TICK);
         }
-        // Two stores, one gone: still ticking.
+        // Two guests, one done: still ticking.
         let second = ticker.ticking();
         drop(ticking);
         let at = ticker.ticks();
@@ -134,9 +140,18 @@ mod tests {
             std::thread::sleep(EPOCH_TICK);
         }
         drop(second);
-        // At most the tick already under way when the last store left.
-        assert!(ticks_after(&ticker, EPOCH_TICK * 10) <= 1);
-        assert_eq!(ticks_after(&ticker, EPOCH_TICK * 10), 0);
+        // Ticking a while longer, so the next request of a burst wakes
+        // nothing...
+        let at = ticker.ticks();
+        while ticker.ticks() < at + 3 {
+            assert!(Instant::now() < deadline, "the ticker stopped at once");
+            std::thread::sleep(EPOCH_TICK);
+        }
+        // ...then asleep.
+        let asleep_by = Instant::now() + EPOCH_LINGER + Duration::from_secs(5);
+        while ticks_after(&ticker, EPOCH_TICK * 10) > 0 {
+            assert!(Instant::now() < asleep_by, "the ticker never slept");
+        }
         ticker.stop();
     }
 }

@@ -9,6 +9,11 @@ use std::time::Duration;
 /// latency added by a CPU-bound guest and the precision of timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// How long the epoch ticker keeps ticking once no guest runs before it
+/// sleeps. Steady traffic then never pays a wake-up of the ticker's thread
+/// per request, and an idle node still stops waking within a second.
+pub const EPOCH_LINGER: Duration = Duration::from_secs(1);
+
 /// Instances that may exist at once across all functions. Each slot reserves
 /// address space (not memory) for its linear memory; 1,000 slots keep the
 /// reservation far below the 128 TiB a 64-bit process can address while

@@ -4,7 +4,7 @@
 //! the previous instance stay off the request's path.
 
 use crate::artifact::{ArtifactStore, ComponentDigest};
-use crate::epoch::{EpochTicker, Ticking};
+use crate::epoch::EpochTicker;
 use crate::limits::*;
 use crate::outbound::{self, Denial, OutboundPolicy};
 use crate::output::{FunctionOutput, OutputTag};
@@ -160,7 +160,7 @@ struct Core {
     compiled: AtomicU64,
     optimized: AtomicU64,
     loaded_from_disk: AtomicU64,
-    /// Advances both engines' epochs while any store exists.
+    /// Advances both engines' epochs while guest code runs.
     ticker: Arc<EpochTicker>,
     /// Reference point of the versions' idle clocks.
     epoch: Instant,
@@ -517,6 +517,7 @@ impl Core {
     /// belongs to the component, which any number of functions may share.
     fn preinitialize(&self, digest: &ComponentDigest, bytes: &[u8]) -> Option<Vec<u8>> {
         let started = Instant::now();
+        let _ticking = self.ticker.ticking();
         let host = Host::new(
             WasiCtx::builder().build(),
             Hooks {
@@ -527,7 +528,6 @@ impl Core {
             PREINIT_MEMORY_BYTES,
             Arc::new(AtomicU64::new(0)),
             started + PREINIT_TIMEOUT,
-            self.ticker.ticking(),
         );
         let mut store = Store::new(&self.baseline, host);
         store.limiter(|host| &mut host.limiter);
@@ -944,7 +944,6 @@ impl FunctionRuntime {
             f.spec.limits.memory_bytes,
             peak_memory,
             deadline,
-            f.core.ticker.ticking(),
         );
         let mut store = Store::new(linked.pre.engine(), host);
         store.limiter(|host| &mut host.limiter);
@@ -956,9 +955,12 @@ impl FunctionRuntime {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
+        // Start functions are guest code: epochs advance while they run.
+        let ticking = f.core.ticker.ticking();
         let instantiated =
             tokio::time::timeout_at(deadline.into(), linked.pre.instantiate_async(&mut store))
                 .await;
+        drop(ticking);
         match instantiated {
             Ok(Ok(proxy)) => Ok((store, proxy, stdout, stderr)),
             Ok(Err(e)) => Err(classify(e, &store, &f.spec.limits, true)),
@@ -1147,6 +1149,8 @@ impl FunctionRuntime {
         let peak = peak_memory.clone();
         let mut call = Box::pin(async move {
             let f = &*this.inner;
+            // The epochs advance while the guest can run.
+            let ticking = f.core.ticker.ticking();
             let limits = f.spec.limits;
             let call = proxy
                 .wasi_http_incoming_handler()
@@ -1156,6 +1160,7 @@ impl FunctionRuntime {
                 Ok(Err(e)) => Err(classify(e, &store, &limits, false)),
                 Err(_) => Err(InvokeError::Timeout(limits.timeout)),
             };
+            drop(ticking);
             stdout.flush_pending();
             stderr.flush_pending();
             if let Err(e) = &result {
@@ -1287,24 +1292,19 @@ struct Host {
     hooks: Hooks,
     limiter: Limiter,
     deadline: Instant,
-    /// Keeps the epochs advancing while the store exists.
-    _ticking: Ticking,
 }
 
 impl Host {
     /// A store's state: `wasi` and `hooks` as given, linear memory capped
-    /// at `memory_bytes` (its peak kept in `peak`), until `deadline`; the
-    /// epochs advance while it lives (`ticking`).
+    /// at `memory_bytes` (its peak kept in `peak`), until `deadline`.
     fn new(
         wasi: WasiCtx,
         hooks: Hooks,
         memory_bytes: u64,
         peak: Arc<AtomicU64>,
         deadline: Instant,
-        ticking: Ticking,
     ) -> Self {
         Self {
-            _ticking: ticking,
             table: ResourceTable::new(),
             wasi,
             http: WasiHttpCtx::new(),
