@@ -506,6 +506,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.config.reuse.get()
                 );
             }
+            if !s.config.prewarm.is_none() {
+                let n = s.config.prewarm.get();
+                println!(
+                    "prewarm     {n} instance{} kept ready; never scales to zero",
+                    if n == 1 { "" } else { "s" }
+                );
+            }
             for src in &d.sources {
                 println!("source      {}", source_line(src));
             }

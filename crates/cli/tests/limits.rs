@@ -559,3 +559,154 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     assert!(summary(&node, cold[0].name.as_str()).await.loaded);
     assert_eq!(node.status().await.engine.compiled, 0);
 }
+
+/// The invocation log line of `reply`'s invocation.
+async fn invocation_line(node: &Node, reply: &nimbus_cli::client::Reply) -> serde_json::Value {
+    let id = reply.headers[nimbus_api::INVOCATION_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    eventually(
+        Duration::from_secs(5),
+        "the invocation's summary line",
+        || async {
+            node.log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["invocation_id"] == id.as_str() && l["faas.coldstart"].is_boolean())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarmed_functions_start_warm_and_never_scale_to_zero() {
+    let node = Node::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &[("NIMBUS_SCALE_TO_ZERO_AFTER", "1s")],
+    );
+    let g = guests();
+    node.deploy(&manifest(
+        "warm",
+        &[
+            ("ready", &g.testbed, "routes = [\"/ready/*\"]\nprewarm = 2"),
+            ("lazy", &g.testbed, "routes = [\"/lazy/*\"]"),
+        ],
+    ));
+    let ready = || async {
+        let s = summary(&node, "ready").await;
+        (s.loaded && s.idle_instances == 2).then_some(s)
+    };
+    // Without any request, once its optimised code is there: code in
+    // memory and two instances waiting.
+    eventually(Duration::from_secs(60), "two instances kept ready", ready).await;
+    // Past the scale-to-zero time, the other function has left memory and
+    // this one has not.
+    eventually(
+        Duration::from_secs(10),
+        "the other function to scale to zero",
+        || async { (!summary(&node, "lazy").await.loaded).then_some(()) },
+    )
+    .await;
+    let s = summary(&node, "ready").await;
+    assert!(s.loaded && s.idle_instances == 2, "{s:?}");
+
+    // Two requests at once each start on a waiting instance: no cold
+    // start, nothing instantiated on their path.
+    let (a, b) = tokio::join!(node.get("/ready/served"), node.get("/ready/served"));
+    for r in [&a, &b] {
+        assert_status(r, StatusCode::OK);
+        assert_eq!(r.text(), "1", "a fresh instance serves each request");
+        let line = invocation_line(&node, r).await;
+        assert_eq!(line["instance"], "prepared", "{line}");
+        assert_eq!(line["faas.coldstart"], false, "{line}");
+    }
+    // What they took is made again.
+    eventually(
+        Duration::from_secs(10),
+        "the instances to be refilled",
+        ready,
+    )
+    .await;
+    let metrics = node
+        .admin
+        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
+        .await
+        .unwrap()
+        .text();
+    let line = r#"faas_coldstarts_total{function="ready",version="1"} 0"#;
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "missing `{line}` in:\n{metrics}"
+    );
+
+    // `nimbus status` says so.
+    let out = node.cli(&["status", "ready"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("prewarm     2 instances kept ready; never scales to zero"),
+        "{text}"
+    );
+
+    // After a crash the node makes them again before any request.
+    let node = node.restart_after_kill9();
+    eventually(
+        Duration::from_secs(30),
+        "two instances ready after a restart",
+        || async {
+            let s = summary(&node, "ready").await;
+            (s.loaded && s.idle_instances == 2).then_some(())
+        },
+    )
+    .await;
+    let r = node.get("/ready/served").await;
+    assert_status(&r, StatusCode::OK);
+    let line = invocation_line(&node, &r).await;
+    assert_eq!(line["instance"], "prepared", "{line}");
+    assert_eq!(line["faas.coldstart"], false, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarm_beyond_what_a_function_may_run_is_refused() {
+    let node = Node::start();
+    let g = guests();
+    for (settings, expected) in [
+        (
+            "prewarm = 5\nlimits = { max_concurrency = 2 }",
+            "prewarm 5 is more than max_concurrency 2: lower prewarm or raise limits.max_concurrency",
+        ),
+        (
+            "prewarm = 101",
+            "invalid prewarm 101: use a whole number from 0 to 100",
+        ),
+    ] {
+        let out = node.deploy_cli(&manifest(
+            "toomany",
+            &[("t", &g.testbed, &format!("routes = [\"/t/*\"]\n{settings}"))],
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{settings}: accepted");
+        assert!(err.contains(expected), "{settings}: {err}");
+    }
+    // The admin API refuses what the manifest would.
+    let digest = "0".repeat(64);
+    let body = serde_json::json!({
+        "app": "toomany",
+        "functions": { "t": {
+            "component": digest,
+            "config": { "prewarm": 5, "limits": { "max_concurrency": 2 } }
+        } }
+    });
+    let r = node
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/deploy",
+            "application/json",
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(r.text().contains("invalid_config"), "{}", r.text());
+}

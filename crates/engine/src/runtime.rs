@@ -120,6 +120,9 @@ pub struct FunctionSpec {
     pub reuse: u32,
     /// Idle reusable instances kept at most (the function's concurrency).
     pub max_idle_instances: u32,
+    /// Instances kept instantiated ahead of requests (0: none). A version
+    /// that keeps some holds its code and never scales to zero.
+    pub prewarm: u32,
 }
 
 /// When a prepared version loads its compiled code.
@@ -337,6 +340,7 @@ impl Engine {
                 last_used_ms: AtomicU64::new(self.core.now_ms()),
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
+                warming: AtomicBool::new(false),
                 reuse,
                 policy: Arc::new(spec.outbound.clone()),
                 spec,
@@ -677,6 +681,8 @@ struct FunctionInner {
     idle: Mutex<Vec<Idle>>,
     /// Invocations from their start until their response body is done.
     running: AtomicUsize,
+    /// Set while a task tops the idle instances up to `prewarm`.
+    warming: AtomicBool,
     reuse: u32,
     policy: Arc<OutboundPolicy>,
     spec: FunctionSpec,
@@ -839,22 +845,29 @@ impl FunctionRuntime {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    /// Releases what idleness no longer justifies: reusable instances idle
+    /// Releases what idleness no longer justifies: idle instances unused
     /// for [`IDLE_INSTANCE_KEEP`], and the version's code once no invocation
     /// has started for `unload_after` (the compiled artifact stays on disk
-    /// and the next request maps it again). `None` never unloads.
+    /// and the next request maps it again). `None` never unloads. A version
+    /// with `prewarm` keeps its code and that many idle instances.
     pub fn trim(&self, unload_after: Option<Duration>) -> Trimmed {
         let f = &self.inner;
         let now = f.core.now_ms();
         let mut trimmed = Trimmed::default();
         if let Ok(mut idle) = f.idle.lock() {
-            let before = idle.len();
             let keep_ms = IDLE_INSTANCE_KEEP.as_millis() as u64;
-            idle.retain(|i| now.saturating_sub(i.since_ms) < keep_ms);
-            trimmed.instances = before - idle.len();
+            // Oldest first: instances join at the end.
+            let stale = idle
+                .iter()
+                .take_while(|i| now.saturating_sub(i.since_ms) >= keep_ms)
+                .count()
+                .min(idle.len().saturating_sub(self.prewarm()));
+            idle.drain(..stale);
+            trimmed.instances = stale;
         }
         let idle_ms = now.saturating_sub(f.last_used_ms.load(Ordering::Relaxed));
         if let Some(after) = unload_after
+            && f.spec.prewarm == 0
             && idle_ms >= after.as_millis() as u64
             && let Ok(mut pre) = f.pre.write()
             && pre.is_some()
@@ -868,6 +881,52 @@ impl FunctionRuntime {
             trimmed.unloaded = true;
         }
         trimmed
+    }
+
+    /// Instances this version keeps ready: `prewarm`, within its
+    /// concurrency.
+    fn prewarm(&self) -> usize {
+        let spec = &self.inner.spec;
+        spec.prewarm.min(spec.max_idle_instances) as usize
+    }
+
+    /// Whether the version keeps fewer idle instances than `prewarm` asks.
+    pub fn needs_warming(&self) -> bool {
+        let want = self.prewarm();
+        want > 0 && self.idle_instances() < want
+    }
+
+    /// Loads the code of a version with `prewarm` and instantiates
+    /// instances until that many wait for requests. Instances are made only
+    /// of optimised code (a new component serves from baseline code until
+    /// its optimising compile is done, then the next call fills up), and
+    /// within the node's cap of prepared instances. One call at a time per
+    /// version does the work; others return at once.
+    pub async fn warm(&self) {
+        let f = &self.inner;
+        if self.prewarm() == 0 || f.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&f.warming);
+        if self.code().await.is_err() {
+            return;
+        }
+        while self.needs_warming() {
+            if !self.prepare().await {
+                break;
+            }
+        }
+        if self.idle_instances() > 0 {
+            // Code and an instance ready ahead of the next request: it
+            // starts warm.
+            f.cold.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The version's linked code, loaded first if it is not in memory; the
@@ -985,23 +1044,24 @@ impl FunctionRuntime {
 
     /// Instantiates the version's optimised code ahead of its next request,
     /// when the code is loaded and the node has room for one more prepared
-    /// instance. Called after an HTTP request that ran alone, so only
-    /// functions in use hold prepared instances; like reusable ones they
-    /// are dropped after [`IDLE_INSTANCE_KEEP`] unused.
-    async fn prepare(&self) {
+    /// instance; returns whether it did. Called after an HTTP request that
+    /// ran alone, so only functions in use hold prepared instances; like
+    /// reusable ones they are dropped after [`IDLE_INSTANCE_KEEP`] unused,
+    /// except those a version keeps warm (`prewarm`).
+    async fn prepare(&self) -> bool {
         let f = &self.inner;
         let Some(linked) = f.pre.read().ok().and_then(|p| p.clone()) else {
-            return;
+            return false;
         };
         let room = f
             .idle
             .lock()
             .is_ok_and(|pool| pool.len() < f.spec.max_idle_instances as usize);
         if !linked.optimized || !room {
-            return;
+            return false;
         }
         let Some(ticket) = PreparedTicket::take(&f.core) else {
-            return;
+            return false;
         };
         // Replaced by the invocation's own tag when it starts.
         let tag = OutputTag {
@@ -1019,8 +1079,8 @@ impl FunctionRuntime {
             .instantiate(&linked, tag, None, peak.clone(), deadline)
             .await
         {
-            Ok((store, proxy, stdout, stderr)) => {
-                drop(self.keep(Idle {
+            Ok((store, proxy, stdout, stderr)) => self
+                .keep(Idle {
                     store,
                     proxy,
                     stdout,
@@ -1030,14 +1090,17 @@ impl FunctionRuntime {
                     since_ms: f.core.now_ms(),
                     optimized: true,
                     prepared: Some(ticket),
-                }));
+                })
+                .is_none(),
+            Err(e) => {
+                tracing::debug!(
+                    function = &*f.name,
+                    version = f.spec.version,
+                    error = %e,
+                    "cannot prepare an instance"
+                );
+                false
             }
-            Err(e) => tracing::debug!(
-                function = &*f.name,
-                version = f.spec.version,
-                error = %e,
-                "cannot prepare an instance"
-            ),
         }
     }
 
@@ -1202,7 +1265,14 @@ impl FunctionRuntime {
             // queued work and event sources (whose deliveries follow one
             // another) measured slower with it, so there the store is
             // dropped here and nothing is prepared.
-            if let Some(done) = kept {
+            // A version kept warm refills what this request took, off its
+            // path, whatever else is running.
+            if this.needs_warming() {
+                tokio::spawn(async move {
+                    drop(kept);
+                    this.warm().await;
+                });
+            } else if let Some(done) = kept {
                 if trigger == "http" && this.inner.running.load(Ordering::Relaxed) <= 1 {
                     tokio::spawn(async move {
                         drop(done);

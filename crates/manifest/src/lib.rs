@@ -29,7 +29,7 @@ pub use invocation::{
     CatchUp, Destination, Destinations, Period, RetryPolicy, Schedule, SignatureEncoding, Webhook,
     WebhookPreset,
 };
-pub use limits::{Limits, Reuse, Timeout};
+pub use limits::{Limits, Prewarm, Reuse, Timeout};
 pub use names::{AppName, BucketName, EnvName, FunctionName};
 pub use outbound::OutboundRule;
 pub use route::{Method, Route, RoutePattern};
@@ -59,6 +59,10 @@ pub struct FunctionConfig {
     /// functions or versions.
     #[serde(default, skip_serializing_if = "Reuse::is_fresh")]
     pub reuse: Reuse,
+    /// Instances kept ready ahead of requests (default 0). A function that
+    /// sets it keeps its code loaded and never scales to zero.
+    #[serde(default, skip_serializing_if = "Prewarm::is_none")]
+    pub prewarm: Prewarm,
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<OutboundRule>,
     /// How asynchronous invocations are retried.
@@ -79,6 +83,14 @@ pub struct FunctionConfig {
     /// Thresholds on the function's measures, sent to webhooks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<Alert>,
+}
+
+impl FunctionConfig {
+    /// Checks the rules that span several settings (each setting checks
+    /// its own value as it is read).
+    pub fn check(&self) -> Result<(), String> {
+        limits::check_prewarm(self.prewarm, &self.limits)
+    }
 }
 
 /// A parsed `nimbus.toml`.
@@ -205,6 +217,8 @@ struct RawFunction {
     #[serde(default)]
     reuse: Reuse,
     #[serde(default)]
+    prewarm: Prewarm,
+    #[serde(default)]
     allowed_outbound_hosts: Vec<OutboundRule>,
     #[serde(default)]
     retry: RetryPolicy,
@@ -299,6 +313,14 @@ impl Manifest {
 
         let mut seen = route::RouteIndex::default();
         for (name, f) in &raw.functions {
+            if let Err(e) = limits::check_prewarm(f.prewarm, &f.limits) {
+                return Err(ManifestError::at(
+                    path,
+                    text,
+                    None,
+                    format!("function `{name}`: {e}"),
+                ));
+            }
             if let Some(both) = f.secrets.keys().find(|k| f.env.contains_key(*k)) {
                 return Err(ManifestError::at(
                     path,
@@ -364,6 +386,7 @@ impl Manifest {
                     secrets: f.secrets,
                     limits: f.limits,
                     reuse: f.reuse,
+                    prewarm: f.prewarm,
                     allowed_outbound_hosts: f.allowed_outbound_hosts,
                     retry: f.retry,
                     destinations: f.destinations,
@@ -459,6 +482,42 @@ routes = [{ path = "/hooks/github", methods = ["POST"], webhook = { preset = "gi
         let json = serde_json::to_string(&f.config).unwrap();
         let back: FunctionConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, f.config);
+    }
+
+    #[test]
+    fn prewarm_fits_the_function_concurrency() {
+        let with = |settings: &str| {
+            parse(&format!(
+                "[app]\nname = \"a\"\n[functions.f]\ncomponent = \"f.wasm\"\n{settings}\n"
+            ))
+        };
+        let m = with("prewarm = 4\nlimits = { max_concurrency = 4 }").unwrap();
+        let config = &m.functions["f"].config;
+        assert_eq!(config.prewarm.get(), 4);
+        assert_eq!(config.check(), Ok(()));
+        // Kept off the wire when unset, so stored configs compare equal.
+        let plain = with("").unwrap();
+        assert!(plain.functions["f"].config.prewarm.is_none());
+        let json = serde_json::to_string(&plain.functions["f"].config).unwrap();
+        assert!(!json.contains("prewarm"), "{json}");
+
+        let e = with("prewarm = 5\nlimits = { max_concurrency = 4 }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("function `f`: prewarm 5 is more than max_concurrency 4: lower prewarm or raise limits.max_concurrency"),
+            "{e}"
+        );
+        let e = with("prewarm = -1").unwrap_err().to_string();
+        assert!(
+            e.contains("invalid prewarm -1: use a whole number from 0 to 100"),
+            "{e}"
+        );
+        // The same rules hold for a configuration sent without a manifest.
+        let sent = |json: &str| serde_json::from_str::<FunctionConfig>(json);
+        assert!(sent(r#"{"prewarm": 101}"#).is_err());
+        let config = sent(r#"{"prewarm": 9, "limits": {"max_concurrency": 8}}"#).unwrap();
+        assert!(config.check().unwrap_err().contains("max_concurrency 8"));
     }
 
     #[test]

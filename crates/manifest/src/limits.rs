@@ -16,6 +16,9 @@ pub const MAX_BODY_MIB: u64 = 16 * 1024;
 /// Largest `reuse` a function may set: an instance recycled at least every
 /// million requests keeps whatever a guest leaks bounded.
 pub const MAX_REUSE: u32 = 1_000_000;
+/// Largest `prewarm` a function may set: the node keeps at most 100
+/// prepared instances across all its functions.
+pub const MAX_PREWARM: u32 = 100;
 
 /// Limits of one function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -133,6 +136,33 @@ impl Default for Reuse {
     fn default() -> Self {
         Self::FRESH
     }
+}
+
+bounded_int!(
+    /// Instances kept instantiated ahead of requests, so that many
+    /// requests at once start without instantiating (0: none).
+    #[derive(Default)]
+    Prewarm(u32), 0u32, MAX_PREWARM, "prewarm"
+);
+
+impl Prewarm {
+    /// No instance kept ahead: the function scales to zero when idle.
+    pub fn is_none(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// Checks that `prewarm` fits the function's concurrency: instances kept
+/// ahead beyond `max_concurrency` could never all serve at once.
+pub fn check_prewarm(prewarm: Prewarm, limits: &Limits) -> Result<(), String> {
+    let max = limits.max_concurrency.get();
+    if prewarm.get() > max {
+        return Err(format!(
+            "prewarm {} is more than max_concurrency {max}: lower prewarm or raise limits.max_concurrency",
+            prewarm.get()
+        ));
+    }
+    Ok(())
 }
 
 bounded_int!(

@@ -51,6 +51,9 @@ impl From<ChangeError> for ApiError {
             ChangeError::Plan(crate::deploy::PlanError::BadDigest(_)) => {
                 Self(StatusCode::BAD_REQUEST, "bad_digest", msg)
             }
+            ChangeError::Plan(crate::deploy::PlanError::Invalid { .. }) => {
+                Self(StatusCode::BAD_REQUEST, "invalid_config", msg)
+            }
             ChangeError::Plan(_) => Self(StatusCode::CONFLICT, "conflict", msg),
             ChangeError::NoSuchFunction(_) => Self::not_found(msg),
             ChangeError::MissingComponent(_) => {

@@ -25,6 +25,8 @@ pub enum PlanError {
     },
     #[error("`{0}` is not a component digest: expected 64 lowercase hex digits (sha256)")]
     BadDigest(String),
+    #[error("function `{name}`: {reason}")]
+    Invalid { name: String, reason: String },
 }
 
 /// One function's part of a plan.
@@ -46,6 +48,10 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
         if nimbus_engine::ComponentDigest::parse(&f.component).is_none() {
             return Err(PlanError::BadDigest(f.component.clone()));
         }
+        f.config.check().map_err(|reason| PlanError::Invalid {
+            name: name.to_string(),
+            reason,
+        })?;
         let existing = by_name.get(name).copied();
         if let Some(r) = existing
             && r.app != request.app

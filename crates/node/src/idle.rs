@@ -1,9 +1,10 @@
 //! Scale to zero: a function nobody calls gives its memory back. Once a
 //! second (more often for short idle times), every serving version drops
-//! the reusable instances that have waited too long and, after
+//! the idle instances that have waited too long and, after
 //! `--scale-to-zero-after` without a request, its code too; the compiled
 //! artifact stays on disk, so the next request maps it again in well under
-//! a millisecond (a cold start).
+//! a millisecond (a cold start). Versions that keep instances warm
+//! (`prewarm`) are exempt, and the same sweep tops them up.
 
 use crate::state::NodeState;
 use nimbus_engine::ComponentDigest;
@@ -51,4 +52,5 @@ fn sweep(state: &NodeState, unload_after: Option<Duration>) {
             .collect();
         state.engine.retain_components(&keep);
     }
+    state.warm_up();
 }

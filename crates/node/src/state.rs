@@ -139,6 +139,7 @@ fn spec_of(
         outbound: OutboundPolicy::new(config.allowed_outbound_hosts.clone()),
         secrets: nimbus_telemetry::redact::Redactor::new(secrets.into_iter().map(|(_, v)| v)),
         reuse: config.reuse.get(),
+        prewarm: config.prewarm.get(),
         max_idle_instances: config.limits.max_concurrency.get(),
     })
 }
@@ -415,7 +416,20 @@ impl NodeState {
             *f = failed;
         }
         self.gateway.swap(RouteTable::new(deployed));
+        self.warm_up();
         self.settle(&records).await
+    }
+
+    /// Tops up the serving versions that keep instances warm (`prewarm`),
+    /// each on a task of its own: their code is loaded and their instances
+    /// made off any request's path.
+    pub fn warm_up(&self) {
+        for d in self.gateway.table().functions() {
+            if d.runtime.needs_warming() {
+                let runtime = d.runtime.clone();
+                tokio::spawn(async move { runtime.warm().await });
+            }
+        }
     }
 
     /// Builds and swaps in the table for `records`, reusing what serves
@@ -438,6 +452,7 @@ impl NodeState {
             });
         }
         self.gateway.swap(RouteTable::new(serving));
+        self.warm_up();
         let keep: Vec<ComponentDigest> = records
             .iter()
             .filter_map(|r| ComponentDigest::parse(&r.active.digest))
