@@ -126,10 +126,11 @@ class Node:
         return json.loads(out)
 
 
-def hello_manifest(component=HELLO, trial=None):
+def hello_manifest(component=HELLO, trial=None, prewarm=0):
     env = f'env = {{ TRIAL = "{trial}" }}\n' if trial is not None else ""
+    warm = f"prewarm = {prewarm}\n" if prewarm else ""
     return (f'[app]\nname = "bench"\n\n[functions.hello]\ncomponent = "{component}"\n'
-            f'routes = ["/hello"]\n{env}limits = {{ max_concurrency = 1000 }}\n')
+            f'routes = ["/hello"]\n{env}{warm}limits = {{ max_concurrency = 1000 }}\n')
 
 
 def scenarios_manifest():
@@ -396,6 +397,16 @@ def main():
         get(node.port)
         cold, warm, pauses = trial_pairs(scaled_to_zero)
         summarize("after scale to zero", cold, warm, pauses)
+        # The same idle waits on the same node, to the function with one
+        # instance kept ready (`prewarm = 1`): it never scales to zero.
+        node.deploy(hello_manifest(prewarm=1))
+        node.wait_optimized()
+        prewarmed = after_pauses(node.port, pauses, lambda: admin_get(node, "/v1/functions/hello"))
+        entry = results["cold_start"]["after scale to zero"]
+        entry["prewarm_after_pause_p50_us"] = percentile(prewarmed, 50) * 1e6
+        print(f"with prewarm = 1, after the same idle waits: p50 {entry['prewarm_after_pause_p50_us']:.0f} µs",
+              flush=True)
+        node.deploy(hello_manifest())
         # Its reference on a node that keeps the function loaded.
         node.stop()
         node.flags = []
@@ -596,6 +607,11 @@ def render(r, concurrency):
                      f"{e['warm_p50_us']:.0f} | {e['ratio_p50']:.2f} | "
                      + (f"{e['warm_after_pause_p50_us']:.0f} | {e['ratio_after_pause_p50']:.2f} |"
                         if "warm_after_pause_p50_us" in e else "| |"))
+    zero = r["cold_start"].get("after scale to zero", {})
+    if "prewarm_after_pause_p50_us" in zero:
+        lines += ["", f"The same function with `prewarm = 1` (an instance kept ready; it never scales to zero), "
+                  f"after the same idle waits on the same node: {zero['prewarm_after_pause_p50_us']:.0f} µs (p50), "
+                  f"against {zero['cold_p50_us']:.0f} µs for the cold start after scale to zero."]
     ctl = r.get("cold_start_control")
     if ctl:
         lines += ["", f"Control: the native hyper server answers in {ctl['native_back_to_back_p50_us']:.0f} µs (p50) "
