@@ -501,34 +501,14 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     let r = node.get("/z/served").await;
     assert_status(&r, StatusCode::OK);
     assert_eq!(r.text(), "1");
-    let id = r.headers[nimbus_api::INVOCATION_ID_HEADER]
-        .to_str()
-        .unwrap()
-        .to_owned();
     assert_eq!(node.status().await.engine.compiled, compiled);
     assert!(summary(&node, "z").await.loaded);
-    let metrics = node
-        .admin
-        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
-        .await
-        .unwrap()
-        .text();
-    let line = r#"faas_coldstarts_total{function="z",version="1"} 2"#;
-    assert!(
-        metrics.lines().any(|l| l == line),
-        "missing `{line}` in:\n{metrics}"
-    );
-    let log = eventually(
-        Duration::from_secs(5),
-        "the invocation's summary line",
-        || async {
-            let log = node.log();
-            log.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|l| l["invocation_id"] == id.as_str() && l["faas.coldstart"].is_boolean())
-        },
+    assert_metric(
+        &node,
+        r#"faas_coldstarts_total{function="z",version="1"} 2"#,
     )
     .await;
+    let log = invocation_line(&node, &r).await;
     assert_eq!(log["faas.coldstart"], true, "{log}");
 
     // A restart maps the most recently deployed functions (64) before it
@@ -558,6 +538,20 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     assert_eq!(node.get(&route).await.text(), "1");
     assert!(summary(&node, cold[0].name.as_str()).await.loaded);
     assert_eq!(node.status().await.engine.compiled, 0);
+}
+
+/// Asserts that the node's `/metrics` has `line`.
+async fn assert_metric(node: &Node, line: &str) {
+    let metrics = node
+        .admin
+        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "missing `{line}` in:\n{metrics}"
+    );
 }
 
 /// The invocation log line of `reply`'s invocation.
@@ -628,17 +622,11 @@ async fn prewarmed_functions_start_warm_and_never_scale_to_zero() {
         ready,
     )
     .await;
-    let metrics = node
-        .admin
-        .raw(Method::GET, "/metrics", "text/plain", Bytes::new())
-        .await
-        .unwrap()
-        .text();
-    let line = r#"faas_coldstarts_total{function="ready",version="1"} 0"#;
-    assert!(
-        metrics.lines().any(|l| l == line),
-        "missing `{line}` in:\n{metrics}"
-    );
+    assert_metric(
+        &node,
+        r#"faas_coldstarts_total{function="ready",version="1"} 0"#,
+    )
+    .await;
 
     // `nimbus status` says so.
     let out = node.cli(&["status", "ready"]);
