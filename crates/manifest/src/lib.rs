@@ -313,14 +313,6 @@ impl Manifest {
 
         let mut seen = route::RouteIndex::default();
         for (name, f) in &raw.functions {
-            if let Err(e) = limits::check_prewarm(f.prewarm, &f.limits) {
-                return Err(ManifestError::at(
-                    path,
-                    text,
-                    None,
-                    format!("function `{name}`: {e}"),
-                ));
-            }
             if let Some(both) = f.secrets.keys().find(|k| f.env.contains_key(*k)) {
                 return Err(ManifestError::at(
                     path,
@@ -421,7 +413,18 @@ impl Manifest {
                     },
                 )
             })
-            .collect();
+            .collect::<BTreeMap<FunctionName, FunctionManifest>>();
+        // The rules that span several settings, as the node applies them.
+        for (name, f) in &functions {
+            if let Err(e) = f.config.check() {
+                return Err(ManifestError::at(
+                    path,
+                    text,
+                    None,
+                    format!("function `{name}`: {e}"),
+                ));
+            }
+        }
         Ok(Self {
             path: path.to_owned(),
             app: raw.app.name,
