@@ -697,4 +697,38 @@ async fn prewarm_beyond_what_a_function_may_run_is_refused() {
         .unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
     assert!(r.text().contains("invalid_config"), "{}", r.text());
+
+    // Across apps, prewarm adds up to at most the node's 100 ready
+    // instances; every function below that gets all it asks for, whatever
+    // the others hold.
+    let warm = |app: &str, name: &str, n: u32| {
+        manifest(
+            app,
+            &[(
+                name,
+                &g.testbed,
+                &format!("routes = [\"/{name}/*\"]\nprewarm = {n}"),
+            )],
+        )
+    };
+    node.deploy(&warm("big", "big", 60));
+    let out = node.deploy_cli(&warm("more", "more", 41));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "41 more accepted");
+    assert!(
+        err.contains("prewarm adds up to 101 instances across the node (big: 60, more: 41), more than the 100 it keeps ready"),
+        "{err}"
+    );
+    node.deploy(&warm("more", "more", 40));
+    for (name, n) in [("big", 60), ("more", 40)] {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} instances ready for {name}"),
+            || async {
+                let s = summary(&node, name).await;
+                (s.idle_instances == n).then_some(s)
+            },
+        )
+        .await;
+    }
 }

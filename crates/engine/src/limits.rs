@@ -70,6 +70,19 @@ pub const IDLE_INSTANCE_KEEP: Duration = Duration::from_secs(30);
 /// of [`MAX_INSTANCES`] at most.
 pub const MAX_PREPARED_INSTANCES: usize = MAX_INSTANCES as usize / 10;
 
+/// Instances kept ready for functions with `prewarm`, across the node. They
+/// are counted apart from [`MAX_PREPARED_INSTANCES`], so neither kind can
+/// starve the other, and the node refuses a deploy whose `prewarm` values
+/// add up to more: what a function was promised it always gets. Another
+/// tenth of the pool.
+pub const MAX_PREWARMED_INSTANCES: u32 = MAX_INSTANCES / 10;
+
+/// How long a function with `prewarm` whose code could not be loaded (its
+/// compiled artifact missing or unreadable) waits before warming tries
+/// again. Requests still load the code on their own path; this only keeps
+/// the idle sweep, which runs every second, from repeating the same error.
+pub const PREWARM_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// No instance is prepared while this many instances exist: past half of
 /// the pool, its slots are left to requests that need them now.
 pub const PREPARE_BELOW_LIVE_INSTANCES: u64 = MAX_INSTANCES as u64 / 2;

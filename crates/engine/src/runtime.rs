@@ -167,8 +167,11 @@ struct Core {
     ticker: Arc<EpochTicker>,
     /// Reference point of the versions' idle clocks.
     epoch: Instant,
-    /// Prepared instances waiting, across all functions.
+    /// Instances prepared ahead of a lone request's successor, across all
+    /// functions, against [`MAX_PREPARED_INSTANCES`].
     prepared: AtomicUsize,
+    /// Instances kept ready for `prewarm`, against [`MAX_PREWARMED_INSTANCES`].
+    prewarmed: AtomicUsize,
     /// Instances alive in the optimising tier's pool.
     pool: Option<wasmtime::PoolingAllocatorMetrics>,
 }
@@ -271,6 +274,7 @@ impl Engine {
                 ticker,
                 epoch: Instant::now(),
                 prepared: AtomicUsize::new(0),
+                prewarmed: AtomicUsize::new(0),
                 pool,
             }),
             log_sink: None,
@@ -341,6 +345,7 @@ impl Engine {
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 warming: AtomicBool::new(false),
+                warm_retry_ms: AtomicU64::new(0),
                 reuse,
                 policy: Arc::new(spec.outbound.clone()),
                 spec,
@@ -683,6 +688,10 @@ struct FunctionInner {
     running: AtomicUsize,
     /// Set while a task tops the idle instances up to `prewarm`.
     warming: AtomicBool,
+    /// When warming may next load the code, on the core's clock, after it
+    /// failed to: a sweep then neither retries nor logs the error again
+    /// before [`PREWARM_RETRY_AFTER`].
+    warm_retry_ms: AtomicU64,
     reuse: u32,
     policy: Arc<OutboundPolicy>,
     spec: FunctionSpec,
@@ -750,27 +759,55 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
     }
 }
 
-/// Counts a prepared instance against [`MAX_PREPARED_INSTANCES`] until it
-/// serves or is dropped.
-struct PreparedTicket(Arc<Core>);
+/// Which of the node's budgets a prepared instance counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// Made after a request that ran alone, for the function's next one:
+    /// [`MAX_PREPARED_INSTANCES`], and only while the pool is less than
+    /// half in use.
+    Ahead,
+    /// Kept for a function with `prewarm`: [`MAX_PREWARMED_INSTANCES`],
+    /// which the node's deploys never promise past.
+    Prewarm,
+}
+
+/// Counts a prepared instance against its budget until it serves its first
+/// request or is dropped.
+struct PreparedTicket {
+    core: Arc<Core>,
+    budget: Budget,
+}
 
 impl PreparedTicket {
-    /// A ticket, unless the node holds as many prepared instances as it
-    /// may or its pool is more than half in use.
-    fn take(core: &Arc<Core>) -> Option<Self> {
-        let live = core.pool.as_ref().map_or(0, |p| p.component_instances());
-        if live >= PREPARE_BELOW_LIVE_INSTANCES {
-            return None;
-        }
-        let before = core.prepared.fetch_add(1, Ordering::Relaxed);
-        let ticket = Self(core.clone());
-        (before < MAX_PREPARED_INSTANCES).then_some(ticket)
+    /// A ticket, unless the budget is spent (or, for instances prepared
+    /// ahead, the pool is more than half in use).
+    fn take(core: &Arc<Core>, budget: Budget) -> Option<Self> {
+        let (count, max) = match budget {
+            Budget::Ahead => {
+                let live = core.pool.as_ref().map_or(0, |p| p.component_instances());
+                if live >= PREPARE_BELOW_LIVE_INSTANCES {
+                    return None;
+                }
+                (&core.prepared, MAX_PREPARED_INSTANCES)
+            }
+            Budget::Prewarm => (&core.prewarmed, MAX_PREWARMED_INSTANCES as usize),
+        };
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        let ticket = Self {
+            core: core.clone(),
+            budget,
+        };
+        (before < max).then_some(ticket)
     }
 }
 
 impl Drop for PreparedTicket {
     fn drop(&mut self) {
-        self.0.prepared.fetch_sub(1, Ordering::Relaxed);
+        let count = match self.budget {
+            Budget::Ahead => &self.core.prepared,
+            Budget::Prewarm => &self.core.prewarmed,
+        };
+        count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -900,8 +937,9 @@ impl FunctionRuntime {
     /// instances until that many wait for requests. Instances are made only
     /// of optimised code (a new component serves from baseline code until
     /// its optimising compile is done, then the next call fills up), and
-    /// within the node's cap of prepared instances. One call at a time per
-    /// version does the work; others return at once.
+    /// within the node's [`MAX_PREWARMED_INSTANCES`]. One call at a time per
+    /// version does the work; others return at once. Code that cannot be
+    /// loaded is tried again after [`PREWARM_RETRY_AFTER`].
     pub async fn warm(&self) {
         let f = &self.inner;
         if self.prewarm() == 0 || f.warming.swap(true, Ordering::AcqRel) {
@@ -914,11 +952,17 @@ impl FunctionRuntime {
             }
         }
         let _done = Done(&f.warming);
+        if f.core.now_ms() < f.warm_retry_ms.load(Ordering::Relaxed) {
+            return;
+        }
         if self.code().await.is_err() {
+            // `code` logged why; requests still try on their own path.
+            let retry = f.core.now_ms() + PREWARM_RETRY_AFTER.as_millis() as u64;
+            f.warm_retry_ms.store(retry, Ordering::Relaxed);
             return;
         }
         while self.needs_warming() {
-            if !self.prepare().await {
+            if !self.prepare(Budget::Prewarm).await {
                 break;
             }
         }
@@ -1043,12 +1087,13 @@ impl FunctionRuntime {
     }
 
     /// Instantiates the version's optimised code ahead of its next request,
-    /// when the code is loaded and the node has room for one more prepared
+    /// when the code is loaded and `budget` has room for one more prepared
     /// instance; returns whether it did. Called after an HTTP request that
-    /// ran alone, so only functions in use hold prepared instances; like
-    /// reusable ones they are dropped after [`IDLE_INSTANCE_KEEP`] unused,
-    /// except those a version keeps warm (`prewarm`).
-    async fn prepare(&self) -> bool {
+    /// ran alone ([`Budget::Ahead`]), so only functions in use hold prepared
+    /// instances; like reusable ones they are dropped after
+    /// [`IDLE_INSTANCE_KEEP`] unused. A version kept warm calls it for
+    /// `prewarm` ([`Budget::Prewarm`]) and keeps those.
+    async fn prepare(&self, budget: Budget) -> bool {
         let f = &self.inner;
         let Some(linked) = f.pre.read().ok().and_then(|p| p.clone()) else {
             return false;
@@ -1060,7 +1105,7 @@ impl FunctionRuntime {
         if !linked.optimized || !room {
             return false;
         }
-        let Some(ticket) = PreparedTicket::take(&f.core) else {
+        let Some(ticket) = PreparedTicket::take(&f.core, budget) else {
             return false;
         };
         // Replaced by the invocation's own tag when it starts.
@@ -1276,7 +1321,7 @@ impl FunctionRuntime {
                 if trigger == "http" && this.inner.running.load(Ordering::Relaxed) <= 1 {
                     tokio::spawn(async move {
                         drop(done);
-                        this.prepare().await;
+                        this.prepare(Budget::Ahead).await;
                     });
                 } else {
                     drop(done);

@@ -17,7 +17,8 @@ pub const MAX_BODY_MIB: u64 = 16 * 1024;
 /// million requests keeps whatever a guest leaks bounded.
 pub const MAX_REUSE: u32 = 1_000_000;
 /// Largest `prewarm` a function may set: the node keeps at most 100
-/// prepared instances across all its functions.
+/// instances ready across all its functions, and refuses a deploy whose
+/// `prewarm` values add up to more.
 pub const MAX_PREWARM: u32 = 100;
 
 /// Limits of one function.

@@ -27,6 +27,45 @@ pub enum PlanError {
     BadDigest(String),
     #[error("function `{name}`: {reason}")]
     Invalid { name: String, reason: String },
+    #[error(
+        "prewarm adds up to {total} instances across the node ({functions}), more than the {max} it keeps ready: lower prewarm on some of them"
+    )]
+    PrewarmTotal {
+        total: u64,
+        max: u32,
+        /// `name: prewarm` of each function that asks for some.
+        functions: String,
+    },
+}
+
+/// Refuses a set of active functions whose `prewarm` values add up past
+/// what the node keeps ready ([`nimbus_engine::MAX_PREWARMED_INSTANCES`]),
+/// so every function gets the instances it asks for. `active` is every
+/// function the node would serve after the change.
+pub fn check_prewarm<'a>(
+    active: impl IntoIterator<Item = (&'a FunctionName, &'a FunctionConfig)>,
+) -> Result<(), PlanError> {
+    let mut asking: Vec<(&FunctionName, u32)> = active
+        .into_iter()
+        .map(|(name, config)| (name, config.prewarm.get()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total: u64 = asking.iter().map(|(_, n)| u64::from(*n)).sum();
+    let max = nimbus_engine::MAX_PREWARMED_INSTANCES;
+    if total <= u64::from(max) {
+        return Ok(());
+    }
+    asking.sort();
+    let functions = asking
+        .iter()
+        .map(|(name, n)| format!("{name}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(PlanError::PrewarmTotal {
+        total,
+        max,
+        functions,
+    })
 }
 
 /// One function's part of a plan.
@@ -104,6 +143,13 @@ pub fn plan(current: &[FunctionRecord], request: &DeployRequest) -> Result<Vec<S
             }
         }
     }
+    check_prewarm(
+        current
+            .iter()
+            .filter(|r| r.app != request.app)
+            .map(|r| (&r.name, &r.active.config))
+            .chain(steps.iter().map(|s| (&s.name, &s.config))),
+    )?;
     for r in current.iter().filter(|r| r.app == request.app) {
         if !request.functions.contains_key(&r.name) {
             steps.push(Step {
@@ -199,6 +245,43 @@ mod tests {
                 ("h".into(), Change::Removed),
             ]
         );
+    }
+
+    #[test]
+    fn prewarm_adds_up_across_the_node() {
+        let warm = |app: &str, name: &str, route: &str, n: i64| {
+            let mut r = record(app, name, D1, route);
+            r.active.config.prewarm = n.try_into().unwrap();
+            r
+        };
+        let current = [warm("a", "f", "/f", 60), warm("a", "g", "/g", 0)];
+        let mut asking = request("b", &[("h", D1, "/h"), ("i", D1, "/i")]);
+        for (name, n) in [("h", 30), ("i", 11)] {
+            let f = asking.functions.get_mut(name).unwrap();
+            f.config.prewarm = i64::from(n).try_into().unwrap();
+        }
+        let e = plan(&current, &asking).unwrap_err();
+        assert_eq!(
+            e,
+            PlanError::PrewarmTotal {
+                total: 101,
+                max: 100,
+                functions: "f: 60, h: 30, i: 11".into(),
+            }
+        );
+        assert!(
+            e.to_string().contains("prewarm adds up to 101 instances across the node (f: 60, h: 30, i: 11), more than the 100 it keeps ready: lower prewarm on some of them"),
+            "{e}"
+        );
+        // Exactly the node's budget fits.
+        asking.functions.get_mut("i").unwrap().config.prewarm = 10i64.try_into().unwrap();
+        assert!(plan(&current, &asking).is_ok());
+        // An app's redeploy counts its new values, not the ones it replaces,
+        // nor those of the functions it removes.
+        let current = [warm("a", "f", "/f", 60), warm("a", "g", "/g", 40)];
+        let mut redeploy = request("a", &[("f", D1, "/f")]);
+        redeploy.functions.get_mut("f").unwrap().config.prewarm = 100i64.try_into().unwrap();
+        assert!(plan(&current, &redeploy).is_ok());
     }
 
     #[test]

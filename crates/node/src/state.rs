@@ -613,13 +613,20 @@ impl NodeState {
                 Load::Now,
             )
             .await?;
-        // Routes of the target version must still be free.
+        // Routes of the target version must still be free, and its
+        // `prewarm` must fit beside the others'.
         let others: Vec<FunctionRecord> = self
             .registry
             .functions()?
             .into_iter()
             .filter(|r| &r.name != name)
             .collect();
+        deploy::check_prewarm(
+            others
+                .iter()
+                .map(|r| (&r.name, &r.active.config))
+                .chain(std::iter::once((name, &target.config))),
+        )?;
         for route in &target.config.routes {
             for other in &others {
                 if let Some(o) = other
