@@ -771,6 +771,16 @@ enum Budget {
     Prewarm,
 }
 
+impl Budget {
+    /// The node's count of instances held against this budget.
+    fn count(self, core: &Core) -> &AtomicUsize {
+        match self {
+            Self::Ahead => &core.prepared,
+            Self::Prewarm => &core.prewarmed,
+        }
+    }
+}
+
 /// Counts a prepared instance against its budget until it serves its first
 /// request or is dropped.
 struct PreparedTicket {
@@ -782,17 +792,17 @@ impl PreparedTicket {
     /// A ticket, unless the budget is spent (or, for instances prepared
     /// ahead, the pool is more than half in use).
     fn take(core: &Arc<Core>, budget: Budget) -> Option<Self> {
-        let (count, max) = match budget {
+        let max = match budget {
             Budget::Ahead => {
                 let live = core.pool.as_ref().map_or(0, |p| p.component_instances());
                 if live >= PREPARE_BELOW_LIVE_INSTANCES {
                     return None;
                 }
-                (&core.prepared, MAX_PREPARED_INSTANCES)
+                MAX_PREPARED_INSTANCES
             }
-            Budget::Prewarm => (&core.prewarmed, MAX_PREWARMED_INSTANCES as usize),
+            Budget::Prewarm => MAX_PREWARMED_INSTANCES as usize,
         };
-        let before = count.fetch_add(1, Ordering::Relaxed);
+        let before = budget.count(core).fetch_add(1, Ordering::Relaxed);
         let ticket = Self {
             core: core.clone(),
             budget,
@@ -803,11 +813,9 @@ impl PreparedTicket {
 
 impl Drop for PreparedTicket {
     fn drop(&mut self) {
-        let count = match self.budget {
-            Budget::Ahead => &self.core.prepared,
-            Budget::Prewarm => &self.core.prewarmed,
-        };
-        count.fetch_sub(1, Ordering::Relaxed);
+        self.budget
+            .count(&self.core)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
