@@ -1319,14 +1319,19 @@ impl FunctionRuntime {
             // another) measured slower with it, so there the store is
             // dropped here and nothing is prepared.
             // A version kept warm refills what this request took, off its
-            // path, whatever else is running.
+            // path, whatever else is running, and holds no more than its
+            // `prewarm` (a refill that finished first leaves nothing to
+            // prepare ahead).
             if this.needs_warming() {
                 tokio::spawn(async move {
                     drop(kept);
                     this.warm().await;
                 });
             } else if let Some(done) = kept {
-                if trigger == "http" && this.inner.running.load(Ordering::Relaxed) <= 1 {
+                if trigger == "http"
+                    && this.prewarm() == 0
+                    && this.inner.running.load(Ordering::Relaxed) <= 1
+                {
                     tokio::spawn(async move {
                         drop(done);
                         this.prepare(Budget::Ahead).await;
