@@ -239,7 +239,11 @@ enum LogFormat {
     Text,
 }
 
-fn init_logging(format: Option<LogFormat>) {
+/// Installs the node's log formatter, writing to stdout through a thread
+/// of its own; the guard writes what is left when dropped.
+fn init_logging(
+    format: Option<LogFormat>,
+) -> anyhow::Result<nimbus_telemetry::console::Flusher<std::io::Stdout>> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
     });
@@ -248,7 +252,11 @@ fn init_logging(format: Option<LogFormat>) {
         Some(LogFormat::Text) => false,
         None => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (lines, flusher) = nimbus_telemetry::console::spawn(std::io::stdout())
+        .context("cannot start the log writer thread")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(LogOutput(lines));
     if json {
         builder
             .json()
@@ -257,6 +265,26 @@ fn init_logging(format: Option<LogFormat>) {
             .init();
     } else {
         builder.init();
+    }
+    Ok(flusher)
+}
+
+/// Where the formatter writes each line: the log writer thread's buffer.
+struct LogOutput(nimbus_telemetry::console::Lines<std::io::Stdout>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogOutput {
+    type Writer = nimbus_telemetry::console::LineWriter<'a, std::io::Stdout>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.0.writer()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        if *meta.level() <= tracing::Level::WARN {
+            self.0.urgent_writer()
+        } else {
+            self.0.writer()
+        }
     }
 }
 
@@ -295,7 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             otlp_endpoint,
             otlp_protocol,
         } => {
-            init_logging(*log_format);
+            let _log = init_logging(*log_format)?;
             // Config errors surface before any port is bound.
             let manifest = match deploy {
                 Some(path) => {

@@ -1,6 +1,6 @@
 //! `nimbus-telemetry` owns what the node measures about invocations and
-//! itself, and the Prometheus text rendering of it, and the store of
-//! function output (`logs`).
+//! itself, and the Prometheus text rendering of it, the store of function
+//! output (`logs`), and the writer of the node's own log lines (`console`).
 //!
 //! Recording is a handful of relaxed atomic increments per invocation, with
 //! no locks and no allocation, so it can stay on in production. Metric names
@@ -8,6 +8,7 @@
 //! (`faas.invocations`, `faas.errors`, `faas.timeouts`, `faas.coldstarts`,
 //! `faas.invoke_duration`), written the Prometheus way (`faas_invocations_total`).
 
+pub mod console;
 pub mod logs;
 pub mod redact;
 pub mod spans;

@@ -84,8 +84,22 @@ impl Node {
         self.dir.path().join("node.log")
     }
 
+    /// The node's log, with every line logged so far. The node writes its
+    /// lines from a thread of their own a few milliseconds after they are
+    /// logged, so this reads until the file has stopped growing for 100 ms
+    /// (for at most 5 s).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        let read = || std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now.len() == last.len() || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
     }
 
     /// Starts a node in a fresh temporary directory.
