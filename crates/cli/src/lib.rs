@@ -6,6 +6,7 @@
 pub mod client;
 pub mod deploy;
 pub mod invocations;
+pub mod logfmt;
 pub mod logs;
 pub mod objects;
 pub mod output;

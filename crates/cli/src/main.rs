@@ -258,11 +258,7 @@ fn init_logging(
         .with_env_filter(filter)
         .with_writer(LogOutput(lines));
     if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
+        builder.event_format(nimbus_cli::logfmt::JsonLines).init();
     } else {
         builder.init();
     }
