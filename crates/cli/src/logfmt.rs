@@ -248,16 +248,16 @@ mod tests {
     #[test]
     fn events_are_json_objects_with_every_field() {
         let out = Lines::default();
-        let subscriber = tracing_subscriber::fmt()
-            .event_format(JsonLines)
-            .with_writer({
-                let out = out.clone();
-                move || out.clone()
-            })
-            .finish();
+        let subscriber = || {
+            let out = out.clone();
+            tracing_subscriber::fmt()
+                .event_format(JsonLines)
+                .with_writer(move || out.clone())
+                .finish()
+        };
         let tricky = "quote \" backslash \\ newline \n tab \t bell \u{7} é 雲";
         let error = std::io::Error::other("disk \"full\"");
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber(), || {
             tracing::info!(
                 target: "nimbus::invocation",
                 id = %"abc",
@@ -275,14 +275,7 @@ mod tests {
         });
         // A `log` record, through the bridge `init` installs: its own
         // target, none of the bridge's fields.
-        let subscriber = tracing_subscriber::fmt()
-            .event_format(JsonLines)
-            .with_writer({
-                let out = out.clone();
-                move || out.clone()
-            })
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber(), || {
             let record = log::Record::builder()
                 .args(format_args!("from log"))
                 .level(log::Level::Warn)
