@@ -34,6 +34,11 @@ pub const MAX_PENDING_BYTES: usize = 1 << 20;
 /// the requests.
 pub const LINGER: Duration = Duration::from_millis(5);
 
+/// Lines written after the linger only while fewer bytes than this wait:
+/// a burst that fills half the buffer is written at once, before writers
+/// have to wait for room.
+const LINGER_BELOW: usize = MAX_PENDING_BYTES / 2;
+
 /// A buffer the writer thread keeps between batches at most; a bigger one
 /// (left by a burst) is given back.
 const KEEP_CAPACITY: usize = 64 << 10;
@@ -141,11 +146,13 @@ fn run<W: Write>(shared: &Shared<W>) {
             if s.pending.is_empty() {
                 return;
             }
-            if !s.closed && !s.urgent && s.pending.len() < MAX_PENDING_BYTES / 2 {
+            if !s.closed && !s.urgent && s.pending.len() < LINGER_BELOW {
                 s.lingering = true;
                 s = shared
                     .wake
-                    .wait_timeout_while(s, shared.linger, |s| !s.urgent && !s.closed)
+                    .wait_timeout_while(s, shared.linger, |s| {
+                        !s.urgent && !s.closed && s.pending.len() < LINGER_BELOW
+                    })
                     .map_or_else(|e| e.into_inner().0, |(s, _)| s);
                 s.lingering = false;
             }
@@ -209,13 +216,15 @@ impl<W: Write> Write for LineWriter<'_, W> {
             drop(s);
             return lock(&self.shared.out).write(buf);
         }
+        let below = s.pending.len() < LINGER_BELOW;
         s.pending.extend_from_slice(buf);
-        if self.urgent && !s.urgent {
-            s.urgent = true;
-            if s.lingering {
-                self.shared.wake.notify_one();
-            }
+        // A lingering writer thread is woken once: by the first urgent
+        // line, or by the line that fills half the buffer.
+        let filled = below && s.pending.len() >= LINGER_BELOW;
+        if s.lingering && ((self.urgent && !s.urgent) || filled) {
+            self.shared.wake.notify_one();
         }
+        s.urgent |= self.urgent;
         if s.idle {
             s.idle = false;
             self.shared.wake.notify_one();
@@ -383,6 +392,21 @@ mod tests {
         lines.writer().write_all(b"last\n").unwrap();
         drop(flusher);
         assert_eq!(text(&out), "info\nerror\nlast\n");
+    }
+
+    #[test]
+    fn a_burst_that_fills_half_the_buffer_cuts_the_linger_short() {
+        let out = Recorder::default();
+        let (lines, _flusher) = spawn_lingering(out.clone(), Duration::from_secs(3600)).unwrap();
+        let line = [b"y".repeat(1023), b"\n".to_vec()].concat();
+        for _ in 0..LINGER_BELOW / 1024 {
+            lines.writer().write_all(&line).unwrap();
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while text(&out).len() < LINGER_BELOW && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(text(&out).len(), LINGER_BELOW);
     }
 
     #[test]
