@@ -27,7 +27,7 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
-        // A `log` record's target and place, not the bridge's.
+        // For a `log` record, its own target and level, not the bridge's.
         let normalized = event.normalized_metadata();
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         writer.write_str("{\"timestamp\":\"")?;
@@ -53,7 +53,8 @@ struct Fields<'a, 'w> {
 
 impl Fields<'_, '_> {
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        // The `log` bridge's own fields: its record's target is the line's.
+        // Not the `log` bridge's own fields (`log.target`, `log.file`...):
+        // the line's `target` already names where a record came from.
         if self.result.is_ok() && !field.name().starts_with("log.") {
             self.result = self
                 .out
