@@ -95,6 +95,11 @@ pub struct FunctionSummary {
     /// 1) and ones prepared ahead of the next request.
     #[serde(default)]
     pub idle_instances: u64,
+    /// When its code is kept in memory, learnt from its idle times (absent
+    /// until they are predictable, or with `--keep-alive fixed`: then
+    /// `--scale-to-zero-after` applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<KeepAliveWindow>,
     /// Whether the node could load it (false: see `error`).
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,6 +174,17 @@ pub struct EngineCounters {
     pub optimized: u64,
     /// Compiled artifacts loaded from disk since the node started.
     pub loaded_from_cache: u64,
+}
+
+/// A function's learnt keep-alive window, in milliseconds after the start
+/// of its last invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepAliveWindow {
+    /// Its code is loaded again from here (0: it stays loaded after a
+    /// call).
+    pub load_at_ms: u64,
+    /// Its code leaves memory from here.
+    pub unload_at_ms: u64,
 }
 
 /// `GET /v1/status` response.

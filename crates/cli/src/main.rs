@@ -8,7 +8,7 @@ use nimbus_api::{
     NodeStatus, RollbackRequest,
 };
 use nimbus_cli::client::Admin;
-use nimbus_cli::output::{Format, table};
+use nimbus_cli::output::{Format, human_ms, table};
 use nimbus_manifest::Manifest;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -84,6 +84,17 @@ enum Command {
         /// function loaded.
         #[arg(long, env = "NIMBUS_SCALE_TO_ZERO_AFTER", default_value = "10m")]
         scale_to_zero_after: String,
+        /// How long idle code stays in memory: `adaptive` learns each
+        /// function's idle times and, once they are predictable, unloads its
+        /// code soon after a call and loads it again ahead of the next one
+        /// (`--scale-to-zero-after` applies until then); `fixed` applies
+        /// `--scale-to-zero-after` to every function.
+        #[arg(long, env = "NIMBUS_KEEP_ALIVE", default_value = "adaptive")]
+        keep_alive: String,
+        /// The bin width of the idle times `--keep-alive adaptive` learns:
+        /// 240 bins cover four hours at the default.
+        #[arg(long, env = "NIMBUS_KEEP_ALIVE_RESOLUTION", default_value = "1m")]
+        keep_alive_resolution: String,
         /// Export spans over OTLP to this collector, e.g.
         /// http://127.0.0.1:4318 (http) or http://127.0.0.1:4317 (grpc).
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -316,6 +327,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             object_store,
             no_metrics,
             scale_to_zero_after,
+            keep_alive,
+            keep_alive_resolution,
             otlp_endpoint,
             otlp_protocol,
         } => {
@@ -350,6 +363,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         nimbus_manifest::limits::parse_duration(text, "--scale-to-zero-after")
                             .map_err(|e| anyhow::anyhow!(e))?,
                     ),
+                },
+                adaptive_keep_alive: match keep_alive.as_str() {
+                    "fixed" => None,
+                    "adaptive" => {
+                        let bin = nimbus_manifest::limits::parse_duration(
+                            keep_alive_resolution,
+                            "--keep-alive-resolution",
+                        )
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                        if bin.is_zero() {
+                            anyhow::bail!(
+                                "--keep-alive-resolution must be longer than zero, e.g. \"1m\""
+                            );
+                        }
+                        Some(bin)
+                    }
+                    other => {
+                        anyhow::bail!("--keep-alive must be `adaptive` or `fixed`, not `{other}`")
+                    }
                 },
                 otlp: match otlp_endpoint {
                     Some(endpoint) => Some((endpoint.clone(), otlp_protocol.parse()?)),
@@ -516,6 +548,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.idle_instances,
                 if s.idle_instances == 1 { "" } else { "s" }
             );
+            if let Some(w) = s.keep_alive {
+                println!(
+                    "keep-alive  {} to {} after each call (learnt from its idle times)",
+                    if w.load_at_ms == 0 {
+                        "loaded".to_owned()
+                    } else {
+                        format!("unloaded, then loaded from {}", human_ms(w.load_at_ms))
+                    },
+                    human_ms(w.unload_at_ms)
+                );
+            }
             println!("routes      {}", s.routes.join(" "));
             println!(
                 "limits      memory {} MiB, timeout {}, max_concurrency {}, max_body {} MiB",

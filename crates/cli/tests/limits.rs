@@ -540,6 +540,73 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     assert_eq!(node.status().await.engine.compiled, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
+    // Idle times learnt in bins of 200 ms; the fixed window (an hour) would
+    // keep the function loaded throughout.
+    let node = Node::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &[
+            ("NIMBUS_SCALE_TO_ZERO_AFTER", "1h"),
+            ("NIMBUS_KEEP_ALIVE_RESOLUTION", "200ms"),
+        ],
+    );
+    let g = guests();
+    node.deploy(&manifest(
+        "tick",
+        &[("p", &g.testbed, "routes = [\"/p/*\"]")],
+    ));
+    // Nine calls 1.5 s apart: eight idle times, enough to predict the next.
+    for i in 0..9 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+        }
+        assert_status(&node.get("/p/served").await, StatusCode::OK);
+        if i < 8 {
+            let s = summary(&node, "p").await;
+            assert!(s.loaded && s.keep_alive.is_none(), "call {i}: {s:?}");
+        }
+    }
+    let w = summary(&node, "p")
+        .await
+        .keep_alive
+        .expect("a window learnt from eight regular idle times");
+    assert!(
+        (1_000..1_500).contains(&w.load_at_ms) && w.unload_at_ms > 1_500,
+        "{w:?}"
+    );
+
+    // Right after the call the code leaves memory...
+    eventually(
+        Duration::from_secs(5),
+        "the code to leave memory",
+        || async { (!summary(&node, "p").await.loaded).then_some(()) },
+    )
+    .await;
+    // ...and comes back ahead of the next call, which starts warm.
+    eventually(
+        Duration::from_secs(5),
+        "the code to be loaded ahead of the next call",
+        || async { summary(&node, "p").await.loaded.then_some(()) },
+    )
+    .await;
+    let r = node.get("/p/served").await;
+    assert_status(&r, StatusCode::OK);
+    assert_eq!(invocation_line(&node, &r).await["faas.coldstart"], false);
+    // One cold start in all: the first call.
+    assert_metric(
+        &node,
+        r#"faas_coldstarts_total{function="p",version="1"} 1"#,
+    )
+    .await;
+    let log = node.log();
+    assert!(log.contains("scaled to zero"), "{log}");
+    assert!(
+        log.contains("loading ahead of the next expected request"),
+        "{log}"
+    );
+}
+
 /// Asserts that the node's `/metrics` has `line`.
 async fn assert_metric(node: &Node, line: &str) {
     let metrics = node

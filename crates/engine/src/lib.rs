@@ -5,7 +5,8 @@
 //! components, their pre-initialisation (a component exporting
 //! `wizer-initialize` starts every instance from the state it left), the
 //! content-addressed store of compiled artifacts, the
-//! pre-instantiated handle of each deployed version, and the execution of one
+//! pre-instantiated handle of each deployed version, when its code stays in
+//! memory (a fixed idle time, or one learnt from its idle times), and the execution of one
 //! HTTP request in a fresh instance under its timeout and memory cap. The
 //! gateway hands it a `hyper` request and gets a streamed response back; every
 //! other trigger (async, cron, brokers) reaches functions through the same
@@ -13,6 +14,7 @@
 
 mod artifact;
 mod epoch;
+pub mod keepalive;
 mod limits;
 pub mod outbound;
 mod output;

@@ -5,6 +5,7 @@
 
 use crate::artifact::{ArtifactStore, ComponentDigest};
 use crate::epoch::EpochTicker;
+use crate::keepalive::{self, IdleHistory, Verdict};
 use crate::limits::*;
 use crate::outbound::{self, Denial, OutboundPolicy};
 use crate::output::{FunctionOutput, OutputTag};
@@ -140,6 +141,9 @@ pub struct Engine {
     core: Arc<Core>,
     /// Where function output is kept, besides the node log.
     log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
+    /// The width of a bin of each version's idle-time histogram, when
+    /// versions learn their idle times (adaptive keep-alive).
+    idle_resolution: Option<Duration>,
 }
 
 /// What the engine and every version it prepared share: wasmtime's engines
@@ -278,7 +282,17 @@ impl Engine {
                 pool,
             }),
             log_sink: None,
+            idle_resolution: None,
         })
+    }
+
+    /// Versions prepared afterwards learn their idle times in bins
+    /// `resolution` wide and, once those are predictable, follow them
+    /// rather than the fixed idle time given to [`FunctionRuntime::trim`]
+    /// ([`crate::keepalive`]).
+    pub fn with_adaptive_keep_alive(mut self, resolution: Duration) -> Self {
+        self.idle_resolution = Some(resolution);
+        self
     }
 
     /// Keeps function output in `sink` too (versions prepared afterwards).
@@ -342,6 +356,11 @@ impl Engine {
                 loading: tokio::sync::Mutex::new(()),
                 cold: AtomicBool::new(true),
                 last_used_ms: AtomicU64::new(self.core.now_ms()),
+                invoked: AtomicBool::new(false),
+                loaded_ahead_of: AtomicU64::new(u64::MAX),
+                idle_times: self
+                    .idle_resolution
+                    .map(|bin| IdleHistory::new(bin.as_millis() as u64)),
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 warming: AtomicBool::new(false),
@@ -679,8 +698,17 @@ struct FunctionInner {
     loading: tokio::sync::Mutex<()>,
     /// Whether the next invocation is the first since the code was loaded.
     cold: AtomicBool,
-    /// When an invocation last started, on the core's clock.
+    /// When an invocation last started, on the core's clock (when the
+    /// version was prepared, before its first).
     last_used_ms: AtomicU64,
+    /// Whether an invocation has started.
+    invoked: AtomicBool,
+    /// The `last_used_ms` after which the code was last loaded ahead of a
+    /// request.
+    loaded_ahead_of: AtomicU64,
+    /// The times between the starts of consecutive invocations, when the
+    /// engine learns them.
+    idle_times: Option<IdleHistory>,
     /// Instances waiting for their next request: reusable ones (reuse > 1)
     /// and prepared ones.
     idle: Mutex<Vec<Idle>>,
@@ -861,6 +889,9 @@ pub struct Trimmed {
     pub instances: usize,
     /// Whether the version's code was unloaded.
     pub unloaded: bool,
+    /// Whether the version's next request is expected soon and its code is
+    /// not loaded: [`FunctionRuntime::load_ahead`] loads it.
+    pub load_ahead: bool,
 }
 
 impl FunctionRuntime {
@@ -893,8 +924,9 @@ impl FunctionRuntime {
     /// Releases what idleness no longer justifies: idle instances unused
     /// for [`IDLE_INSTANCE_KEEP`], and the version's code once no invocation
     /// has started for `unload_after` (the compiled artifact stays on disk
-    /// and the next request maps it again). `None` never unloads. A version
-    /// with `prewarm` keeps its code and that many idle instances.
+    /// and the next request maps it again), or as its learnt idle times
+    /// say when they are predictable. `None` never unloads. A version with
+    /// `prewarm` keeps its code and that many idle instances.
     pub fn trim(&self, unload_after: Option<Duration>) -> Trimmed {
         let f = &self.inner;
         let now = f.core.now_ms();
@@ -910,22 +942,60 @@ impl FunctionRuntime {
             idle.drain(..stale);
             trimmed.instances = stale;
         }
-        let idle_ms = now.saturating_sub(f.last_used_ms.load(Ordering::Relaxed));
-        if let Some(after) = unload_after
-            && f.spec.prewarm == 0
-            && idle_ms >= after.as_millis() as u64
-            && let Ok(mut pre) = f.pre.write()
-            && pre.is_some()
-        {
-            *pre = None;
-            f.cold.store(true, Ordering::Relaxed);
-            if let Ok(mut idle) = f.idle.lock() {
-                trimmed.instances += idle.len();
-                idle.clear();
+        if f.spec.prewarm > 0 {
+            return trimmed;
+        }
+        let last_used = f.last_used_ms.load(Ordering::Relaxed);
+        let idle_ms = now.saturating_sub(last_used);
+        let fixed_ms = unload_after.map(|after| after.as_millis() as u64);
+        let window = match fixed_ms {
+            Some(_) => self.keep_alive_window(),
+            None => None,
+        };
+        match keepalive::verdict(window, idle_ms, fixed_ms) {
+            Verdict::Keep => {}
+            // Once per idle time: a load that failed is not retried
+            // before the next request.
+            Verdict::Load => {
+                trimmed.load_ahead = !self.is_loaded()
+                    && f.loaded_ahead_of.swap(last_used, Ordering::Relaxed) != last_used;
             }
-            trimmed.unloaded = true;
+            // Code an invocation still runs is in use, however long ago it
+            // started.
+            Verdict::Unload if f.running.load(Ordering::Relaxed) > 0 => {}
+            Verdict::Unload => {
+                if let Ok(mut pre) = f.pre.write()
+                    && pre.is_some()
+                {
+                    *pre = None;
+                    f.cold.store(true, Ordering::Relaxed);
+                    if let Ok(mut idle) = f.idle.lock() {
+                        trimmed.instances += idle.len();
+                        idle.clear();
+                    }
+                    trimmed.unloaded = true;
+                }
+            }
         }
         trimmed
+    }
+
+    /// When the version's code is expected to be needed, learnt from its
+    /// idle times (`None`: not learnt, or not predictable yet; the fixed
+    /// idle time applies).
+    pub fn keep_alive_window(&self) -> Option<keepalive::Window> {
+        self.inner.idle_times.as_ref()?.window()
+    }
+
+    /// Loads the version's code ahead of a request its idle times predict,
+    /// with an instance ready for it; that request is then no cold start.
+    pub async fn load_ahead(&self) {
+        if self.code().await.is_err() {
+            // `code` logged why; the request will try again on its path.
+            return;
+        }
+        self.prepare(Budget::Ahead).await;
+        self.inner.cold.store(false, Ordering::Relaxed);
     }
 
     /// Instances this version keeps ready: `prewarm`, within its
@@ -1176,7 +1246,15 @@ impl FunctionRuntime {
         let started = Instant::now();
         let running = Running::start(&self.inner);
         let f = &self.inner;
-        f.last_used_ms.store(f.core.now_ms(), Ordering::Relaxed);
+        let now = f.core.now_ms();
+        let previous = f.last_used_ms.swap(now, Ordering::Relaxed);
+        if let Some(history) = &f.idle_times {
+            if f.invoked.load(Ordering::Relaxed) {
+                history.record(now.saturating_sub(previous));
+            } else {
+                f.invoked.store(true, Ordering::Relaxed);
+            }
+        }
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
         // Output never shows the function's secrets nor the credentials

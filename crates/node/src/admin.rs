@@ -264,6 +264,12 @@ fn summary(state: &NodeState, r: &FunctionRecord) -> FunctionSummary {
         in_flight: serving.map_or(0, |d| d.admission.in_flight()),
         loaded: serving.is_some_and(|d| d.runtime.is_loaded()),
         idle_instances: serving.map_or(0, |d| d.runtime.idle_instances() as u64),
+        keep_alive: serving
+            .and_then(|d| d.runtime.keep_alive_window())
+            .map(|w| nimbus_api::KeepAliveWindow {
+                load_at_ms: w.load_at_ms,
+                unload_at_ms: w.unload_at_ms,
+            }),
         ready: serving.is_some(),
         error: failed.get(&r.name).cloned(),
     }

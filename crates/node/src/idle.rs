@@ -3,8 +3,11 @@
 //! the idle instances that have waited too long and, after
 //! `--scale-to-zero-after` without a request, its code too; the compiled
 //! artifact stays on disk, so the next request maps it again in well under
-//! a millisecond (a cold start). Versions that keep instances warm
-//! (`prewarm`) are exempt, and the same sweep tops them up.
+//! a millisecond (a cold start). A version whose idle times are
+//! predictable follows them instead (`nimbus_engine::keepalive`): unloaded
+//! soon after each call when the next one is far off, loaded again ahead
+//! of it. Versions that keep instances warm (`prewarm`) are exempt, and the
+//! same sweep tops them up.
 
 use crate::state::NodeState;
 use nimbus_engine::ComponentDigest;
@@ -12,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often idleness is checked at most: once a second, or twice per
-/// `--scale-to-zero-after` when that is shorter.
+/// `--scale-to-zero-after` or per bin of the idle-time histograms when that
+/// is shorter.
 const EVERY: Duration = Duration::from_secs(1);
 
 /// How often idleness is checked at least, however short the idle time.
@@ -22,9 +26,15 @@ const FASTEST: Duration = Duration::from_millis(50);
 pub async fn run(
     state: Arc<NodeState>,
     unload_after: Option<Duration>,
+    resolution: Option<Duration>,
     shutdown: tokio::sync::watch::Receiver<Option<Duration>>,
 ) {
-    let period = unload_after.map_or(EVERY, |after| (after / 2).clamp(FASTEST, EVERY));
+    let finest = match (unload_after, resolution) {
+        (Some(after), Some(bin)) => after.min(bin),
+        (Some(after), None) => after,
+        (None, _) => EVERY,
+    };
+    let period = (finest / 2).clamp(FASTEST, EVERY);
     crate::every(period, shutdown, || sweep(&state, unload_after)).await;
 }
 
@@ -33,6 +43,15 @@ fn sweep(state: &NodeState, unload_after: Option<Duration>) {
     let mut unloaded = false;
     for d in table.functions() {
         let trimmed = d.runtime.trim(unload_after);
+        if trimmed.load_ahead {
+            tracing::info!(
+                function = %d.name,
+                version = d.version,
+                "loading ahead of the next expected request"
+            );
+            let runtime = d.runtime.clone();
+            tokio::spawn(async move { runtime.load_ahead().await });
+        }
         if trimmed.unloaded {
             unloaded = true;
             tracing::info!(

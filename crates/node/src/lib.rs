@@ -54,6 +54,10 @@ pub struct NodeConfig {
     /// Idle time after which a function's instances and code leave memory
     /// (`None`: never).
     pub scale_to_zero_after: Option<Duration>,
+    /// The bin width of the idle-time histograms by which functions with
+    /// predictable idle times leave memory and come back ahead of their
+    /// next call (`None`: the fixed time above for every function).
+    pub adaptive_keep_alive: Option<Duration>,
 }
 
 /// Where buckets keep their objects.
@@ -140,9 +144,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let logs =
         nimbus_telemetry::logs::LogStore::open(&data_dir.join("logs.db"), config.log_retention)
             .with_context(|| format!("cannot open {}", data_dir.join("logs.db").display()))?;
-    let engine = Engine::new(&data_dir.join("artifacts"))
+    let mut engine = Engine::new(&data_dir.join("artifacts"))
         .context("cannot start the engine")?
         .with_log_sink(logs.clone());
+    if let Some(bin) = config.adaptive_keep_alive {
+        engine = engine.with_adaptive_keep_alive(bin);
+    }
     let queue: Arc<dyn nimbus_queue::Queue> = Arc::new(
         nimbus_queue::SqliteQueue::open(&data_dir.join("queue.db"))
             .with_context(|| format!("cannot open {}", data_dir.join("queue.db").display()))?,
@@ -252,6 +259,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let idle_task = tokio::spawn(idle::run(
         state.clone(),
         config.scale_to_zero_after,
+        config.adaptive_keep_alive,
         rx.clone(),
     ));
     let admin_state = state.clone();
