@@ -571,8 +571,11 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
         .await
         .keep_alive
         .expect("a window learnt from eight regular idle times");
+    // 1.5 s and a little more between starts: bin 7 or, on a slow
+    // machine, a later one. Loaded from the bin's start less 10%, unloaded
+    // from its end plus 10%.
     assert!(
-        (1_000..1_500).contains(&w.load_at_ms) && w.unload_at_ms > 1_500,
+        (1_200..2_000).contains(&w.load_at_ms) && w.unload_at_ms > w.load_at_ms + 200,
         "{w:?}"
     );
 
