@@ -48,6 +48,8 @@ try {
     await page.waitForSelector(`.invocation[data-id="${id}"] .span-row[data-name="${step}"]`);
   }
   await page.waitForSelector("#versions:has-text('v1 (active)')");
+  // It ran, so its code is in memory.
+  await page.waitForSelector(`${row} .state:has-text('in memory')`);
   // The functions table counts it once the next sample is in.
   await page.waitForFunction((sel) => {
     const cells = document.querySelector(sel)?.cells;

@@ -153,6 +153,7 @@ const fmt = {
   num: (v) => (v >= 100 ? v.toFixed(0) : v.toFixed(1)),
   pct: (v) => `${(v * 100).toFixed(1)}%`,
   ms: (v) => (v === null ? "–" : v < 1 ? `${(v * 1000).toFixed(0)} µs` : `${v.toFixed(1)} ms`),
+  secs: (ms) => (ms < 60_000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 60_000)} min`),
 };
 
 // ---- functions ----
@@ -194,6 +195,18 @@ async function refresh(gen) {
   }
 }
 
+// Whether a function's code is in memory, and when it is kept there if
+// the node learnt that from its idle times.
+function memoryState(f) {
+  const w = f.keep_alive;
+  const learnt = !w
+    ? ""
+    : w.load_at_ms
+      ? `, back ${fmt.secs(w.load_at_ms)}–${fmt.secs(w.unload_at_ms)} after a call`
+      : `, kept ${fmt.secs(w.unload_at_ms)} after a call`;
+  return el("div", { class: "state" }, (f.loaded ? "in memory" : "on disk") + learnt);
+}
+
 function renderFunctions(functions) {
   const body = $("functions").tBodies[0];
   body.replaceChildren();
@@ -211,7 +224,7 @@ function renderFunctions(functions) {
     const row = el(
       "tr",
       { "data-function": f.name, class: f.name === selected ? "selected" : "" },
-      el("td", {}, el("strong", {}, f.name), f.ready ? "" : el("div", { class: "error" }, f.error || "not loaded")),
+      el("td", {}, el("strong", {}, f.name), f.ready ? memoryState(f) : el("div", { class: "error" }, f.error || "not loaded")),
       el("td", {}, `v${f.version}`),
       el("td", {}, f.routes.join(" ") || "–"),
       el("td", {}, triggers(f.config)),
