@@ -549,15 +549,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if s.idle_instances == 1 { "" } else { "s" }
             );
             if let Some(w) = s.keep_alive {
-                println!(
-                    "keep-alive  {} to {} after each call (learnt from its idle times)",
-                    if w.load_at_ms == 0 {
-                        "loaded".to_owned()
-                    } else {
-                        format!("unloaded, then loaded from {}", human_ms(w.load_at_ms))
-                    },
-                    human_ms(w.unload_at_ms)
-                );
+                let kept = if w.load_at_ms == 0 {
+                    format!("kept until {} after each call", human_ms(w.unload_at_ms))
+                } else {
+                    format!(
+                        "unloaded after each call, loaded again from {} to {}",
+                        human_ms(w.load_at_ms),
+                        human_ms(w.unload_at_ms)
+                    )
+                };
+                println!("keep-alive  {kept} (learnt from its idle times)");
             }
             println!("routes      {}", s.routes.join(" "));
             println!(

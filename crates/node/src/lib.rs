@@ -147,7 +147,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let mut engine = Engine::new(&data_dir.join("artifacts"))
         .context("cannot start the engine")?
         .with_log_sink(logs.clone());
-    if let Some(bin) = config.adaptive_keep_alive {
+    // Code that never leaves memory has nothing to learn.
+    let adaptive = config
+        .adaptive_keep_alive
+        .filter(|_| config.scale_to_zero_after.is_some());
+    if let Some(bin) = adaptive {
         engine = engine.with_adaptive_keep_alive(bin);
     }
     let queue: Arc<dyn nimbus_queue::Queue> = Arc::new(
@@ -259,7 +263,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let idle_task = tokio::spawn(idle::run(
         state.clone(),
         config.scale_to_zero_after,
-        config.adaptive_keep_alive,
+        adaptive,
         rx.clone(),
     ));
     let admin_state = state.clone();
