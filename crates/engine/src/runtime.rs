@@ -1410,9 +1410,14 @@ impl FunctionRuntime {
                     && this.prewarm() == 0
                     && this.inner.running.load(Ordering::Relaxed) <= 1
                 {
+                    // A version whose learnt window unloads its code after
+                    // each call would drop that instance unused.
+                    let ahead = this.keep_alive_window().is_none_or(|w| w.load_at_ms == 0);
                     tokio::spawn(async move {
                         drop(done);
-                        this.prepare(Budget::Ahead).await;
+                        if ahead {
+                            this.prepare(Budget::Ahead).await;
+                        }
                     });
                 } else {
                     drop(done);
