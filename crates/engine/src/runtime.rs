@@ -358,6 +358,7 @@ impl Engine {
                 last_used_ms: AtomicU64::new(self.core.now_ms()),
                 invoked: AtomicBool::new(false),
                 loaded_ahead_of: AtomicU64::new(u64::MAX),
+                unloads_after_call: AtomicBool::new(false),
                 idle_times: self
                     .idle_resolution
                     .map(|bin| IdleHistory::new(bin.as_millis() as u64)),
@@ -706,6 +707,10 @@ struct FunctionInner {
     /// The `last_used_ms` after which the code was last loaded ahead of a
     /// request.
     loaded_ahead_of: AtomicU64,
+    /// Whether the window the last sweep applied unloads the code right
+    /// after each call (read on the request path instead of the
+    /// histogram, which takes a lock).
+    unloads_after_call: AtomicBool,
     /// The times between the starts of consecutive invocations, when the
     /// engine learns them.
     idle_times: Option<IdleHistory>,
@@ -952,6 +957,8 @@ impl FunctionRuntime {
             Some(_) => self.keep_alive_window(),
             None => None,
         };
+        f.unloads_after_call
+            .store(window.is_some_and(|w| w.load_at_ms > 0), Ordering::Relaxed);
         match keepalive::verdict(window, idle_ms, fixed_ms) {
             Verdict::Keep => {}
             // Once per idle time: a load that failed is not retried
@@ -1412,7 +1419,7 @@ impl FunctionRuntime {
                 {
                     // A version whose learnt window unloads its code after
                     // each call would drop that instance unused.
-                    let ahead = this.keep_alive_window().is_none_or(|w| w.load_at_ms == 0);
+                    let ahead = !this.inner.unloads_after_call.load(Ordering::Relaxed);
                     tokio::spawn(async move {
                         drop(done);
                         if ahead {
