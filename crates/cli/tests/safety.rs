@@ -171,6 +171,18 @@ async fn bad_components_and_requests_get_clear_4xx() {
         ),
         (Method::GET, "/v1/nothing", "", StatusCode::NOT_FOUND),
         (
+            Method::GET,
+            "/v1/functions/NOT_A_NAME/history",
+            "",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v1/functions/nope/logs?follow=maybe",
+            "",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
             Method::PUT,
             "/v1/components/xyz",
             "",
@@ -189,6 +201,35 @@ async fn bad_components_and_requests_get_clear_4xx() {
             .unwrap();
         assert_eq!(r.status, status, "{method} {path} {body}: {}", r.text());
         assert!(!message(&r).is_empty());
+    }
+
+    // A known path with a method it does not take: 405 naming the ones it
+    // does, in the message and in `Allow`.
+    for (method, path, allowed) in [
+        (Method::DELETE, "/v1/status", "GET"),
+        (Method::POST, "/v1/functions/nope", "GET, DELETE"),
+        (Method::PUT, "/v1/functions/nope/invocations", "GET, POST"),
+        (Method::GET, "/v1/deploy", "POST"),
+        (
+            Method::PATCH,
+            "/v1/buckets/photos/objects/k",
+            "PUT, GET, HEAD, DELETE",
+        ),
+        (Method::POST, "/healthz", "GET, HEAD"),
+    ] {
+        let r = node
+            .admin
+            .raw(method.clone(), path, "application/json", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {}",
+            r.text()
+        );
+        assert_eq!(r.headers["allow"], allowed, "{method} {path}");
+        assert!(message(&r).contains(allowed), "{}", r.text());
     }
 
     // No token, wrong token: 401.
@@ -242,6 +283,45 @@ async fn bad_components_and_requests_get_clear_4xx() {
         &[("hello", &g.hello, "routes = [\"/hello\"]")],
     ));
     assert_status(&node.get("/hello").await, StatusCode::OK);
+
+    // An invocation type other than sync or async is refused, not run
+    // synchronously by default, on a route and through the admin API.
+    let hello_url = node.url("/hello");
+    for (kind, status) in [("sync", StatusCode::OK), ("later", StatusCode::BAD_REQUEST)] {
+        let r = client::send(
+            Method::GET,
+            &hello_url,
+            &[("nimbus-invocation-type", kind)],
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, status, "{kind}: {}", r.text());
+        if status == StatusCode::BAD_REQUEST {
+            assert!(
+                message(&r).contains("neither sync nor async"),
+                "{}",
+                r.text()
+            );
+        }
+    }
+    let r = node
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/functions/hello/invocations?type=later",
+            "text/plain",
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        message(&r).contains("neither sync nor async"),
+        "{}",
+        r.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,12 +31,29 @@ pub trait Intake: Send + Sync {
     fn location(&self, id: &str) -> String;
 }
 
-/// Whether the caller asked for an asynchronous invocation.
-pub fn wants_async(headers: &HeaderMap) -> bool {
-    headers
-        .get(INVOCATION_TYPE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("async"))
+/// A `Nimbus-Invocation-Type` that is neither `sync` nor `async`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "nimbus-invocation-type `{0}` is neither sync nor async: send `Nimbus-Invocation-Type: async` to queue the request, or leave the header out"
+)]
+pub struct BadInvocationType(String);
+
+/// Whether the caller asked for an asynchronous invocation
+/// (`Nimbus-Invocation-Type: async`; `sync` or no header runs it now).
+pub fn wants_async(headers: &HeaderMap) -> Result<bool, BadInvocationType> {
+    let Some(value) = headers.get(INVOCATION_TYPE_HEADER) else {
+        return Ok(false);
+    };
+    let text = value.to_str().map(str::trim).unwrap_or_default();
+    if text.eq_ignore_ascii_case("async") {
+        Ok(true)
+    } else if text.eq_ignore_ascii_case("sync") {
+        Ok(false)
+    } else {
+        Err(BadInvocationType(
+            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        ))
+    }
 }
 
 /// Why a body could not be read.

@@ -224,7 +224,18 @@ impl Gateway {
                         .accept_async(&deployed, req, &route, Some(&verifier), s3)
                         .await;
                 }
-                if s3 || intake::wants_async(req.headers()) {
+                let wants_async = match intake::wants_async(req.headers()) {
+                    Ok(wants) => wants,
+                    Err(e) => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_invocation_type",
+                            e.to_string(),
+                            None,
+                        );
+                    }
+                };
+                if s3 || wants_async {
                     let deployed = m.target.clone();
                     drop(table);
                     return self.accept_async(&deployed, req, &route, None, s3).await;

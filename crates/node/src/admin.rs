@@ -117,6 +117,9 @@ fn authorized(state: &NodeState, req: &hyper::Request<Incoming>) -> bool {
 pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Response {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return method_not_allowed(req.method(), &path, "GET, HEAD");
+        }
         return json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
     }
     // The dashboard's page and files (its data needs the token).
@@ -174,9 +177,8 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
             Ok(json_response(StatusCode::OK, &state.alerts.states()))
         }
         (&Method::GET, ["v1", "functions", name, "logs"]) => logs(&state, name, &req),
-        (&Method::GET, ["v1", "functions", name, "history"]) => {
-            Ok(json_response(StatusCode::OK, &state.history.of(name)))
-        }
+        (&Method::GET, ["v1", "functions", name, "history"]) => function_name(name)
+            .map(|name| json_response(StatusCode::OK, &state.history.of(name.as_str()))),
         (&Method::HEAD | &Method::GET, ["v1", "components", digest]) => {
             has_component(&state, digest)
         }
@@ -186,16 +188,54 @@ pub async fn handle(state: Arc<NodeState>, req: hyper::Request<Incoming>) -> Res
             let bucket = (*bucket).to_owned();
             Ok(crate::buckets::handle(&state, &method, &bucket, req).await)
         }
-        (_, ["v1", ..]) => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no admin endpoint {method} {path}; see docs/openapi.yaml"),
-        )),
-        _ => Err(ApiError::not_found(format!(
-            "no admin endpoint {method} {path}"
-        ))),
+        (method, segments) => match allowed_methods(segments) {
+            Some(allowed) => return method_not_allowed(method, &path, allowed),
+            None if segments.first() == Some(&"v1") => Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no admin endpoint {method} {path}; see docs/openapi.yaml"),
+            )),
+            None => Err(ApiError::not_found(format!(
+                "no admin endpoint {method} {path}"
+            ))),
+        },
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// The methods an admin path answers, for a request that used another
+/// one; `None` for a path the API does not have. Buckets answer their own.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        ["metrics"]
+        | [
+            "v1",
+            "status" | "stats" | "functions" | "schedules" | "alerts",
+        ]
+        | ["v1", "functions", _, "logs" | "history"]
+        | ["v1", "invocations", _]
+        | ["v1", "invocations", _, "spans"] => "GET",
+        ["v1", "functions", _] | ["v1", "functions", _, "dlq"] => "GET, DELETE",
+        ["v1", "functions", _, "invocations"] => "GET, POST",
+        ["v1", "deploy"]
+        | ["v1", "functions", _, "rollback" | "invoke"]
+        | ["v1", "functions", _, "dlq", "redrive"] => "POST",
+        ["v1", "components", _] => "GET, HEAD, PUT",
+        _ => return None,
+    })
+}
+
+/// 405 with the `Allow` header a client needs to correct the request.
+pub(crate) fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response {
+    let mut resp = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}: use {allowed}"),
+        None,
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
+    resp
 }
 
 async fn read_json<T: DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, ApiError> {
@@ -537,6 +577,19 @@ fn query_param<'a>(req: &'a hyper::Request<Incoming>, key: &str) -> Option<&'a s
     })
 }
 
+/// A yes/no query parameter: `true`/`1` or `false`/`0`; absent or empty
+/// is no.
+fn bool_param(req: &hyper::Request<Incoming>, key: &str) -> Result<bool, ApiError> {
+    match query_param(req, key) {
+        None | Some("" | "false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{key} `{}` is not a yes/no value: use {key}=true or {key}=false",
+            percent_decode(other)
+        ))),
+    }
+}
+
 /// The query parameter `key`, decoded.
 pub(crate) fn query_value(req: &hyper::Request<Incoming>, key: &str) -> Option<String> {
     query_param(req, key).map(percent_decode)
@@ -577,8 +630,23 @@ async fn submit(
         .function(name.as_str())
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("function `{name}` is not deployed")))?;
-    let asynchronous = nimbus_gateway::intake::wants_async(req.headers())
-        || query_param(&req, "type").is_some_and(|t| t.eq_ignore_ascii_case("async"));
+    let asynchronous = nimbus_gateway::intake::wants_async(req.headers()).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_invocation_type",
+            e.to_string(),
+        )
+    })? || match query_param(&req, "type") {
+        None | Some("") => false,
+        Some(t) if t.eq_ignore_ascii_case("async") => true,
+        Some(t) if t.eq_ignore_ascii_case("sync") => false,
+        Some(t) => {
+            return Err(ApiError::bad_request(format!(
+                "type `{}` is neither sync nor async",
+                percent_decode(t)
+            )));
+        }
+    };
     let path = percent_decode(query_param(&req, "path").unwrap_or("/"));
     if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
         return Err(ApiError::bad_request(format!(
@@ -804,7 +872,7 @@ fn logs(
         after_seq: None,
         limit,
     };
-    let follow = query_param(req, "follow").is_some_and(|v| v == "true" || v == "1");
+    let follow = bool_param(req, "follow")?;
     // Subscribe before reading the past, so no line falls between the two.
     let live = follow.then(|| state.logs.follow());
     let past = state.logs.query(&query).map_err(|e| {
@@ -1021,7 +1089,50 @@ async fn deploy(state: &NodeState, req: hyper::Request<Incoming>) -> Result<Resp
 
 #[cfg(test)]
 mod tests {
-    use super::token_matches;
+    use super::{allowed_methods, token_matches};
+
+    /// Every path of `docs/openapi.yaml` that the admin router dispatches
+    /// itself, with the methods the spec gives it.
+    fn spec_paths() -> Vec<(String, Vec<String>)> {
+        let spec = include_str!("../../../docs/openapi.yaml");
+        let mut paths: Vec<(String, Vec<String>)> = Vec::new();
+        for line in spec.lines() {
+            if line.starts_with("components:") {
+                break;
+            }
+            if let Some(path) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                paths.push((path.to_owned(), Vec::new()));
+            } else if let Some(method) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
+                && ["get", "put", "post", "delete", "head", "patch"].contains(&method)
+                && let Some((_, methods)) = paths.last_mut()
+            {
+                methods.push(method.to_uppercase());
+            }
+        }
+        paths
+    }
+
+    #[test]
+    fn the_router_takes_the_methods_the_spec_documents() {
+        let paths = spec_paths();
+        assert!(paths.len() > 20, "{paths:?}");
+        for (path, mut documented) in paths {
+            // Answered before routing (the probe) or by the buckets module.
+            if path == "healthz" || path.starts_with("v1/buckets/") {
+                continue;
+            }
+            let segments: Vec<&str> = path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x" } else { s })
+                .collect();
+            let allowed = allowed_methods(&segments)
+                .unwrap_or_else(|| panic!("/{path} is documented but not routed"));
+            let mut routed: Vec<String> = allowed.split(", ").map(str::to_owned).collect();
+            routed.sort();
+            documented.sort();
+            assert_eq!(routed, documented, "/{path}");
+        }
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -81,11 +81,7 @@ pub async fn handle(
     if raw.is_empty() {
         return match *method {
             Method::GET => list(state, bucket, &req).await,
-            _ => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on a bucket: GET lists its objects"),
-            ),
+            _ => crate::admin::method_not_allowed(method, req.uri().path(), "GET"),
         };
     }
     let key = match nimbus_gateway::router::percent_decode(&raw).parse::<ObjectKey>() {
@@ -97,11 +93,7 @@ pub async fn handle(
         Method::GET => get(state, bucket, key, &req, false).await,
         Method::HEAD => get(state, bucket, key, &req, true).await,
         Method::DELETE => delete(state, bucket, key).await,
-        _ => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on an object: use PUT, GET, HEAD or DELETE"),
-        ),
+        _ => crate::admin::method_not_allowed(method, req.uri().path(), "PUT, GET, HEAD, DELETE"),
     }
 }
 
