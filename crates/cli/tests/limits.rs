@@ -608,6 +608,34 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
         log.contains("loading ahead of the next expected request"),
         "{log}"
     );
+
+    // A new version goes on from what the function learnt. Deployed right
+    // after that call, it has the window at once; counted from that call
+    // (to the old version), its code leaves memory and comes back ahead of
+    // the next call, which starts warm.
+    node.deploy(&manifest(
+        "tick",
+        &[("p", &g.testbed, "routes = [\"/p/*\"]\nenv = { V = \"2\" }")],
+    ));
+    let s = summary(&node, "p").await;
+    assert!(s.version == 2 && s.keep_alive.is_some(), "{s:?}");
+    eventually(
+        Duration::from_secs(5),
+        "the new version's code to leave memory",
+        || async { (!summary(&node, "p").await.loaded).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the new version's code to be loaded ahead of the next call",
+        || async { summary(&node, "p").await.loaded.then_some(()) },
+    )
+    .await;
+    let r = node.get("/p/served").await;
+    assert_status(&r, StatusCode::OK);
+    let line = invocation_line(&node, &r).await;
+    assert_eq!(line["version"], 2, "{line}");
+    assert_eq!(line["faas.coldstart"], false, "{line}");
 }
 
 /// Asserts that the node's `/metrics` has `line`.

@@ -1,9 +1,10 @@
-//! Adaptive keep-alive: when a version's code should be in memory, learnt
+//! Adaptive keep-alive: when a function's code should be in memory, learnt
 //! from the idle times between its invocations.
 //!
 //! This is the hybrid histogram policy of Shahrad et al., "Serverless in
-//! the Wild" (USENIX ATC 2020). Each version counts the time between the
-//! starts of consecutive invocations in a histogram of [`IDLE_BINS`] bins,
+//! the Wild" (USENIX ATC 2020). Each function counts the time between the
+//! starts of consecutive invocations (of any of its versions, so a
+//! redeploy keeps what was learnt) in a histogram of [`IDLE_BINS`] bins,
 //! each one resolution wide (a minute by default). Once the histogram is
 //! representative, the code is unloaded right after an invocation when
 //! nearly every idle time is long (the 5th percentile, less a margin), loaded
@@ -16,7 +17,7 @@
 //! `--scale-to-zero-after` applies.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Bins of the idle-time histogram: four hours at the default resolution
 /// of one minute, the range the policy's authors found to cover nearly all
@@ -45,6 +46,8 @@ const MARGIN_PERCENT: u64 = 10;
 /// Counts are halved once this many idle times are counted, so a function
 /// whose pattern changes is judged by its recent calls.
 const AGE_AT: u32 = 1_000;
+/// [`IdleHistory::last_call_ms`] before the first call.
+const NEVER: u64 = u64::MAX;
 
 /// When a version's code should be in memory, in milliseconds after the
 /// start of its last invocation.
@@ -122,11 +125,16 @@ pub fn verdict(window: Option<Window>, idle_ms: u64, fixed_ms: Option<u64>) -> V
     }
 }
 
-/// A version's idle times, recorded as invocations start. Idle times
-/// shorter than one bin (every gap of a busy function) cost one atomic
-/// increment; a longer one takes a lock, at most once per resolution.
+/// A function's idle times, recorded as invocations start, across its
+/// versions: a new version goes on from what the one it replaces learnt.
+/// Idle times shorter than one bin (every gap of a busy function) cost one
+/// atomic increment; a longer one takes a lock, at most once per
+/// resolution.
 pub(crate) struct IdleHistory {
     resolution_ms: u64,
+    /// When an invocation of any version last started, on the engine's
+    /// clock ([`NEVER`] before the first).
+    last_call_ms: AtomicU64,
     short: AtomicU32,
     /// Allocated on the first idle time longer than one bin, so functions
     /// that are always busy, or never called, hold no histogram.
@@ -145,9 +153,25 @@ impl IdleHistory {
     pub(crate) fn new(resolution_ms: u64) -> Self {
         Self {
             resolution_ms: resolution_ms.max(1),
+            last_call_ms: AtomicU64::new(NEVER),
             short: AtomicU32::new(0),
             long: Mutex::new(None),
         }
+    }
+
+    /// Notes an invocation starting at `now_ms`, counting the idle time
+    /// since the one before it (of whichever version).
+    pub(crate) fn called(&self, now_ms: u64) {
+        let previous = self.last_call_ms.swap(now_ms, Ordering::Relaxed);
+        if previous != NEVER {
+            self.record(now_ms.saturating_sub(previous));
+        }
+    }
+
+    /// When an invocation last started, if one has.
+    pub(crate) fn last_call_ms(&self) -> Option<u64> {
+        let at = self.last_call_ms.load(Ordering::Relaxed);
+        (at != NEVER).then_some(at)
     }
 
     /// Counts one idle time.
@@ -231,6 +255,22 @@ mod tests {
             h.record(ms);
         }
         h
+    }
+
+    #[test]
+    fn idle_times_run_from_one_call_start_to_the_next() {
+        let h = IdleHistory::new(MINUTE);
+        assert_eq!(h.last_call_ms(), None);
+        // The first call has no idle time before it.
+        h.called(5 * MINUTE);
+        assert_eq!(h.last_call_ms(), Some(5 * MINUTE));
+        assert!(h.long.lock().unwrap().is_none());
+        for i in 1..=9 {
+            h.called(5 * MINUTE + i * 30 * MINUTE);
+        }
+        assert_eq!(h.last_call_ms(), Some(275 * MINUTE));
+        let w = h.window().expect("nine half-hour idle times");
+        assert_eq!(w.load_at_ms, 27 * MINUTE);
     }
 
     #[test]

@@ -141,8 +141,8 @@ pub struct Engine {
     core: Arc<Core>,
     /// Where function output is kept, besides the node log.
     log_sink: Option<Arc<dyn nimbus_telemetry::logs::LogSink>>,
-    /// The width of a bin of each version's idle-time histogram, when
-    /// versions learn their idle times (adaptive keep-alive).
+    /// The width of a bin of each function's idle-time histogram, when
+    /// functions learn their idle times (adaptive keep-alive).
     idle_resolution: Option<Duration>,
 }
 
@@ -178,6 +178,8 @@ struct Core {
     prewarmed: AtomicUsize,
     /// Instances alive in the optimising tier's pool.
     pool: Option<wasmtime::PoolingAllocatorMetrics>,
+    /// Each function's idle times, held by its live versions.
+    idle_histories: Mutex<HashMap<Arc<str>, std::sync::Weak<IdleHistory>>>,
 }
 
 /// Linked code of one component, in one tier.
@@ -280,6 +282,7 @@ impl Engine {
                 prepared: AtomicUsize::new(0),
                 prewarmed: AtomicUsize::new(0),
                 pool,
+                idle_histories: Mutex::new(HashMap::new()),
             }),
             log_sink: None,
             idle_resolution: None,
@@ -356,12 +359,11 @@ impl Engine {
                 loading: tokio::sync::Mutex::new(()),
                 cold: AtomicBool::new(true),
                 last_used_ms: AtomicU64::new(self.core.now_ms()),
-                invoked: AtomicBool::new(false),
                 loaded_ahead_of: AtomicU64::new(u64::MAX),
                 unloads_after_call: AtomicBool::new(false),
                 idle_times: self
                     .idle_resolution
-                    .map(|bin| IdleHistory::new(bin.as_millis() as u64)),
+                    .map(|bin| core.idle_history(spec.name.as_str(), bin)),
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 warming: AtomicBool::new(false),
@@ -403,6 +405,23 @@ impl Core {
                 .artifacts
                 .compiled_path(digest, &self.baseline_fingerprint)
                 .exists()
+    }
+
+    /// The idle times of the function `name`: those its live versions
+    /// share, else new ones.
+    fn idle_history(&self, name: &str, resolution: Duration) -> Arc<IdleHistory> {
+        let new = || Arc::new(IdleHistory::new(resolution.as_millis() as u64));
+        let Ok(mut map) = self.idle_histories.lock() else {
+            return new();
+        };
+        if let Some(history) = map.get(name).and_then(std::sync::Weak::upgrade) {
+            return history;
+        }
+        // Removed functions leave dead entries; drop them as new ones come.
+        map.retain(|_, history| history.strong_count() > 0);
+        let history = new();
+        map.insert(name.into(), Arc::downgrade(&history));
+        history
     }
 
     fn cached(&self, digest: &ComponentDigest) -> Option<Linked> {
@@ -702,8 +721,6 @@ struct FunctionInner {
     /// When an invocation last started, on the core's clock (when the
     /// version was prepared, before its first).
     last_used_ms: AtomicU64,
-    /// Whether an invocation has started.
-    invoked: AtomicBool,
     /// The `last_used_ms` after which the code was last loaded ahead of a
     /// request.
     loaded_ahead_of: AtomicU64,
@@ -711,9 +728,10 @@ struct FunctionInner {
     /// after each call (read on the request path instead of the
     /// histogram, which takes a lock).
     unloads_after_call: AtomicBool,
-    /// The times between the starts of consecutive invocations, when the
-    /// engine learns them.
-    idle_times: Option<IdleHistory>,
+    /// The times between the starts of consecutive invocations of the
+    /// function (shared with its other versions), when the engine learns
+    /// them.
+    idle_times: Option<Arc<IdleHistory>>,
     /// Instances waiting for their next request: reusable ones (reuse > 1)
     /// and prepared ones.
     idle: Mutex<Vec<Idle>>,
@@ -950,13 +968,20 @@ impl FunctionRuntime {
         if f.spec.prewarm > 0 {
             return trimmed;
         }
-        let last_used = f.last_used_ms.load(Ordering::Relaxed);
-        let idle_ms = now.saturating_sub(last_used);
         let fixed_ms = unload_after.map(|after| after.as_millis() as u64);
         let window = match fixed_ms {
             Some(_) => self.keep_alive_window(),
             None => None,
         };
+        // A learnt window counts from the function's last call, which may
+        // have been to the version this one replaced; the fixed time from
+        // this version's last call (or its deploy).
+        let last_used = match (window, &f.idle_times) {
+            (Some(_), Some(history)) => history.last_call_ms(),
+            _ => None,
+        }
+        .unwrap_or_else(|| f.last_used_ms.load(Ordering::Relaxed));
+        let idle_ms = now.saturating_sub(last_used);
         f.unloads_after_call
             .store(window.is_some_and(|w| w.load_at_ms > 0), Ordering::Relaxed);
         match keepalive::verdict(window, idle_ms, fixed_ms) {
@@ -987,8 +1012,8 @@ impl FunctionRuntime {
         trimmed
     }
 
-    /// When the version's code is expected to be needed, learnt from its
-    /// idle times (`None`: not learnt, or not predictable yet; the fixed
+    /// When the version's code is expected to be needed, learnt from the
+    /// function's idle times (`None`: not learnt, or not predictable yet; the fixed
     /// idle time applies).
     pub fn keep_alive_window(&self) -> Option<keepalive::Window> {
         self.inner.idle_times.as_ref()?.window()
@@ -1254,13 +1279,9 @@ impl FunctionRuntime {
         let running = Running::start(&self.inner);
         let f = &self.inner;
         let now = f.core.now_ms();
-        let previous = f.last_used_ms.swap(now, Ordering::Relaxed);
+        f.last_used_ms.store(now, Ordering::Relaxed);
         if let Some(history) = &f.idle_times {
-            if f.invoked.load(Ordering::Relaxed) {
-                history.record(now.saturating_sub(previous));
-            } else {
-                f.invoked.store(true, Ordering::Relaxed);
-            }
+            history.called(now);
         }
         let timeout = f.spec.limits.timeout;
         let deadline = started + timeout;
