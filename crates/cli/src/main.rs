@@ -89,8 +89,8 @@ enum Command {
         /// code soon after a call and loads it again ahead of the next one
         /// (`--scale-to-zero-after` applies until then); `fixed` applies
         /// `--scale-to-zero-after` to every function.
-        #[arg(long, env = "NIMBUS_KEEP_ALIVE", default_value = "adaptive")]
-        keep_alive: String,
+        #[arg(long, env = "NIMBUS_KEEP_ALIVE", value_enum, default_value_t = KeepAlive::Adaptive)]
+        keep_alive: KeepAlive,
         /// The bin width of the idle times `--keep-alive adaptive` learns:
         /// 240 bins cover four hours at the default.
         #[arg(long, env = "NIMBUS_KEEP_ALIVE_RESOLUTION", default_value = "1m")]
@@ -250,6 +250,15 @@ enum LogFormat {
     Text,
 }
 
+/// `--keep-alive`: how long idle code stays in memory.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeepAlive {
+    /// Learnt from each function's idle times.
+    Adaptive,
+    /// `--scale-to-zero-after` for every function.
+    Fixed,
+}
+
 /// Installs the node's log formatter, writing to stdout through a thread
 /// of its own; the guard writes what is left when dropped.
 fn init_logging(
@@ -364,9 +373,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .map_err(|e| anyhow::anyhow!(e))?,
                     ),
                 },
-                adaptive_keep_alive: match keep_alive.as_str() {
-                    "fixed" => None,
-                    "adaptive" => {
+                adaptive_keep_alive: match keep_alive {
+                    KeepAlive::Fixed => None,
+                    KeepAlive::Adaptive => {
                         let bin = nimbus_manifest::limits::parse_duration(
                             keep_alive_resolution,
                             "--keep-alive-resolution",
@@ -378,9 +387,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             );
                         }
                         Some(bin)
-                    }
-                    other => {
-                        anyhow::bail!("--keep-alive must be `adaptive` or `fixed`, not `{other}`")
                     }
                 },
                 otlp: match otlp_endpoint {
