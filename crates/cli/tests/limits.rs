@@ -544,13 +544,11 @@ async fn idle_functions_scale_to_zero_and_come_back() {
 async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
     // Idle times learnt in bins of 200 ms; the fixed window (an hour) would
     // keep the function loaded throughout.
-    let node = Node::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &[
-            ("NIMBUS_SCALE_TO_ZERO_AFTER", "1h"),
-            ("NIMBUS_KEEP_ALIVE_RESOLUTION", "200ms"),
-        ],
-    );
+    let env = [
+        ("NIMBUS_SCALE_TO_ZERO_AFTER", "1h"),
+        ("NIMBUS_KEEP_ALIVE_RESOLUTION", "200ms"),
+    ];
+    let node = Node::start_with_env(tempfile::tempdir().unwrap(), &env);
     let g = guests();
     node.deploy(&manifest(
         "tick",
@@ -636,6 +634,15 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
     let line = invocation_line(&node, &r).await;
     assert_eq!(line["version"], 2, "{line}");
     assert_eq!(line["faas.coldstart"], false, "{line}");
+
+    // Stopped and started again, the node gives the function back what it
+    // learnt: the window is there before any call.
+    let learnt = summary(&node, "p").await.keep_alive;
+    assert!(learnt.is_some());
+    let node = node.restart_with_env(&env);
+    let s = summary(&node, "p").await;
+    assert_eq!(s.keep_alive, learnt, "{s:?}");
+    assert!(node.log().contains("restored learnt idle times"));
 }
 
 /// Asserts that the node's `/metrics` has `line`.

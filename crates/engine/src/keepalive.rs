@@ -125,6 +125,16 @@ pub fn verdict(window: Option<Window>, idle_ms: u64, fixed_ms: Option<u64>) -> V
     }
 }
 
+/// What a function's [`IdleHistory`] has learnt, to keep across a restart
+/// of the node: the count of each bin (bin 0 the idle times shorter than
+/// one bin) and of those beyond the range, at a resolution.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdleSnapshot {
+    pub resolution_ms: u64,
+    pub counts: Vec<u32>,
+    pub beyond: u32,
+}
+
 /// A function's idle times, recorded as invocations start, across its
 /// versions: a new version goes on from what the one it replaces learnt.
 /// Idle times shorter than one bin (every gap of a busy function) cost one
@@ -172,6 +182,50 @@ impl IdleHistory {
     pub(crate) fn last_call_ms(&self) -> Option<u64> {
         let at = self.last_call_ms.load(Ordering::Relaxed);
         (at != NEVER).then_some(at)
+    }
+
+    /// What has been learnt, if anything beyond idle times shorter than
+    /// one bin (which alone predict nothing).
+    pub(crate) fn snapshot(&self) -> Option<IdleSnapshot> {
+        let long = self.long.lock().ok()?;
+        let h = long.as_ref()?;
+        let mut counts = h.counts.to_vec();
+        counts[0] = self.short.load(Ordering::Relaxed);
+        Some(IdleSnapshot {
+            resolution_ms: self.resolution_ms,
+            counts,
+            beyond: h.beyond,
+        })
+    }
+
+    /// Adds what an earlier run of the node learnt. Returns false, adding
+    /// nothing, when it was learnt at another resolution or is malformed.
+    pub(crate) fn restore(&self, snapshot: &IdleSnapshot) -> bool {
+        if snapshot.resolution_ms != self.resolution_ms || snapshot.counts.len() != IDLE_BINS {
+            return false;
+        }
+        let Ok(mut long) = self.long.lock() else {
+            return false;
+        };
+        let h = long.get_or_insert_with(|| {
+            Box::new(Histogram {
+                counts: [0; IDLE_BINS],
+                beyond: 0,
+                cached: None,
+            })
+        });
+        for (count, &saved) in h.counts.iter_mut().zip(&snapshot.counts).skip(1) {
+            *count = count.saturating_add(saved);
+        }
+        h.beyond = h.beyond.saturating_add(snapshot.beyond);
+        let _ = self
+            .short
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(snapshot.counts[0]))
+            });
+        h.cached = None;
+        self.age(h);
+        true
     }
 
     /// Counts one idle time.
@@ -271,6 +325,22 @@ mod tests {
         assert_eq!(h.last_call_ms(), Some(275 * MINUTE));
         let w = h.window().expect("nine half-hour idle times");
         assert_eq!(w.load_at_ms, 27 * MINUTE);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_window_it_was_taken_with() {
+        let learnt = history(&[30 * MINUTE + 5_000; 12]);
+        let snapshot = learnt.snapshot().expect("long idle times");
+        let text = serde_json::to_string(&snapshot).unwrap();
+        let restored = IdleHistory::new(MINUTE);
+        assert!(restored.restore(&serde_json::from_str(&text).unwrap()));
+        assert_eq!(restored.window(), learnt.window());
+        // Learnt at another resolution: ignored.
+        let other = IdleHistory::new(2 * MINUTE);
+        assert!(!other.restore(&snapshot));
+        assert_eq!(other.snapshot(), None);
+        // Only short idle times: nothing worth keeping.
+        assert_eq!(history(&[10; 20]).snapshot(), None);
     }
 
     #[test]

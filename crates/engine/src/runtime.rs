@@ -375,6 +375,30 @@ impl Engine {
         })
     }
 
+    /// What each deployed function has learnt of its idle times, by name
+    /// (functions that learnt nothing yet are left out).
+    pub fn idle_snapshots(&self) -> Vec<(String, keepalive::IdleSnapshot)> {
+        let Ok(map) = self.core.idle_histories.lock() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter_map(|(name, history)| Some((name.to_string(), history.upgrade()?.snapshot()?)))
+            .collect()
+    }
+
+    /// Gives the deployed function `name` back what an earlier run of the
+    /// node learnt of its idle times. Returns whether it was taken: not
+    /// when no version of `name` is deployed, the engine does not learn
+    /// idle times, or they were learnt at another resolution.
+    pub fn restore_idle_snapshot(&self, name: &str, snapshot: &keepalive::IdleSnapshot) -> bool {
+        let Ok(map) = self.core.idle_histories.lock() else {
+            return false;
+        };
+        map.get(name)
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|history| history.restore(snapshot))
+    }
+
     /// Forgets loaded code that no version in `keep` uses; versions that
     /// still hold it keep it until they are unloaded.
     pub fn retain_components(&self, keep: &[ComponentDigest]) {

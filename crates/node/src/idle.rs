@@ -7,7 +7,9 @@
 //! predictable follows them instead (`nimbus_engine::keepalive`): unloaded
 //! soon after each call when the next one is far off, loaded again ahead
 //! of it. Versions that keep instances warm (`prewarm`) are exempt, and the
-//! same sweep tops them up.
+//! same sweep tops them up. What functions learnt of their idle times is
+//! saved in the registry every few minutes and when the node stops, and
+//! given back to them when it starts again.
 
 use crate::state::NodeState;
 use nimbus_engine::ComponentDigest;
@@ -22,6 +24,10 @@ const EVERY: Duration = Duration::from_secs(1);
 /// How often idleness is checked at least, however short the idle time.
 const FASTEST: Duration = Duration::from_millis(50);
 
+/// How often what functions learnt of their idle times is saved: a node
+/// that crashes loses at most this much of it (one that stops saves it).
+const SAVE_EVERY: Duration = Duration::from_secs(300);
+
 /// Trims idle instances and code until shutdown.
 pub async fn run(
     state: Arc<NodeState>,
@@ -35,7 +41,55 @@ pub async fn run(
         (None, _) => EVERY,
     };
     let period = (finest / 2).clamp(FASTEST, EVERY);
-    crate::every(period, shutdown, || sweep(&state, unload_after)).await;
+    let mut last_save = std::time::Instant::now();
+    crate::every(period, shutdown, || {
+        sweep(&state, unload_after);
+        if resolution.is_some() && last_save.elapsed() >= SAVE_EVERY {
+            last_save = std::time::Instant::now();
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || save_idle_times(&state));
+        }
+    })
+    .await;
+    if resolution.is_some() {
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || save_idle_times(&state)).await;
+    }
+}
+
+/// Saves what every deployed function learnt of its idle times.
+fn save_idle_times(state: &NodeState) {
+    let entries: Vec<(String, String)> = state
+        .engine
+        .idle_snapshots()
+        .into_iter()
+        .filter_map(|(name, snapshot)| Some((name, serde_json::to_string(&snapshot).ok()?)))
+        .collect();
+    if let Err(e) = state.registry.save_idle_times(&entries) {
+        tracing::warn!(error = %e, "cannot save the functions' idle times; a restart learns them again");
+    }
+}
+
+/// Gives the deployed functions what they had learnt of their idle times
+/// before the node stopped.
+pub(crate) fn restore_idle_times(state: &NodeState) {
+    let saved = match state.registry.idle_times() {
+        Ok(saved) => saved,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the functions' saved idle times; they learn them again");
+            return;
+        }
+    };
+    let restored = saved
+        .iter()
+        .filter(|(name, text)| {
+            serde_json::from_str::<nimbus_engine::keepalive::IdleSnapshot>(text)
+                .is_ok_and(|snapshot| state.engine.restore_idle_snapshot(name, &snapshot))
+        })
+        .count();
+    if restored > 0 {
+        tracing::info!(functions = restored, "restored learnt idle times");
+    }
 }
 
 fn sweep(state: &NodeState, unload_after: Option<Duration>) {

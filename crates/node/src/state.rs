@@ -416,6 +416,7 @@ impl NodeState {
             *f = failed;
         }
         self.gateway.swap(RouteTable::new(deployed));
+        crate::idle::restore_idle_times(self);
         self.warm_up();
         self.settle(&records).await
     }

@@ -79,6 +79,11 @@ pub trait Registry: Send + Sync {
     fn activate(&self, name: &FunctionName, version: u64) -> Result<FunctionRecord, StoreError>;
     /// Removes a function and its versions. Returns whether it existed.
     fn remove(&self, name: &FunctionName) -> Result<bool, StoreError>;
+    /// What functions learnt of their idle times (adaptive keep-alive), as
+    /// saved by [`Registry::save_idle_times`]: by name, opaque text.
+    fn idle_times(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Replaces every saved idle-time record with `entries` at once.
+    fn save_idle_times(&self, entries: &[(String, String)]) -> Result<(), StoreError>;
 }
 
 /// The embedded registry: one SQLite database in WAL mode, every write
@@ -101,6 +106,11 @@ CREATE TABLE IF NOT EXISTS versions (
     config TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     PRIMARY KEY (function, version)
+);
+CREATE TABLE IF NOT EXISTS idle_times (
+    function TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    saved_at INTEGER NOT NULL
 );
 ";
 
@@ -269,6 +279,7 @@ impl Registry for SqliteRegistry {
             for name in removals {
                 tx.execute("DELETE FROM functions WHERE name = ?1", [name.as_str()])?;
                 tx.execute("DELETE FROM versions WHERE function = ?1", [name.as_str()])?;
+                tx.execute("DELETE FROM idle_times WHERE function = ?1", [name.as_str()])?;
             }
             tx.commit()?;
             read_functions(conn, None)
@@ -308,8 +319,40 @@ impl Registry for SqliteRegistry {
             let tx = conn.transaction()?;
             let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name.as_str()])?;
             tx.execute("DELETE FROM versions WHERE function = ?1", [name.as_str()])?;
+            tx.execute(
+                "DELETE FROM idle_times WHERE function = ?1",
+                [name.as_str()],
+            )?;
             tx.commit()?;
             Ok(n > 0)
+        })
+    }
+
+    fn idle_times(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT function, data FROM idle_times")?;
+            let rows = stmt
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn save_idle_times(&self, entries: &[(String, String)]) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM idle_times", [])?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO idle_times (function, data, saved_at) VALUES (?1, ?2, ?3)",
+                )?;
+                let at = now_ms();
+                for (function, data) in entries {
+                    insert.execute(params![function, data, at])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 }
@@ -359,6 +402,35 @@ mod tests {
         // a removed function is gone with its history.
         reg.apply(&app, &[upsert("a", "d4")], &[])?;
         assert_eq!(reg.function(&name("a"))?.map(|f| f.active.version), Some(1));
+        Ok(())
+    }
+
+    #[test]
+    fn idle_times_are_replaced_whole_and_go_with_their_function() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| {
+            StoreError::Database(rusqlite::Error::InvalidPath(e.to_string().into()))
+        })?;
+        let path = dir.path().join("state.db");
+        let app: AppName = "shop".parse().unwrap();
+        let entry = |n: &str, d: &str| (n.to_owned(), d.to_owned());
+        {
+            let reg = SqliteRegistry::open(&path)?;
+            reg.apply(
+                &app,
+                &[upsert("a", "d1"), upsert("b", "d2"), upsert("c", "d3")],
+                &[],
+            )?;
+            reg.save_idle_times(&[entry("a", "1"), entry("b", "2")])?;
+            reg.save_idle_times(&[entry("a", "3"), entry("b", "4"), entry("c", "5")])?;
+        }
+        let reg = SqliteRegistry::open(&path)?;
+        let mut saved = reg.idle_times()?;
+        saved.sort();
+        assert_eq!(saved, [entry("a", "3"), entry("b", "4"), entry("c", "5")]);
+        // Removed by a deploy or on its own: its idle times go too.
+        reg.apply(&app, &[], &[name("a")])?;
+        assert!(reg.remove(&name("b"))?);
+        assert_eq!(reg.idle_times()?, [entry("c", "5")]);
         Ok(())
     }
 }

@@ -181,6 +181,26 @@ impl Node {
         Node::start_in(dir)
     }
 
+    /// Stops the node with SIGTERM, as a user would, waits for it to exit,
+    /// and starts a new one on the same data directory with `env`.
+    pub fn restart_with_env(mut self, env: &[(&str, &str)]) -> Node {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let exit = c.wait().unwrap();
+            assert!(
+                exit.success(),
+                "the node exited with {exit}:\n{}",
+                self.log()
+            );
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Node::start_with_env(dir, env)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
