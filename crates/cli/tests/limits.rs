@@ -577,20 +577,9 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
         "{w:?}"
     );
 
-    // Right after the call the code leaves memory...
-    eventually(
-        Duration::from_secs(5),
-        "the code to leave memory",
-        || async { (!summary(&node, "p").await.loaded).then_some(()) },
-    )
-    .await;
-    // ...and comes back ahead of the next call, which starts warm.
-    eventually(
-        Duration::from_secs(5),
-        "the code to be loaded ahead of the next call",
-        || async { summary(&node, "p").await.loaded.then_some(()) },
-    )
-    .await;
+    // Right after the call the code leaves memory, and comes back ahead of
+    // the next call, which starts warm.
+    leaves_memory_and_comes_back(&node, "p").await;
     let r = node.get("/p/served").await;
     assert_status(&r, StatusCode::OK);
     assert_eq!(invocation_line(&node, &r).await["faas.coldstart"], false);
@@ -617,18 +606,7 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
     ));
     let s = summary(&node, "p").await;
     assert!(s.version == 2 && s.keep_alive.is_some(), "{s:?}");
-    eventually(
-        Duration::from_secs(5),
-        "the new version's code to leave memory",
-        || async { (!summary(&node, "p").await.loaded).then_some(()) },
-    )
-    .await;
-    eventually(
-        Duration::from_secs(5),
-        "the new version's code to be loaded ahead of the next call",
-        || async { summary(&node, "p").await.loaded.then_some(()) },
-    )
-    .await;
+    leaves_memory_and_comes_back(&node, "p").await;
     let r = node.get("/p/served").await;
     assert_status(&r, StatusCode::OK);
     let line = invocation_line(&node, &r).await;
@@ -643,6 +621,23 @@ async fn a_function_called_at_regular_intervals_leaves_memory_between_calls() {
     let s = summary(&node, "p").await;
     assert_eq!(s.keep_alive, learnt, "{s:?}");
     assert!(node.log().contains("restored learnt idle times"));
+}
+
+/// Waits for `function`'s code to leave memory, then to be loaded again
+/// ahead of its next call.
+async fn leaves_memory_and_comes_back(node: &Node, function: &str) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{function}'s code to leave memory"),
+        || async { (!summary(node, function).await.loaded).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        &format!("{function}'s code to be loaded ahead of the next call"),
+        || async { summary(node, function).await.loaded.then_some(()) },
+    )
+    .await;
 }
 
 /// Asserts that the node's `/metrics` has `line`.

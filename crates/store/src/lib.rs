@@ -375,9 +375,7 @@ mod tests {
 
     #[test]
     fn versions_accumulate_and_survive_reopen() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| {
-            StoreError::Database(rusqlite::Error::InvalidPath(e.to_string().into()))
-        })?;
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let app: AppName = "shop".parse().unwrap();
         {
@@ -407,9 +405,7 @@ mod tests {
 
     #[test]
     fn idle_times_are_replaced_whole_and_go_with_their_function() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| {
-            StoreError::Database(rusqlite::Error::InvalidPath(e.to_string().into()))
-        })?;
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let app: AppName = "shop".parse().unwrap();
         let entry = |n: &str, d: &str| (n.to_owned(), d.to_owned());
