@@ -57,12 +57,15 @@ pub async fn run(
     }
 }
 
-/// Saves what every deployed function learnt of its idle times.
+/// Saves what every deployed function learnt of its idle times (not that
+/// of a removed function whose last requests are still finishing).
 fn save_idle_times(state: &NodeState) {
+    let table = state.gateway.table();
     let entries: Vec<(String, String)> = state
         .engine
         .idle_snapshots()
         .into_iter()
+        .filter(|(name, _)| table.function(name).is_some())
         .filter_map(|(name, snapshot)| Some((name, serde_json::to_string(&snapshot).ok()?)))
         .collect();
     if let Err(e) = state.registry.save_idle_times(&entries) {
