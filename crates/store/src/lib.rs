@@ -2,7 +2,8 @@
 //! embedded SQLite implementation as the default.
 //!
 //! [`Registry`] records which functions exist, every version deployed of
-//! each (component digest plus configuration) and which version is active.
+//! each (component digest plus configuration) and which version is active,
+//! and keeps what each function learnt of its idle times across restarts.
 //! A cluster mode implements the same trait on a shared engine; nothing
 //! above this crate assumes the state is local.
 
