@@ -554,15 +554,134 @@ impl Client {
     }
 
     pub async fn ack(&self, tag: u64) -> Result<(), SourceError> {
-        self.send(method(CHANNEL, 60, 80, Args::default().u64(tag).u8(0)))
-            .await
+        self.settle(&[Settlement::Ack {
+            tag,
+            multiple: false,
+        }])
+        .await
     }
 
-    /// Rejects a delivery, putting it back in the queue.
-    pub async fn requeue(&self, tag: u64) -> Result<(), SourceError> {
-        self.send(method(CHANNEL, 60, 90, Args::default().u64(tag).u8(1)))
-            .await
+    /// Tells the broker what became of deliveries, in one write.
+    async fn settle(&self, settlements: &[Settlement]) -> Result<(), SourceError> {
+        let mut out = Vec::with_capacity(settlements.len() * 21);
+        for s in settlements {
+            out.extend(match *s {
+                Settlement::Ack { tag, multiple } => method(
+                    CHANNEL,
+                    60,
+                    80,
+                    Args::default().u64(tag).u8(u8::from(multiple)),
+                ),
+                // basic.reject with requeue.
+                Settlement::Requeue { tag } => {
+                    method(CHANNEL, 60, 90, Args::default().u64(tag).u8(1))
+                }
+            });
+        }
+        self.send(out).await
     }
+}
+
+/// What the consumer tells the broker about a delivery it is done with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    /// basic.ack; with `multiple`, of every unsettled delivery up to `tag`.
+    Ack { tag: u64, multiple: bool },
+    /// basic.reject, putting the message back in the queue.
+    Requeue { tag: u64 },
+}
+
+/// The channel's deliveries the broker still holds for this consumer, and
+/// how a batch of finished ones is told to it in as few frames as it can:
+/// the acks of every delivery below the oldest one still running share one
+/// basic.ack with `multiple`, so a busy queue costs the broker one ack frame
+/// per batch instead of one per message. A delivery still running (or
+/// waiting to be requeued) is never covered by such an ack.
+#[derive(Debug, Default)]
+struct Unsettled {
+    tags: std::collections::BTreeSet<u64>,
+}
+
+impl Unsettled {
+    fn delivered(&mut self, tag: u64) {
+        self.tags.insert(tag);
+    }
+
+    /// The frames that settle `done` (tag, acknowledged rather than
+    /// requeued). Requeues come first, so an ack with `multiple` written
+    /// after them in the same batch finds them settled already.
+    fn settle(&mut self, done: &mut [(u64, bool)]) -> Vec<Settlement> {
+        done.sort_unstable();
+        for (tag, _) in done.iter() {
+            self.tags.remove(tag);
+        }
+        // Every unsettled delivery below this one is in `done`.
+        let oldest_running = self.tags.first().copied().unwrap_or(u64::MAX);
+        let mut frames: Vec<Settlement> = done
+            .iter()
+            .filter(|(_, ack)| !ack)
+            .map(|&(tag, _)| Settlement::Requeue { tag })
+            .collect();
+        let acks = done.iter().filter(|(_, ack)| *ack).map(|&(tag, _)| tag);
+        let (below, above): (Vec<u64>, Vec<u64>) = acks.partition(|&t| t < oldest_running);
+        match below.as_slice() {
+            [] => {}
+            [tag] => frames.push(Settlement::Ack {
+                tag: *tag,
+                multiple: false,
+            }),
+            [.., last] => frames.push(Settlement::Ack {
+                tag: *last,
+                multiple: true,
+            }),
+        }
+        frames.extend(above.into_iter().map(|tag| Settlement::Ack {
+            tag,
+            multiple: false,
+        }));
+        frames
+    }
+}
+
+/// What the session's settling task hears, in delivery order.
+enum Settle {
+    Delivered(u64),
+    /// The function is done: acknowledge (`true`) or requeue (`false`).
+    Done(u64, bool),
+}
+
+/// Settles the session's deliveries on `client`, batching whatever finished
+/// while the previous write was on its way. Ends when every sender is gone
+/// or a write failed (the connection is gone: the broker redelivers what
+/// it held).
+fn settling(client: Arc<Client>, function: String) -> mpsc::UnboundedSender<Settle> {
+    // Unbounded in type only: the broker sends at most `prefetch`
+    // unacknowledged deliveries, each with at most two events here.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Settle>();
+    tokio::spawn(async move {
+        let mut unsettled = Unsettled::default();
+        let mut done = Vec::new();
+        let mut events = Vec::new();
+        while rx.recv_many(&mut events, 1024).await > 0 {
+            for event in events.drain(..) {
+                match event {
+                    Settle::Delivered(tag) => unsettled.delivered(tag),
+                    Settle::Done(tag, ack) => done.push((tag, ack)),
+                }
+            }
+            if done.is_empty() {
+                continue;
+            }
+            let frames = unsettled.settle(&mut done);
+            if let Err(e) = client.settle(&frames).await {
+                // Redelivered by the broker: at least once.
+                tracing::warn!(function = %function, messages = done.len(), error = %e, "could not acknowledge amqp messages");
+                break;
+            }
+            done.clear();
+        }
+    });
+    tx
 }
 
 async fn read_loop(
@@ -752,27 +871,27 @@ impl AmqpSource {
         let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
         status.healthy();
         let running = Arc::new(tokio::sync::Semaphore::new(self.concurrency as usize));
+        let settle = settling(client.clone(), self.function.clone());
         while let Some(d) = deliveries.recv().await {
             let tag = d.tag;
             let message = self.message(d);
-            let (client, deliver, status) = (client.clone(), deliver.clone(), status.clone());
-            let function = self.function.clone();
+            // Before the function can finish: an ack with `multiple` for a
+            // later delivery must know this one is still running.
+            let _ = settle.send(Settle::Delivered(tag));
+            let (settle, deliver, status) = (settle.clone(), deliver.clone(), status.clone());
             let running = running.clone();
             tokio::spawn(async move {
                 let slot = running.acquire_owned().await;
                 let verdict = deliver.deliver(message).await;
                 drop(slot);
                 status.counted(&verdict);
-                let answered = if matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered) {
-                    client.ack(tag).await
-                } else {
+                let ack = matches!(verdict, Verdict::Succeeded | Verdict::DeadLettered);
+                if !ack {
                     tokio::time::sleep(REQUEUE_DELAY).await;
-                    client.requeue(tag).await
-                };
-                if let Err(e) = answered {
-                    // Redelivered by the broker: at least once.
-                    tracing::warn!(function = %function, error = %e, "could not acknowledge an amqp message");
                 }
+                // A closed channel: the connection is gone and the broker
+                // redelivers the message (at least once).
+                let _ = settle.send(Settle::Done(tag, ack));
             });
         }
         let mut replies = client.replies.lock().await;
@@ -829,6 +948,59 @@ mod tests {
         );
         assert_eq!(Target::parse("amqp://h/%2Fx").unwrap().vhost, "/x");
         assert!(Target::parse("amqps://h").is_err());
+    }
+
+    #[test]
+    fn finished_deliveries_below_the_oldest_running_share_one_ack() {
+        let mut u = Unsettled::default();
+        for tag in 1..=6 {
+            u.delivered(tag);
+        }
+        // 3 still runs: 1 and 2 share an ack, 4 and 5 go one by one.
+        assert_eq!(
+            u.settle(&mut [(5, true), (2, true), (1, true), (4, true)]),
+            [
+                Settlement::Ack {
+                    tag: 2,
+                    multiple: true
+                },
+                Settlement::Ack {
+                    tag: 4,
+                    multiple: false
+                },
+                Settlement::Ack {
+                    tag: 5,
+                    multiple: false
+                },
+            ]
+        );
+        // 3 is requeued: the reject goes first, then 6 alone (nothing
+        // below it is unsettled any more).
+        assert_eq!(
+            u.settle(&mut [(6, true), (3, false)]),
+            [
+                Settlement::Requeue { tag: 3 },
+                Settlement::Ack {
+                    tag: 6,
+                    multiple: false
+                },
+            ]
+        );
+        for tag in 7..=9 {
+            u.delivered(tag);
+        }
+        // A requeue inside the run: rejected before the ack that spans it.
+        assert_eq!(
+            u.settle(&mut [(9, true), (8, false), (7, true)]),
+            [
+                Settlement::Requeue { tag: 8 },
+                Settlement::Ack {
+                    tag: 9,
+                    multiple: true
+                },
+            ]
+        );
+        assert!(u.tags.is_empty());
     }
 
     #[test]
