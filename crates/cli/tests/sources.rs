@@ -236,6 +236,125 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
     conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
 }
 
+/// With `events_per_invocation`, entries that wait together reach the
+/// function as one CloudEvents batch. Each entry keeps its own attempts:
+/// the ones the function lists as failed (a partial batch response) are
+/// tried again, then dead-lettered, while the rest of their batch is done,
+/// and every entry is acknowledged once settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_entries_arrive_in_batches() {
+    const N: usize = 400;
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let recorder = Recorder::start().await;
+    let node = Node::start();
+    let g = guests();
+    let batched = |stream: &str, relay_query: &str| {
+        format!(
+            "env = {{ ACTION = \"relay-batch\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\n\
+             allowed_outbound_hosts = [\"{url}\"]\n\
+             retry = {{ attempts = 2, initial_backoff = \"50ms\" }}\n\
+             [[functions.consume.sources]]\n\
+             type = \"redis-stream\"\nurl = \"{REDIS}\"\nstream = \"{stream}\"\n\
+             concurrency = 2\nevents_per_invocation = 25\n",
+            url = recorder.url
+        )
+    };
+    // Every entry's first attempt is reported failed, its second succeeds.
+    let stream = unique("nimbus-test-batches", "-");
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &batched(&stream, "fail=1"))],
+    ));
+    source_healthy(&node).await;
+    xadd_many(&mut conn, &stream, N, "").await;
+    eventually(
+        Duration::from_secs(120),
+        "every entry to run twice",
+        || async { (recorder.hits().len() >= 2 * N).then_some(()) },
+    )
+    .await;
+    let hits = recorder.hits();
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
+    assert_eq!((distinct, duplicates), (N, N), "each entry tried twice");
+    for id in recorder.executions().keys() {
+        let mut attempts: Vec<&str> = hits
+            .iter()
+            .filter(|h| h.get("ce-id") == id)
+            .map(|h| h.get("nimbus-attempt"))
+            .collect();
+        attempts.sort();
+        assert_eq!(attempts, ["1", "2"], "{id}");
+    }
+    let sizes: Vec<usize> = hits
+        .iter()
+        .map(|h| h.get("batch-size").parse().unwrap())
+        .collect();
+    let largest = sizes.iter().copied().max().unwrap();
+    eprintln!(
+        "{N} entries in {} batches, the largest of {largest}",
+        sizes.iter().map(|&n| 1.0 / n as f64).sum::<f64>().round()
+    );
+    assert!(
+        (2..=25).contains(&largest),
+        "entries published together share invocations, at most 25 each: {largest}"
+    );
+    let hit = &hits[0];
+    assert_eq!(hit.get("ce-type"), "redis.stream.entry");
+    assert_eq!(hit.get("ce-redisstream"), stream);
+    assert_eq!(hit.get("content-type"), "application/json");
+    assert!(hit.get("data").contains("\"n\""), "{:?}", hit.get("data"));
+    assert_eq!(hit.get("traceparent").len(), 55);
+    eventually(
+        Duration::from_secs(30),
+        "every entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            (pending(&mut c, &stream, "nimbus-consume").await == 0).then_some(())
+        },
+    )
+    .await;
+    let status = node.status().await;
+    assert_eq!(
+        (status.sources[0].delivered, status.sources[0].dead_lettered),
+        (N as u64, 0)
+    );
+
+    // Events failed on every attempt are dead-lettered one by one.
+    let failing = unique("nimbus-test-batches-failing", "-");
+    node.deploy(&manifest(
+        "events",
+        &[("consume", &g.testbed, &batched(&failing, "fail=99"))],
+    ));
+    source_healthy(&node).await;
+    xadd_many(&mut conn, &failing, 30, "").await;
+    let dlq = dead_letters(&node, 30).await;
+    for r in &dlq {
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.attempts.len(), 2, "{r:?}");
+        assert!(
+            r.attempts[1]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("batchItemFailures")),
+            "{r:?}"
+        );
+    }
+    eventually(
+        Duration::from_secs(30),
+        "every failed entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            (pending(&mut c, &failing, "nimbus-consume").await == 0).then_some(())
+        },
+    )
+    .await;
+    for s in [&stream, &failing] {
+        conn.cmd(&[b"DEL", s.as_bytes()]).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stream_source_recovers_from_a_broker_restart() {
     const N: usize = 3_000;

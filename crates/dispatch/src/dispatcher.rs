@@ -2,6 +2,7 @@
 //! invoke path, so admission, limits, metrics and logs are the same as for
 //! HTTP requests.
 
+use crate::batch::{AttemptResult, BATCH_CONTENT_TYPE, Batching};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
 use http_body_util::BodyExt;
@@ -188,6 +189,10 @@ pub struct Dispatcher {
     signal: Arc<Signal>,
     running: Mutex<HashMap<String, u32>>,
     idle: Notify,
+    /// The waiting lines of sources that batch messages into invocations,
+    /// by function and source. Held by the attempts in them only: a line
+    /// with nothing waiting or running goes away.
+    batching: Mutex<HashMap<(String, String), std::sync::Weak<Batching>>>,
 }
 
 impl Dispatcher {
@@ -198,7 +203,32 @@ impl Dispatcher {
             signal,
             running: Mutex::new(HashMap::new()),
             idle: Notify::new(),
+            batching: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The waiting line of `function`'s source `source`: `events` per
+    /// invocation, `invocations` at once.
+    fn batching(
+        &self,
+        function: &str,
+        source: &str,
+        events: u32,
+        invocations: u32,
+    ) -> Arc<Batching> {
+        let Ok(mut lines) = self.batching.lock() else {
+            return Arc::new(Batching::new(events, invocations));
+        };
+        let key = (function.to_owned(), source.to_owned());
+        if let Some(line) = lines.get(&key).and_then(std::sync::Weak::upgrade)
+            && line.shape() == (events, invocations)
+        {
+            return line;
+        }
+        lines.retain(|_, line| line.strong_count() > 0);
+        let line = Arc::new(Batching::new(events, invocations));
+        lines.insert(key, Arc::downgrade(&line));
+        line
     }
 
     fn running_of(&self, function: &str) -> u32 {
@@ -364,11 +394,15 @@ impl Dispatcher {
     /// redelivers: this is attempt `delivery.attempt`, and a retryable
     /// failure returns [`MessageOutcome::RetryAfter`] with the policy's
     /// backoff.
+    ///
+    /// `batched`: the source hands its function up to `.0` messages per
+    /// invocation, `.1` invocations at once (see [`crate::batch`]).
     pub async fn run_message(
         &self,
         id: &str,
         mut new: NewInvocation,
         delivery: Option<(u32, i64)>,
+        batched: Option<(u32, u32)>,
     ) -> MessageOutcome {
         let first = now_ms();
         let (previous, age_from) = match delivery {
@@ -376,6 +410,9 @@ impl Dispatcher {
             None => (0, first),
         };
         traced(&mut new.headers);
+        let batching = batched.map(|(events, invocations)| {
+            self.batching(&new.function, &new.ce_source, events, invocations)
+        });
         // The message moves into the attempts' form; what only a
         // dead-letter copy needs stays behind in `new`.
         let mut c = Claimed {
@@ -404,7 +441,10 @@ impl Dispatcher {
             let n = c.attempt + 1;
             let started_at = now_ms();
             let clock = std::time::Instant::now();
-            let (status, error, response) = self.invoke(&deployed, &c, n).await;
+            let (status, error, response) = match &batching {
+                Some(line) => line.attempt(self, &deployed, &c, n).await,
+                None => self.invoke(&deployed, &c, n).await,
+            };
             attempts.push(Attempt {
                 n,
                 started_at,
@@ -581,16 +621,22 @@ impl Dispatcher {
         }
     }
 
-    async fn invoke(
+    async fn invoke(&self, deployed: &Arc<Deployed>, c: &Claimed, n: u32) -> AttemptResult {
+        match build_request(c, n) {
+            Ok(request) => self.send(deployed, request, c, n).await,
+            Err(e) => (None, Some(e), None),
+        }
+    }
+
+    /// Runs `request`, attempt `n` of `c` (or of a batch `c` leads), through
+    /// the gateway, and keeps what it returned.
+    pub(crate) async fn send(
         &self,
         deployed: &Arc<Deployed>,
+        request: hyper::Request<nimbus_gateway::RequestBody>,
         c: &Claimed,
         n: u32,
-    ) -> (Option<u16>, Option<String>, Option<StoredResponse>) {
-        let request = match build_request(c, n) {
-            Ok(r) => r,
-            Err(e) => return (None, Some(e), None),
-        };
+    ) -> AttemptResult {
         let path = c.path.split('?').next().unwrap_or("/");
         let info = RouteInfo {
             trigger: Some(c.trigger.as_str()),
@@ -698,6 +744,37 @@ fn cloudevent_headers(c: &Claimed, n: u32) -> impl Iterator<Item = (HeaderName, 
     ]
     .into_iter()
     .filter_map(|(k, v)| Some((k, v?)))
+}
+
+/// The request carrying a batch of events led by `first`: its path, the
+/// first event's trace context and the trigger; each event's own
+/// attributes are in the body.
+pub(crate) fn build_batch_request(
+    first: &Claimed,
+    body: Vec<u8>,
+) -> Result<hyper::Request<nimbus_gateway::RequestBody>, String> {
+    use nimbus_telemetry::trace::TRACEPARENT;
+    let mut request = hyper::Request::builder()
+        .method(http::Method::POST)
+        .uri(first.path.as_str())
+        .header(header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(NIMBUS_TRIGGER, first.trigger.as_str())
+        .body(
+            http_body_util::Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .map_err(|e| format!("the batch request is invalid: {e}"))?;
+    if let Some(v) = first
+        .headers
+        .iter()
+        .find(|(k, _)| k == TRACEPARENT)
+        .and_then(|(_, v)| HeaderValue::from_str(v).ok())
+    {
+        request.headers_mut().insert(TRACEPARENT, v);
+    }
+    Ok(request)
 }
 
 fn build_request(

@@ -9,6 +9,11 @@ use std::fmt;
 pub const MAX_SOURCE_CONCURRENCY: u32 = 256;
 /// Largest `batch` of a source.
 pub const MAX_BATCH: u32 = 1000;
+/// Largest `events_per_invocation` of a source.
+pub const MAX_EVENTS_PER_INVOCATION: u32 = 1000;
+/// Most messages a source may run at once (`concurrency` times
+/// `events_per_invocation`): what a consumer holds stays bounded.
+pub const MAX_SOURCE_MESSAGES: u32 = 10_000;
 
 /// Where a broker's address (and credentials) come from: written in the
 /// manifest, or read on the node from its environment or from a secrets
@@ -479,6 +484,12 @@ pub struct Source {
     pub concurrency: u32,
     /// Messages fetched per read (default 16).
     pub batch: u32,
+    /// Most messages one invocation receives (default 1: each message is
+    /// an invocation of its own, a CloudEvent in binary mode). Above 1,
+    /// messages that are waiting together go to one invocation as a
+    /// CloudEvents batch (a JSON array of structured events), and up to
+    /// `concurrency` such invocations run at once.
+    pub events_per_invocation: u32,
     pub format: Format,
 }
 
@@ -490,6 +501,8 @@ struct RawSource {
     concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    events_per_invocation: Option<u32>,
     #[serde(default, skip_serializing_if = "Format::is_default")]
     format: Format,
 }
@@ -530,6 +543,17 @@ impl TryFrom<RawSource> for Source {
                 "invalid source batch {batch}: use 1 to {MAX_BATCH}"
             ));
         }
+        let events_per_invocation = r.events_per_invocation.unwrap_or(1);
+        if events_per_invocation == 0 || events_per_invocation > MAX_EVENTS_PER_INVOCATION {
+            return Err(format!(
+                "invalid source events_per_invocation {events_per_invocation}: use 1 to {MAX_EVENTS_PER_INVOCATION}"
+            ));
+        }
+        if concurrency.saturating_mul(events_per_invocation) > MAX_SOURCE_MESSAGES {
+            return Err(format!(
+                "a source may run at most {MAX_SOURCE_MESSAGES} messages at once, and concurrency {concurrency} times events_per_invocation {events_per_invocation} is more: lower one of them"
+            ));
+        }
         r.kind.validate()?;
         if r.format == Format::S3 && matches!(r.kind, SourceKind::Postgres(_)) {
             return Err(
@@ -541,6 +565,7 @@ impl TryFrom<RawSource> for Source {
             kind: r.kind,
             concurrency,
             batch,
+            events_per_invocation,
             format: r.format,
         })
     }
@@ -552,12 +577,19 @@ impl From<Source> for RawSource {
             kind: s.kind,
             concurrency: Some(s.concurrency),
             batch: Some(s.batch),
+            events_per_invocation: (s.events_per_invocation > 1).then_some(s.events_per_invocation),
             format: s.format,
         }
     }
 }
 
 impl Source {
+    /// Messages the consumer runs at once: `concurrency` invocations of up
+    /// to `events_per_invocation` messages each.
+    pub fn messages_at_once(&self) -> u32 {
+        self.concurrency.saturating_mul(self.events_per_invocation)
+    }
+
     /// What identifies the source across deploys (no credentials).
     pub fn key(&self) -> String {
         let shown = |url: &BrokerUrl| match url {
@@ -638,6 +670,16 @@ mod tests {
         .unwrap();
         assert_eq!(s.concurrency, 1);
         assert_eq!(s.batch, 16);
+        assert_eq!((s.events_per_invocation, s.messages_at_once()), (1, 1));
+        let b: Source = toml::from_str(
+            "type = \"redis-stream\"\nurl = \"redis://h\"\nstream = \"s\"\nconcurrency = 4\nevents_per_invocation = 25",
+        )
+        .unwrap();
+        assert_eq!((b.events_per_invocation, b.messages_at_once()), (25, 100));
+        assert_eq!(
+            serde_json::from_str::<Source>(&serde_json::to_string(&b).unwrap()).unwrap(),
+            b
+        );
         assert_eq!(s.format, Format::Message);
         assert_eq!(s.key(), "redis-stream:redis://127.0.0.1:6379:orders");
         let json = serde_json::to_string(&s).unwrap();
@@ -666,6 +708,9 @@ mod tests {
             "type = \"redis-stream\"\nurl_file = \"secrets/redis\"\nstream = \"s\"",
             "type = \"redis-stream\"\nurl = \"redis://h\"\nurl_env = \"X\"\nstream = \"s\"",
             "type = \"redis-stream\"\nurl = \"redis://x\"\nstream = \"s\"\nconcurrency = 0",
+            "type = \"redis-stream\"\nurl = \"redis://x\"\nstream = \"s\"\nevents_per_invocation = 0",
+            "type = \"redis-stream\"\nurl = \"redis://x\"\nstream = \"s\"\nevents_per_invocation = 1001",
+            "type = \"redis-stream\"\nurl = \"redis://x\"\nstream = \"s\"\nconcurrency = 64\nevents_per_invocation = 200",
         ] {
             assert!(toml::from_str::<Source>(bad).is_err(), "{bad}");
         }

@@ -31,7 +31,12 @@ impl Deliver for NodeDeliver {
                 tick: None,
             };
             let delivery = m.delivery.map(|d| (d.attempt, d.first_at_ms));
-            match self.dispatcher.run_message(&id, new, delivery).await {
+            let batched = m.per_invocation.map(|p| (p.events, p.invocations));
+            match self
+                .dispatcher
+                .run_message(&id, new, delivery, batched)
+                .await
+            {
                 MessageOutcome::Succeeded => Verdict::Succeeded,
                 MessageOutcome::DeadLettered => Verdict::DeadLettered,
                 MessageOutcome::NotServing => Verdict::Retry,

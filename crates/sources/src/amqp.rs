@@ -850,6 +850,7 @@ impl AmqpSource {
             headers,
             body: d.body,
             delivery: None,
+            per_invocation: None,
         }
     }
 

@@ -116,6 +116,7 @@ impl SubjectSource {
                 headers: carried_headers(&msg),
                 body: msg.payload,
                 delivery: None,
+                per_invocation: None,
             };
             let deliver = deliver.clone();
             let status = status.clone();
@@ -362,6 +363,7 @@ impl JetStreamSource {
                 attempt: info.delivered.max(1),
                 first_at_ms: info.timestamp_ns / 1_000_000,
             }),
+            per_invocation: None,
         }
     }
 

@@ -10,7 +10,10 @@
 //! nothing of how functions run (the node wires it to the dispatcher).
 //! A consumer holds at most a bounded number of messages (those running,
 //! at most `concurrency`, and for some brokers as many again waiting), so a
-//! slow function leaves its backlog in the broker, not in memory.
+//! slow function leaves its backlog in the broker, not in memory. A source
+//! with `events_per_invocation` runs that many times as many messages, each
+//! marked ([`PerInvocation`]) so the dispatcher batches them into
+//! invocations.
 
 pub mod amqp;
 pub mod jetstream;
@@ -66,6 +69,31 @@ pub struct Message {
     /// delay it honours): the function gets one attempt per delivery, and
     /// this says which. `None`: retries happen in place.
     pub delivery: Option<Delivery>,
+    /// Set when the source hands its function several messages per
+    /// invocation.
+    pub per_invocation: Option<PerInvocation>,
+}
+
+/// How a source that batches messages into invocations runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PerInvocation {
+    /// Most messages one invocation receives.
+    pub events: u32,
+    /// Most such invocations at once.
+    pub invocations: u32,
+}
+
+/// Marks every message of a source as batched into invocations.
+struct Batched {
+    inner: Arc<dyn Deliver>,
+    per_invocation: PerInvocation,
+}
+
+impl Deliver for Batched {
+    fn deliver(&self, mut message: Message) -> BoxFuture<'_, Verdict> {
+        message.per_invocation = Some(self.per_invocation);
+        self.inner.deliver(message)
+    }
 }
 
 /// One delivery of a message the broker retries itself.
@@ -203,38 +231,38 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
             source.batch,
         )?)),
         SourceKind::Nats(s) => Ok(Arc::new(jetstream::SubjectSource::new(
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
         )?)),
         SourceKind::Mqtt(s) => Ok(Arc::new(mqtt::MqttSource::new(
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
         )?)),
         SourceKind::Amqp(s) => Ok(Arc::new(amqp::AmqpSource::new(
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
         )?)),
         SourceKind::Postgres(s) => Ok(Arc::new(postgres::PostgresSource::new(
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
         )?)),
         SourceKind::JetStream(s) => Ok(Arc::new(jetstream::JetStreamSource::new(
             function,
             &url(&s.url)?,
             s,
-            source.concurrency,
+            source.messages_at_once(),
             source.batch,
         )?)),
     }
@@ -305,12 +333,21 @@ impl Supervisor {
             let task = match build(&function, &source) {
                 Ok(consumer) => {
                     tracing::info!(function = %function, source = %source, "source started");
-                    let deliver: Arc<dyn Deliver> = match source.format {
+                    let mut deliver: Arc<dyn Deliver> = match source.format {
                         Format::Message => self.deliver.clone(),
                         Format::S3 => Arc::new(s3::S3Events {
                             inner: self.deliver.clone(),
                         }),
                     };
+                    if source.events_per_invocation > 1 {
+                        deliver = Arc::new(Batched {
+                            inner: deliver,
+                            per_invocation: PerInvocation {
+                                events: source.events_per_invocation,
+                                invocations: source.concurrency,
+                            },
+                        });
+                    }
                     tokio::spawn(consumer.run(deliver, status.clone()))
                 }
                 Err(e) => {

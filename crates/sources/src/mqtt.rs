@@ -547,6 +547,7 @@ impl MqttSource {
             headers,
             body: payload,
             delivery: None,
+            per_invocation: None,
         }
     }
 

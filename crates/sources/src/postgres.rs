@@ -483,6 +483,7 @@ impl PostgresSource {
             ],
             body: serde_json::to_vec(&body).unwrap_or_default(),
             delivery: None,
+            per_invocation: None,
         }
     }
 

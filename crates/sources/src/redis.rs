@@ -153,6 +153,7 @@ impl RedisStreamSource {
             ],
             body,
             delivery: None,
+            per_invocation: None,
         }
     }
 

@@ -331,6 +331,10 @@ fn unescape(text: &str) -> String {
 /// every execution (including duplicates) whatever the node believes.
 /// `GET /record?ce-id=..&fail=N&status=S` answers S (default 500) to the
 /// first N hits of that ce-id and 200 after; anything else answers 200.
+/// `POST /batch?fail=N` takes a CloudEvents batch: each event is a hit
+/// (its attributes under the header names of binary mode, `batch-size`
+/// the number of events), and the answer is a partial batch response
+/// listing the events that the same `fail` rule fails.
 pub struct Recorder {
     pub url: String,
     hits: std::sync::Arc<std::sync::Mutex<Vec<Hit>>>,
@@ -404,13 +408,8 @@ impl Recorder {
                                 );
                             }
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let hit = Hit {
-                                path,
-                                query,
-                                body,
-                                at: Instant::now(),
-                            };
-                            let status = {
+                            // The status the `fail` rule gives a hit.
+                            let record = |hit: Hit| {
                                 let mut hits = hits.lock().unwrap();
                                 let id = hit.get("ce-id").to_owned();
                                 let nth = hits
@@ -422,12 +421,52 @@ impl Recorder {
                                 hits.push(hit);
                                 if nth < fail { status } else { 200 }
                             };
+                            let (status, answer) = if path == "/batch" {
+                                let events: Vec<serde_json::Value> =
+                                    serde_json::from_slice(&body).unwrap();
+                                let mut failed = Vec::new();
+                                for e in &events {
+                                    let mut query = query.clone();
+                                    let text = |v: &serde_json::Value| match v {
+                                        serde_json::Value::String(s) => s.clone(),
+                                        other => other.to_string(),
+                                    };
+                                    for (k, v) in e.as_object().unwrap() {
+                                        let key = match k.as_str() {
+                                            "nimbusattempt" => "nimbus-attempt".to_owned(),
+                                            "datacontenttype" => "content-type".to_owned(),
+                                            "traceparent" | "data" => k.clone(),
+                                            other => format!("ce-{other}"),
+                                        };
+                                        query.insert(key, text(v));
+                                    }
+                                    query.insert("batch-size".into(), events.len().to_string());
+                                    let id = text(&e["id"]);
+                                    let hit = Hit {
+                                        path: path.clone(),
+                                        query,
+                                        body: Bytes::from(text(&e["data"])),
+                                        at: Instant::now(),
+                                    };
+                                    if record(hit) != 200 {
+                                        failed.push(serde_json::json!({"itemIdentifier": id}));
+                                    }
+                                }
+                                let answer = serde_json::json!({"batchItemFailures": failed});
+                                (200, answer.to_string())
+                            } else {
+                                let status = record(Hit {
+                                    path,
+                                    query,
+                                    body,
+                                    at: Instant::now(),
+                                });
+                                (status, format!("recorded {status}"))
+                            };
                             Ok::<_, std::convert::Infallible>(
                                 hyper::Response::builder()
                                     .status(status)
-                                    .body(http_body_util::Full::new(Bytes::from(format!(
-                                        "recorded {status}"
-                                    ))))
+                                    .body(http_body_util::Full::new(Bytes::from(answer)))
                                     .unwrap(),
                             )
                         }
