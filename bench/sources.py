@@ -84,13 +84,13 @@ class SourceNode(Node):
         raise RuntimeError(f"only {self.delivered()} of {count} messages were delivered")
 
 
-def manifest(source, component=None, extra="", function="consume"):
+def manifest(source, component=None, extra="", function="consume", source_extra=""):
     """One function with one source. Each phase names its function apart,
     so MQTT sessions (named after the function) never carry over."""
     component = component or suite.HELLO
     return (f'[app]\nname = "bench"\n\n[functions.{function}]\ncomponent = "{component}"\n'
             f'limits = {{ max_concurrency = 64 }}\n{extra}\n'
-            f'[[functions.{function}.sources]]\n{source}\nconcurrency = {CONCURRENCY}\n')
+            f'[[functions.{function}.sources]]\n{source}\nconcurrency = {CONCURRENCY}\n{source_extra}')
 
 
 def source_for(broker, name, mqtt=None):
@@ -125,13 +125,13 @@ def prefill(broker, name, count, mqtt=None):
         peer("publish", "postgres", PG, name.lower(), count, 0)
 
 
-def baseline(broker, name, count, mqtt=None):
+def baseline(broker, name, count, mqtt=None, read_size=READ_SIZE):
     if broker == "redis":
-        return peer("drain", "redis", REDIS, name, "peer", count, READ_SIZE["redis"])["rate"]
+        return peer("drain", "redis", REDIS, name, "peer", count, read_size["redis"])["rate"]
     if broker == "jetstream":
-        return peer("drain", "jetstream", NATS, name, "peer", count, READ_SIZE["jetstream"])["rate"]
+        return peer("drain", "jetstream", NATS, name, "peer", count, read_size["jetstream"])["rate"]
     if broker == "amqp":
-        return peer("drain", "amqp", AMQP, name, count, READ_SIZE["amqp"])["rate"]
+        return peer("drain", "amqp", AMQP, name, count, read_size["amqp"])["rate"]
     if broker == "postgres":
         return peer("drain", "postgres", PG, name.lower(), count)["rate"]
     start = time.perf_counter()
@@ -149,29 +149,46 @@ def drop_tables(*names):
 # The opt-in instance reuse of `bench/run` (one instance serves messages one
 # after another, recycled after this many).
 REUSE = "reuse = 10000\n"
+# Messages per invocation in the batched run (a fresh instance per batch).
+EVENTS_PER_INVOCATION = 32
+# What Nimbus reads at a time then (the source runs CONCURRENCY x
+# EVENTS_PER_INVOCATION messages: Redis reads at least one invocation's
+# worth; JetStream pulls half its room; RabbitMQ's prefetch is its room),
+# and the plain consumer beside it reads the same.
+READ_SIZE_BATCHED = {"redis": EVENTS_PER_INVOCATION, "jetstream": CONCURRENCY * EVENTS_PER_INVOCATION,
+                     "amqp": 2 * CONCURRENCY * EVENTS_PER_INVOCATION}
 
 
 def throughput(broker, count, work, mqtt=None):
     """The plain consumer's rate, then Nimbus's: a fresh instance per
-    message (the default), and with instance reuse."""
+    message (the default), with instance reuse, and a fresh instance per
+    batch of up to EVENTS_PER_INVOCATION messages; and the plain consumer
+    again reading as much at a time as the batched source does."""
     stamp = time.time_ns()
-    base_name = f"BENCH_BASE_{stamp}"
-    if broker == "mqtt":
-        mqtt.subscribe("peer-" + base_name, f"{base_name}/#")
-    prefill(broker, base_name, count, mqtt)
-    try:
-        base = baseline(broker, base_name, count, mqtt)
-    finally:
-        if broker == "postgres":
-            drop_tables(base_name)
+
+    def plain(tag, read_size):
+        base_name = f"BENCH_{tag}_{stamp}"
+        if broker == "mqtt":
+            mqtt.subscribe("peer-" + base_name, f"{base_name}/#")
+        prefill(broker, base_name, count, mqtt)
+        try:
+            return baseline(broker, base_name, count, mqtt, read_size)
+        finally:
+            if broker == "postgres":
+                drop_tables(base_name)
+
+    base = plain("BASE", READ_SIZE)
+    base_batched = plain("BASEB", READ_SIZE_BATCHED) if broker in READ_SIZE_BATCHED else base
     fresh = drain(broker, count, work / f"data-{broker}", f"BENCH_NIMBUS_{stamp}", mqtt)
     reused = drain(broker, count, work / f"reuse-{broker}", f"BENCH_REUSE_{stamp}", mqtt, REUSE)
-    return base, fresh, reused
+    batched = drain(broker, count, work / f"batch-{broker}", f"BENCH_BATCH_{stamp}", mqtt,
+                    source_extra=f"events_per_invocation = {EVENTS_PER_INVOCATION}\n")
+    return base, fresh, reused, batched, base_batched
 
 
-def drain(broker, count, data_dir, name, mqtt=None, extra=""):
+def drain(broker, count, data_dir, name, mqtt=None, extra="", source_extra=""):
     """Nimbus's rate: `count` messages pre-filled in `name`, drained into
-    hello (with `extra` manifest lines)."""
+    hello (with `extra` manifest lines, and `source_extra` in its source)."""
     node = SourceNode(data_dir)
     node.start()
     try:
@@ -182,7 +199,7 @@ def drain(broker, count, data_dir, name, mqtt=None, extra=""):
         node.wait_optimized()
         if broker == "mqtt":
             # The session must exist before the messages, as for the peer.
-            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra))
+            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra, source_extra=source_extra))
             node.stop()
             prefill(broker, name, count, mqtt)
             start = time.perf_counter()
@@ -190,7 +207,7 @@ def drain(broker, count, data_dir, name, mqtt=None, extra=""):
         else:
             prefill(broker, name, count, mqtt)
             start = time.perf_counter()
-            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra))
+            node.deploy(manifest(source_for(broker, name, mqtt), extra=extra, source_extra=source_extra))
         end = node.wait_delivered(count)
         # Removing the source releases what it holds in the broker.
         node.deploy(f'[app]\nname = "bench"\n\n[functions.consume]\ncomponent = "{suite.HELLO}"\n')
@@ -299,7 +316,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
             for broker in args.brokers.split(","):
-                base, nimbus, reused = throughput(broker, count, work, mqtt)
+                base, nimbus, reused, batched, base_batched = throughput(broker, count, work, mqtt)
                 lat = latency(broker, 5_000 if not args.quick else 2_000, 1_000, work, mqtt)
                 results["brokers"][broker] = {
                     "plain_consumer_per_s": round(base),
@@ -307,6 +324,9 @@ def main():
                     "ratio": round(nimbus / base, 2),
                     "nimbus_reuse_per_s": round(reused),
                     "reuse_ratio": round(reused / base, 2),
+                    "plain_consumer_batched_reads_per_s": round(base_batched),
+                    "nimbus_batched_per_s": round(batched),
+                    "batched_ratio": round(batched / base_batched, 2),
                     "latency_at_1000_per_s": lat,
                 }
                 print(broker, json.dumps(results["brokers"][broker]), flush=True)
@@ -328,16 +348,24 @@ def main():
         "outbound request) at a paced 1,000 messages/s. Nimbus's clock starts at the deploy that "
         "adds the source (for MQTT, at the node's restart with its session's messages waiting), "
         "its function already compiled. `reuse`: the same function with `reuse = 10000` (an "
-        "instance serves messages one after another instead of one fresh instance each).",
+        "instance serves messages one after another instead of one fresh instance each). "
+        f"`batched`: the default function (a fresh instance per invocation) with "
+        f"`events_per_invocation = {EVENTS_PER_INVOCATION}` on the source (a CloudEvents batch per invocation), "
+        "against the plain consumer reading as many at a time as that source does (Redis COUNT "
+        f"{READ_SIZE_BATCHED['redis']}, JetStream pulls of {READ_SIZE_BATCHED['jetstream']}, RabbitMQ prefetch "
+        f"{READ_SIZE_BATCHED['amqp']}; the others as before).",
         "",
-        "| broker | plain consumer msg/s | Nimbus msg/s | ratio | Nimbus, reuse msg/s | ratio | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| broker | plain consumer msg/s | Nimbus msg/s | ratio | Nimbus, reuse msg/s | ratio | "
+        "plain consumer, batched reads msg/s | Nimbus, batched msg/s | ratio | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b, r in results["brokers"].items():
         l = r["latency_at_1000_per_s"]
         reuse = (f"{r['nimbus_reuse_per_s']:,} | {r['reuse_ratio']}" if "nimbus_reuse_per_s" in r else "– | –")
+        batched = (f"{r['plain_consumer_batched_reads_per_s']:,} | {r['nimbus_batched_per_s']:,} | "
+                   f"{r['batched_ratio']}" if "nimbus_batched_per_s" in r else "– | – | –")
         lines.append(f"| {b} | {r['plain_consumer_per_s']:,} | {r['nimbus_per_s']:,} | {r['ratio']} | {reuse} | "
-                     f"{l['p50_ms']:.1f} | {l['p99_ms']:.1f} |")
+                     f"{batched} | {l['p50_ms']:.1f} | {l['p99_ms']:.1f} |")
     (RESULTS / "sources.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

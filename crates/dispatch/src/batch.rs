@@ -6,9 +6,11 @@
 //! source's `invocations` slots takes up to `events` waiting attempts, its
 //! own or others', and runs them as one invocation whose body is a
 //! CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of
-//! events in structured mode). Nothing waits for a batch to fill: a quiet
-//! source invokes at once with what it has, a busy one fills its batches
-//! while the slots are taken.
+//! events in structured mode). A batch starts when nothing runs, or when a
+//! whole batch is waiting: a quiet source invokes at once with what it
+//! has, and no event waits longer than the invocation before it, while a
+//! busy source fills its batches instead of spreading what waits over
+//! every free slot.
 //!
 //! The function answers for the whole batch: a success status settles
 //! every event, unless the body lists some as failed the way AWS Lambda's
@@ -17,14 +19,14 @@
 //! are done. A failure status, a trap or a timeout fails every event of
 //! the batch.
 
-use crate::dispatcher::{Dispatcher, build_batch_request, rfc3339};
+use crate::dispatcher::{Dispatcher, Which, build_batch_request};
 use base64::Engine as _;
 use nimbus_gateway::Deployed;
 use nimbus_queue::{Claimed, StoredResponse};
-use serde_json::{Map, Value};
 use std::collections::{HashSet, VecDeque};
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// What one attempt came to: the status, an error and the response kept.
 pub(crate) type AttemptResult = (Option<u16>, Option<String>, Option<StoredResponse>);
@@ -39,14 +41,40 @@ const REPORTED_FAILED: &str = "the function reported this event as failed (batch
 pub(crate) struct Batching {
     shape: (u32, u32),
     events: usize,
-    slots: Semaphore,
-    waiting: Mutex<VecDeque<Waiting>>,
+    invocations: usize,
+    line: Mutex<Line>,
+    /// Told whenever an invocation ends: a slot is free, and what waits
+    /// may go.
+    ended: Notify,
+}
+
+#[derive(Default)]
+struct Line {
+    waiting: VecDeque<Waiting>,
+    /// Invocations running now.
+    running: usize,
 }
 
 struct Waiting {
-    event: Claimed,
+    id: String,
     attempt: u32,
+    created_at: i64,
+    traceparent: Option<String>,
+    /// The event in structured mode, rendered by its own task.
+    event: Vec<u8>,
     answer: oneshot::Sender<AttemptResult>,
+}
+
+/// Frees an invocation's slot when it ends, however it ends.
+struct Running<'a>(&'a Batching);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut line) = self.0.line.lock() {
+            line.running -= 1;
+        }
+        self.0.ended.notify_waiters();
+    }
 }
 
 impl Batching {
@@ -54,14 +82,33 @@ impl Batching {
         Self {
             shape: (events, invocations),
             events: events.max(1) as usize,
-            slots: Semaphore::new(invocations.max(1) as usize),
-            waiting: Mutex::new(VecDeque::new()),
+            invocations: invocations.max(1) as usize,
+            line: Mutex::new(Line::default()),
+            ended: Notify::new(),
         }
     }
 
     /// Events per invocation and invocations at once.
     pub(crate) fn shape(&self) -> (u32, u32) {
         self.shape
+    }
+
+    /// The next batch, if one may start now: a slot is free and either
+    /// nothing runs (so nothing waits longer than it must) or a whole
+    /// batch is waiting (so a busy source fills its batches instead of
+    /// spreading what waits over every free slot).
+    fn next_batch(&self) -> Option<(Running<'_>, Vec<Waiting>)> {
+        let mut line = self.line.lock().ok()?;
+        let may_start = line.running < self.invocations
+            && !line.waiting.is_empty()
+            && (line.running == 0 || line.waiting.len() >= self.events);
+        if !may_start {
+            return None;
+        }
+        line.running += 1;
+        let take = line.waiting.len().min(self.events);
+        let batch = line.waiting.drain(..take).collect();
+        Some((Running(self), batch))
     }
 
     /// Attempt `n` of `c`, in whichever batch takes it.
@@ -73,10 +120,19 @@ impl Batching {
         n: u32,
     ) -> AttemptResult {
         let (answer, mut mine) = oneshot::channel();
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.push_back(Waiting {
-                event: c.clone(),
+        let mut event = Vec::with_capacity(c.body.len() + 512);
+        write_structured(&mut event, c, n);
+        if let Ok(mut line) = self.line.lock() {
+            line.waiting.push_back(Waiting {
+                id: c.id.clone(),
                 attempt: n,
+                created_at: c.created_at,
+                traceparent: c
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == nimbus_telemetry::trace::TRACEPARENT)
+                    .map(|(_, v)| v.clone()),
+                event,
                 answer,
             });
         }
@@ -88,91 +144,98 @@ impl Batching {
             )
         };
         loop {
-            let slot = tokio::select! {
+            // Listening before looking, so an invocation that ends between
+            // the two is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if let Some((running, batch)) = self.next_batch() {
+                let results = dispatcher.invoke_batch(deployed, c, &batch).await;
+                drop(running);
+                for (w, result) in batch.into_iter().zip(results) {
+                    let _ = w.answer.send(result);
+                }
+                continue;
+            }
+            tokio::select! {
                 biased;
                 got = &mut mine => return got.unwrap_or_else(|_| lost()),
-                slot = self.slots.acquire() => slot,
-            };
-            let batch: Vec<Waiting> = match self.waiting.lock() {
-                Ok(mut waiting) => {
-                    let take = waiting.len().min(self.events);
-                    waiting.drain(..take).collect()
-                }
-                Err(_) => Vec::new(),
-            };
-            if batch.is_empty() {
-                // Another slot's batch took this attempt: its answer comes.
-                drop(slot);
-                return mine.await.unwrap_or_else(|_| lost());
-            }
-            let results = dispatcher.invoke_batch(deployed, &batch_view(&batch)).await;
-            drop(slot);
-            for (w, result) in batch.into_iter().zip(results) {
-                let _ = w.answer.send(result);
+                () = ended => {}
             }
         }
     }
 }
 
-fn batch_view(batch: &[Waiting]) -> Vec<(&Claimed, u32)> {
-    batch.iter().map(|w| (&w.event, w.attempt)).collect()
-}
-
 /// Attempt `n` of `c` as an event in structured mode (CloudEvents' JSON
-/// format): its attributes, its extensions (the source's `ce-` headers and
-/// the trace context), the attempt (`nimbusattempt`) and its data: JSON as
-/// it is, other text as a string, anything else in base64.
-pub(crate) fn structured(c: &Claimed, n: u32) -> Value {
-    let mut e = Map::new();
-    e.insert("specversion".into(), "1.0".into());
-    e.insert("id".into(), c.id.clone().into());
-    e.insert("source".into(), c.ce_source.clone().into());
-    e.insert("type".into(), c.ce_type.clone().into());
-    e.insert("time".into(), rfc3339(c.ce_time).into());
+/// format), written to `out`: its attributes, its extensions (the source's
+/// `ce-` headers and the trace context), the attempt (`nimbusattempt`) and
+/// its data: JSON as it is, other text as a string, anything else in
+/// base64. Written directly rather than through a `serde_json::Value`: the
+/// data is copied once, and nothing else is allocated.
+fn write_structured(out: &mut Vec<u8>, c: &Claimed, n: u32) {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+    fn field(out: &mut Vec<u8>, name: &str, value: &str) {
+        out.push(b',');
+        text(out, name);
+        out.push(b':');
+        text(out, value);
+    }
+    out.extend_from_slice(br#"{"specversion":"1.0""#);
+    field(out, "id", &c.id);
+    field(out, "source", &c.ce_source);
+    field(out, "type", &c.ce_type);
+    out.extend_from_slice(br#","time":""#);
+    // RFC 3339 needs no escaping.
+    if let Ok(t) = jiff::Timestamp::from_millisecond(c.ce_time) {
+        let _ = write!(out, "{t}");
+    }
+    out.push(b'"');
     let mut content_type = None;
+    let mut written: Vec<&str> = Vec::new();
     for (k, v) in &c.headers {
-        let k = k.to_ascii_lowercase();
-        if k == "content-type" {
+        let name = if k.eq_ignore_ascii_case("content-type") {
             content_type = Some(v.as_str());
-            e.insert("datacontenttype".into(), v.clone().into());
+            "datacontenttype"
         } else if k == "traceparent" || k == "tracestate" {
-            e.insert(k, v.clone().into());
+            k.as_str()
         } else if let Some(name) = k.strip_prefix("ce-") {
             let core = ["specversion", "id", "source", "type", "time"];
             let valid = !name.is_empty()
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-            if valid && !core.contains(&name) {
-                e.insert(name.to_owned(), v.clone().into());
+            if !valid || core.contains(&name) {
+                continue;
             }
+            name
+        } else {
+            continue;
+        };
+        // The first of a repeated header, as a JSON object has each name
+        // once.
+        if !written.contains(&name) {
+            written.push(name);
+            field(out, name, v);
         }
     }
-    e.insert("nimbusattempt".into(), n.into());
+    let _ = write!(out, r#","nimbusattempt":{n}"#);
     let json = content_type.is_some_and(|t| {
         let t = t.split(';').next().unwrap_or_default().trim();
         t.eq_ignore_ascii_case("application/json") || t.ends_with("+json")
     });
-    let parsed = json
-        .then(|| serde_json::from_slice::<Value>(&c.body).ok())
-        .flatten();
-    match (parsed, std::str::from_utf8(&c.body)) {
-        (Some(data), _) => {
-            e.insert("data".into(), data);
-        }
-        (None, Ok(text)) => {
-            e.insert("data".into(), text.into());
-        }
-        (None, Err(_)) => {
-            e.insert(
-                "data_base64".into(),
-                base64::engine::general_purpose::STANDARD
-                    .encode(&c.body)
-                    .into(),
-            );
-        }
+    if json && serde_json::from_slice::<serde::de::IgnoredAny>(&c.body).is_ok() {
+        out.extend_from_slice(br#","data":"#);
+        out.extend_from_slice(&c.body);
+    } else if let Ok(body) = std::str::from_utf8(&c.body) {
+        field(out, "data", body);
+    } else {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&c.body);
+        field(out, "data_base64", &encoded);
     }
-    Value::Object(e)
+    out.push(b'}');
 }
 
 /// The ids a successful batch's response lists as failed, the way AWS
@@ -195,25 +258,40 @@ pub(crate) fn reported_failures(body: &str) -> HashSet<String> {
 }
 
 impl Dispatcher {
-    /// Runs `batch` (each event with its attempt number) as one
-    /// invocation, and says what became of each event.
-    pub(crate) async fn invoke_batch(
+    /// Runs `batch` as one invocation, under the first event's id, and
+    /// says what became of each event; the request carries the first
+    /// event's trace context. `lead` is the event of the task running it
+    /// (whether or not it is in the batch): the batch's function and route
+    /// are its.
+    async fn invoke_batch(
         &self,
         deployed: &Arc<Deployed>,
-        batch: &[(&Claimed, u32)],
+        lead: &Claimed,
+        batch: &[Waiting],
     ) -> Vec<AttemptResult> {
-        let Some(&(first, n)) = batch.first() else {
+        let Some(first) = batch.first() else {
             return Vec::new();
         };
-        let body = Value::Array(batch.iter().map(|&(c, n)| structured(c, n)).collect());
-        let request = match serde_json::to_vec(&body) {
-            Ok(body) => build_batch_request(first, body),
-            Err(e) => Err(format!("cannot encode the batch: {e}")),
+        let mut body =
+            Vec::with_capacity(batch.iter().map(|w| w.event.len() + 1).sum::<usize>() + 1);
+        body.push(b'[');
+        for (i, w) in batch.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&w.event);
+        }
+        body.push(b']');
+        let which = Which {
+            id: &first.id,
+            n: first.attempt,
+            created_at: first.created_at,
         };
-        let (status, error, response) = match request {
-            Ok(request) => self.send(deployed, request, first, n).await,
-            Err(e) => (None, Some(e), None),
-        };
+        let (status, error, response) =
+            match build_batch_request(lead, first.traceparent.as_deref(), body) {
+                Ok(request) => self.send(deployed, request, lead, which).await,
+                Err(e) => (None, Some(e), None),
+            };
         let succeeded = status.is_some_and(|s| s < 400);
         let failed = match (&response, succeeded) {
             (Some(r), true) => reported_failures(&r.body),
@@ -221,10 +299,10 @@ impl Dispatcher {
         };
         batch
             .iter()
-            .map(|&(c, _)| {
+            .map(|w| {
                 if !succeeded {
                     (status, error.clone(), response.clone())
-                } else if failed.contains(&c.id) {
+                } else if failed.contains(&w.id) {
                     (None, Some(REPORTED_FAILED.to_owned()), response.clone())
                 } else {
                     // What a success returned is not kept.
@@ -262,6 +340,12 @@ mod tests {
             attempts_total: 0,
             parent: None,
         }
+    }
+
+    fn structured(c: &Claimed, n: u32) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_structured(&mut out, c, n);
+        serde_json::from_slice(&out).unwrap()
     }
 
     #[test]

@@ -94,6 +94,14 @@ fn traced(headers: &mut Vec<(String, String)>) {
     }
 }
 
+/// Which attempt an invocation is: the invocation id it runs under, the
+/// attempt number, and when the work was accepted.
+pub(crate) struct Which<'a> {
+    pub id: &'a str,
+    pub n: u32,
+    pub created_at: i64,
+}
+
 /// What the retry policy makes of an attempt.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Decision {
@@ -192,7 +200,7 @@ pub struct Dispatcher {
     /// The waiting lines of sources that batch messages into invocations,
     /// by function and source. Held by the attempts in them only: a line
     /// with nothing waiting or running goes away.
-    batching: Mutex<HashMap<(String, String), std::sync::Weak<Batching>>>,
+    batching: Mutex<HashMap<String, HashMap<String, std::sync::Weak<Batching>>>>,
 }
 
 impl Dispatcher {
@@ -219,15 +227,24 @@ impl Dispatcher {
         let Ok(mut lines) = self.batching.lock() else {
             return Arc::new(Batching::new(events, invocations));
         };
-        let key = (function.to_owned(), source.to_owned());
-        if let Some(line) = lines.get(&key).and_then(std::sync::Weak::upgrade)
+        // Looked up by reference: a message costs no key.
+        if let Some(line) = lines
+            .get(function)
+            .and_then(|of| of.get(source))
+            .and_then(std::sync::Weak::upgrade)
             && line.shape() == (events, invocations)
         {
             return line;
         }
-        lines.retain(|_, line| line.strong_count() > 0);
+        for of in lines.values_mut() {
+            of.retain(|_, line| line.strong_count() > 0);
+        }
+        lines.retain(|_, of| !of.is_empty());
         let line = Arc::new(Batching::new(events, invocations));
-        lines.insert(key, Arc::downgrade(&line));
+        lines
+            .entry(function.to_owned())
+            .or_default()
+            .insert(source.to_owned(), Arc::downgrade(&line));
         line
     }
 
@@ -623,27 +640,35 @@ impl Dispatcher {
 
     async fn invoke(&self, deployed: &Arc<Deployed>, c: &Claimed, n: u32) -> AttemptResult {
         match build_request(c, n) {
-            Ok(request) => self.send(deployed, request, c, n).await,
+            Ok(request) => {
+                let which = Which {
+                    id: &c.id,
+                    n,
+                    created_at: c.created_at,
+                };
+                self.send(deployed, request, c, which).await
+            }
             Err(e) => (None, Some(e), None),
         }
     }
 
-    /// Runs `request`, attempt `n` of `c` (or of a batch `c` leads), through
-    /// the gateway, and keeps what it returned.
+    /// Runs `request` through the gateway as invocation `which` of `c`'s
+    /// function and route (`c` is one of the events of a batch), and keeps
+    /// what it returned.
     pub(crate) async fn send(
         &self,
         deployed: &Arc<Deployed>,
         request: hyper::Request<nimbus_gateway::RequestBody>,
         c: &Claimed,
-        n: u32,
+        which: Which<'_>,
     ) -> AttemptResult {
         let path = c.path.split('?').next().unwrap_or("/");
         let info = RouteInfo {
             trigger: Some(c.trigger.as_str()),
-            attempt: Some(n),
+            attempt: Some(which.n),
             // A first attempt waited since the work was accepted (or, for
             // a broker message, published).
-            waiting_since_ms: (n == 1).then_some(c.created_at),
+            waiting_since_ms: (which.n == 1).then_some(which.created_at),
             ..self
                 .gateway
                 .table()
@@ -651,7 +676,7 @@ impl Dispatcher {
         };
         let response = self
             .gateway
-            .invoke_as(deployed, request, info, c.id.as_str().into())
+            .invoke_as(deployed, request, info, which.id.into())
             .await;
         let (parts, body) = response.into_parts();
         let error = parts
@@ -746,32 +771,27 @@ fn cloudevent_headers(c: &Claimed, n: u32) -> impl Iterator<Item = (HeaderName, 
     .filter_map(|(k, v)| Some((k, v?)))
 }
 
-/// The request carrying a batch of events led by `first`: its path, the
-/// first event's trace context and the trigger; each event's own
-/// attributes are in the body.
+/// The request carrying a batch of events to `lead`'s route, with the trace
+/// context `traceparent`; each event's own attributes are in the body.
 pub(crate) fn build_batch_request(
-    first: &Claimed,
+    lead: &Claimed,
+    traceparent: Option<&str>,
     body: Vec<u8>,
 ) -> Result<hyper::Request<nimbus_gateway::RequestBody>, String> {
     use nimbus_telemetry::trace::TRACEPARENT;
     let mut request = hyper::Request::builder()
         .method(http::Method::POST)
-        .uri(first.path.as_str())
+        .uri(lead.path.as_str())
         .header(header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
         .header(header::CONTENT_LENGTH, body.len())
-        .header(NIMBUS_TRIGGER, first.trigger.as_str())
+        .header(NIMBUS_TRIGGER, lead.trigger.as_str())
         .body(
             http_body_util::Full::new(Bytes::from(body))
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         )
         .map_err(|e| format!("the batch request is invalid: {e}"))?;
-    if let Some(v) = first
-        .headers
-        .iter()
-        .find(|(k, _)| k == TRACEPARENT)
-        .and_then(|(_, v)| HeaderValue::from_str(v).ok())
-    {
+    if let Some(v) = traceparent.and_then(|v| HeaderValue::from_str(v).ok()) {
         request.headers_mut().insert(TRACEPARENT, v);
     }
     Ok(request)

@@ -227,12 +227,13 @@ pub fn build(function: &str, source: &Source) -> Result<Arc<dyn EventSource>, So
             }),
     };
     match &source.kind {
+        // A read brings at least one invocation's worth of entries.
         SourceKind::RedisStream(s) => Ok(Arc::new(redis::RedisStreamSource::new(
             function,
             &url(&s.url)?,
             s,
             source.messages_at_once(),
-            source.batch,
+            source.batch.max(source.events_per_invocation),
         )?)),
         SourceKind::Nats(s) => Ok(Arc::new(jetstream::SubjectSource::new(
             function,
