@@ -149,6 +149,13 @@ impl Batching {
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
+            // Done as soon as this attempt is: the batches still waiting
+            // are led by their own tasks (woken as this one's ended).
+            match mine.try_recv() {
+                Ok(got) => return got,
+                Err(oneshot::error::TryRecvError::Closed) => return lost(),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
             if let Some((running, batch)) = self.next_batch() {
                 let results = dispatcher.invoke_batch(deployed, c, &batch).await;
                 drop(running);
