@@ -48,6 +48,20 @@ async fn pending(conn: &mut Conn, stream: &str, group: &str) -> i64 {
     }
 }
 
+/// Waits until `group` holds no entry of `stream` pending in the Redis at
+/// `url`.
+async fn all_acknowledged(url: &str, stream: &str, group: &str) {
+    eventually(
+        Duration::from_secs(30),
+        "every entry acknowledged",
+        || async {
+            let mut c = Conn::connect(&Target::parse(url).unwrap()).await.unwrap();
+            (pending(&mut c, stream, group).await == 0).then_some(())
+        },
+    )
+    .await;
+}
+
 fn consumer(recorder: &Recorder, stream: &str, relay_query: &str, extra: &str) -> String {
     consumer_of(REDIS, recorder, stream, relay_query, extra)
 }
@@ -113,15 +127,7 @@ async fn redis_stream_messages_survive_kill_9() {
     assert_eq!(hit.get("nimbus-trigger"), "source");
     // Everything acknowledged in the end.
     let group = "nimbus-consume";
-    eventually(
-        Duration::from_secs(30),
-        "every entry acknowledged",
-        || async {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            (pending(&mut c, &stream, group).await == 0).then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(REDIS, &stream, group).await;
     let status = node.status().await;
     assert_eq!(status.sources.len(), 1);
     assert!(status.sources[0].healthy, "{:?}", status.sources);
@@ -211,15 +217,7 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
         assert_eq!(r.attempts.len(), 2, "{r:?}");
         assert!(r.ce_source.ends_with(&stream));
     }
-    eventually(
-        Duration::from_secs(30),
-        "every entry acknowledged",
-        || async {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            (pending(&mut c, &stream, "nimbus-consume").await == 0).then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(REDIS, &stream, "nimbus-consume").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         recorder.hits().len(),
@@ -306,15 +304,7 @@ async fn redis_stream_entries_arrive_in_batches() {
     assert_eq!(hit.get("content-type"), "application/json");
     assert!(hit.get("data").contains("\"n\""), "{:?}", hit.get("data"));
     assert_eq!(hit.get("traceparent").len(), 55);
-    eventually(
-        Duration::from_secs(30),
-        "every entry acknowledged",
-        || async {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            (pending(&mut c, &stream, "nimbus-consume").await == 0).then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(REDIS, &stream, "nimbus-consume").await;
     let status = node.status().await;
     assert_eq!(
         (status.sources[0].delivered, status.sources[0].dead_lettered),
@@ -341,15 +331,7 @@ async fn redis_stream_entries_arrive_in_batches() {
             "{r:?}"
         );
     }
-    eventually(
-        Duration::from_secs(30),
-        "every failed entry acknowledged",
-        || async {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            (pending(&mut c, &failing, "nimbus-consume").await == 0).then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(REDIS, &failing, "nimbus-consume").await;
     for s in [&stream, &failing] {
         conn.cmd(&[b"DEL", s.as_bytes()]).await.unwrap();
     }
@@ -424,15 +406,7 @@ async fn redis_stream_source_recovers_from_a_broker_restart() {
         distinct
     );
     assert_eq!(distinct, N);
-    eventually(
-        Duration::from_secs(30),
-        "every entry acknowledged",
-        || async {
-            let mut c = Conn::connect(&Target::parse(&url).unwrap()).await.unwrap();
-            (pending(&mut c, "work", "nimbus-consume").await == 0).then_some(())
-        },
-    )
-    .await;
+    all_acknowledged(&url, "work", "nimbus-consume").await;
     assert!(node.status().await.sources[0].healthy);
 }
 
