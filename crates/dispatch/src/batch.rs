@@ -6,11 +6,14 @@
 //! source's `invocations` slots takes up to `events` waiting attempts, its
 //! own or others', and runs them as one invocation whose body is a
 //! CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of
-//! events in structured mode). A batch starts when nothing runs, or when a
-//! whole batch is waiting: a quiet source invokes at once with what it
-//! has, and no event waits longer than the invocation before it, while a
-//! busy source fills its batches instead of spreading what waits over
-//! every free slot.
+//! events in structured mode). A batch starts at once when none of the
+//! source runs, and another only once enough events wait: a whole batch's
+//! worth with one running, half of it with two, and so on. So a quiet
+//! source invokes at once with what it has and no event waits longer than
+//! the invocations before it, a busy source fills its batches instead of
+//! spreading what waits over every free slot, and a source that can hold
+//! fewer messages than a batch (a broker's in-flight limit) still runs
+//! several batches at once.
 //!
 //! The function answers for the whole batch: a success status settles
 //! every event, unless the body lists some as failed the way AWS Lambda's
@@ -94,14 +97,14 @@ impl Batching {
     }
 
     /// The next batch, if one may start now: a slot is free and either
-    /// nothing runs (so nothing waits longer than it must) or a whole
-    /// batch is waiting (so a busy source fills its batches instead of
-    /// spreading what waits over every free slot).
+    /// nothing runs (so nothing waits longer than it must) or, with `r`
+    /// batches running, `events / (r + 1)` wait (so a busy source fills its
+    /// batches instead of spreading what waits over every free slot).
     fn next_batch(&self) -> Option<(Running<'_>, Vec<Waiting>)> {
         let mut line = self.line.lock().ok()?;
         let may_start = line.running < self.invocations
             && !line.waiting.is_empty()
-            && (line.running == 0 || line.waiting.len() >= self.events);
+            && (line.running == 0 || line.waiting.len() >= self.events.div_ceil(line.running + 1));
         if !may_start {
             return None;
         }
@@ -397,6 +400,49 @@ mod tests {
         let bytes = structured(&event("b", &[], &[0xff, 0x00]), 1);
         assert_eq!(bytes["data_base64"], "/wA=");
         assert!(bytes.get("data").is_none());
+    }
+
+    #[test]
+    fn batches_start_at_once_when_idle_and_fill_when_busy() {
+        let line = Batching::new(8, 3);
+        let wait = |n: usize| {
+            let mut l = line.line.lock().unwrap();
+            for _ in 0..n {
+                let (answer, _) = oneshot::channel();
+                l.waiting.push_back(Waiting {
+                    id: String::new(),
+                    attempt: 1,
+                    created_at: 0,
+                    traceparent: None,
+                    event: Vec::new(),
+                    answer,
+                });
+            }
+        };
+        let sizes = |b: &Option<(Running<'_>, Vec<Waiting>)>| b.as_ref().map(|(_, w)| w.len());
+        assert!(line.next_batch().is_none(), "nothing waits");
+        // Nothing runs: one event goes at once.
+        wait(1);
+        let first = line.next_batch();
+        assert_eq!(sizes(&first), Some(1));
+        // One runs: another starts with half a batch (8 / 2), not before.
+        wait(3);
+        assert!(line.next_batch().is_none());
+        wait(1);
+        let second = line.next_batch();
+        assert_eq!(sizes(&second), Some(4));
+        // Two run: a third once 3 wait (8 / 3, rounded up), at most 8.
+        wait(2);
+        assert!(line.next_batch().is_none());
+        wait(10);
+        let third = line.next_batch();
+        assert_eq!(sizes(&third), Some(8));
+        // Every slot is taken: the rest waits for one to end.
+        assert!(line.next_batch().is_none());
+        drop(first);
+        assert_eq!(sizes(&line.next_batch()), Some(4));
+        drop((second, third));
+        assert_eq!(line.line.lock().unwrap().running, 0);
     }
 
     #[test]
