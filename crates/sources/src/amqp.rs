@@ -33,6 +33,8 @@ const HEARTBEAT: Duration = Duration::from_secs(20);
 const FRAME_MAX: u32 = 128 * 1024;
 /// Largest message body accepted from a broker.
 const MAX_BODY: u64 = 64 << 20;
+/// Longest an ack is held back for an older delivery still running.
+const HOLD_FOR: Duration = Duration::from_millis(20);
 /// How long a message the function could not take waits before it goes
 /// back to the queue.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
@@ -592,19 +594,41 @@ enum Settlement {
 }
 
 /// The channel's deliveries the broker still holds for this consumer, and
-/// how a batch of finished ones is told to it in as few frames as it can:
-/// the acks of every delivery below the oldest one still running share one
-/// basic.ack with `multiple`, so a busy queue costs the broker one ack frame
-/// per batch instead of one per message. A delivery still running (or
-/// waiting to be requeued) is never covered by such an ack.
-#[derive(Debug, Default)]
+/// how finished ones are told to it in as few frames as it can: the acks of
+/// every delivery below the oldest one still running share one basic.ack
+/// with `multiple`, so a busy queue costs the broker one ack frame per batch
+/// instead of one per message. A delivery that finishes before an older one
+/// has its ack held back until the older one finishes (the broker settles a
+/// run of acks from the front of its list cheaply, and single acks out of
+/// order dearly), but never for long nor for many: past `hold_max` held
+/// acks, or when the settling task's `HOLD_FOR` runs out, they go one by
+/// one. A delivery still running (or waiting to be requeued) is never
+/// covered by an ack with `multiple`.
+#[derive(Debug)]
 struct Unsettled {
+    /// Delivered and not yet acknowledged or requeued on the wire.
     tags: std::collections::BTreeSet<u64>,
+    /// Finished, their acks held back for an older delivery still running.
+    held: std::collections::BTreeSet<u64>,
+    hold_max: usize,
 }
 
 impl Unsettled {
+    fn new(hold_max: usize) -> Self {
+        Self {
+            tags: Default::default(),
+            held: Default::default(),
+            hold_max,
+        }
+    }
+
     fn delivered(&mut self, tag: u64) {
         self.tags.insert(tag);
+    }
+
+    /// Whether acks are held back.
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// The frames that settle `done` (tag, acknowledged rather than
@@ -612,18 +636,27 @@ impl Unsettled {
     /// after them in the same batch finds them settled already.
     fn settle(&mut self, done: &mut [(u64, bool)]) -> Vec<Settlement> {
         done.sort_unstable();
-        for (tag, _) in done.iter() {
+        let mut frames = Vec::new();
+        for &(tag, ack) in done.iter() {
+            if ack {
+                self.held.insert(tag);
+            } else {
+                self.tags.remove(&tag);
+                frames.push(Settlement::Requeue { tag });
+            }
+        }
+        // Every unsettled delivery below this one is held.
+        let oldest_running = self
+            .tags
+            .iter()
+            .find(|t| !self.held.contains(t))
+            .copied()
+            .unwrap_or(u64::MAX);
+        let below: Vec<u64> = self.held.range(..oldest_running).copied().collect();
+        for tag in &below {
+            self.held.remove(tag);
             self.tags.remove(tag);
         }
-        // Every unsettled delivery below this one is in `done`.
-        let oldest_running = self.tags.first().copied().unwrap_or(u64::MAX);
-        let mut frames: Vec<Settlement> = done
-            .iter()
-            .filter(|(_, ack)| !ack)
-            .map(|&(tag, _)| Settlement::Requeue { tag })
-            .collect();
-        let acks = done.iter().filter(|(_, ack)| *ack).map(|&(tag, _)| tag);
-        let (below, above): (Vec<u64>, Vec<u64>) = acks.partition(|&t| t < oldest_running);
         match below.as_slice() {
             [] => {}
             [tag] => frames.push(Settlement::Ack {
@@ -635,11 +668,24 @@ impl Unsettled {
                 multiple: true,
             }),
         }
-        frames.extend(above.into_iter().map(|tag| Settlement::Ack {
-            tag,
-            multiple: false,
-        }));
+        if self.held.len() > self.hold_max {
+            frames.extend(self.flush());
+        }
         frames
+    }
+
+    /// The held acks, one by one.
+    fn flush(&mut self) -> Vec<Settlement> {
+        let held = std::mem::take(&mut self.held);
+        held.into_iter()
+            .map(|tag| {
+                self.tags.remove(&tag);
+                Settlement::Ack {
+                    tag,
+                    multiple: false,
+                }
+            })
+            .collect()
     }
 }
 
@@ -651,31 +697,44 @@ enum Settle {
 }
 
 /// Settles the session's deliveries on `client`, batching whatever finished
-/// while the previous write was on its way. Ends when every sender is gone
-/// or a write failed (the connection is gone: the broker redelivers what
-/// it held).
-fn settling(client: Arc<Client>, function: String) -> mpsc::UnboundedSender<Settle> {
+/// while the previous write was on its way, with at most a quarter of the
+/// `prefetch` window's acks held back (see [`Unsettled`]). Ends when every
+/// sender is gone (after sending what it held) or a write failed (the
+/// connection is gone: the broker redelivers what it held).
+fn settling(client: Arc<Client>, function: String, prefetch: u16) -> mpsc::UnboundedSender<Settle> {
     // Unbounded in type only: the broker sends at most `prefetch`
     // unacknowledged deliveries, each with at most two events here.
     let (tx, mut rx) = mpsc::unbounded_channel::<Settle>();
     tokio::spawn(async move {
-        let mut unsettled = Unsettled::default();
+        let mut unsettled = Unsettled::new(usize::from(prefetch) / 4);
         let mut done = Vec::new();
         let mut events = Vec::new();
-        while rx.recv_many(&mut events, 1024).await > 0 {
+        loop {
+            let mut frames = Vec::new();
+            if unsettled.holding() {
+                match tokio::time::timeout(HOLD_FOR, rx.recv_many(&mut events, 1024)).await {
+                    Ok(n) if n > 0 => {}
+                    // Out of time, or every sender is gone: what is held
+                    // goes now.
+                    _ => frames = unsettled.flush(),
+                }
+            } else if rx.recv_many(&mut events, 1024).await == 0 {
+                break;
+            }
             for event in events.drain(..) {
                 match event {
                     Settle::Delivered(tag) => unsettled.delivered(tag),
                     Settle::Done(tag, ack) => done.push((tag, ack)),
                 }
             }
-            if done.is_empty() {
-                continue;
+            if !done.is_empty() {
+                frames.extend(unsettled.settle(&mut done));
             }
-            let frames = unsettled.settle(&mut done);
-            if let Err(e) = client.settle(&frames).await {
+            if !frames.is_empty()
+                && let Err(e) = client.settle(&frames).await
+            {
                 // Redelivered by the broker: at least once.
-                tracing::warn!(function = %function, messages = done.len(), error = %e, "could not acknowledge amqp messages");
+                tracing::warn!(function = %function, messages = frames.len(), error = %e, "could not acknowledge amqp messages");
                 break;
             }
             done.clear();
@@ -872,7 +931,7 @@ impl AmqpSource {
         let mut deliveries = client.consume(&self.queue, prefetch, &tag).await?;
         status.healthy();
         let running = Arc::new(tokio::sync::Semaphore::new(self.concurrency as usize));
-        let settle = settling(client.clone(), self.function.clone());
+        let settle = settling(client.clone(), self.function.clone(), prefetch);
         while let Some(d) = deliveries.recv().await {
             let tag = d.tag;
             let message = self.message(d);
@@ -953,39 +1012,22 @@ mod tests {
 
     #[test]
     fn finished_deliveries_below_the_oldest_running_share_one_ack() {
-        let mut u = Unsettled::default();
+        let ack = |tag, multiple| Settlement::Ack { tag, multiple };
+        let mut u = Unsettled::new(8);
         for tag in 1..=6 {
             u.delivered(tag);
         }
-        // 3 still runs: 1 and 2 share an ack, 4 and 5 go one by one.
+        // 3 still runs: 1 and 2 share an ack, 4 and 5 wait for it.
         assert_eq!(
             u.settle(&mut [(5, true), (2, true), (1, true), (4, true)]),
-            [
-                Settlement::Ack {
-                    tag: 2,
-                    multiple: true
-                },
-                Settlement::Ack {
-                    tag: 4,
-                    multiple: false
-                },
-                Settlement::Ack {
-                    tag: 5,
-                    multiple: false
-                },
-            ]
+            [ack(2, true)]
         );
-        // 3 is requeued: the reject goes first, then 6 alone (nothing
-        // below it is unsettled any more).
+        assert!(u.holding());
+        // 3 is requeued: the reject goes first, then one ack for the rest
+        // (nothing below 6 is unsettled any more).
         assert_eq!(
             u.settle(&mut [(6, true), (3, false)]),
-            [
-                Settlement::Requeue { tag: 3 },
-                Settlement::Ack {
-                    tag: 6,
-                    multiple: false
-                },
-            ]
+            [Settlement::Requeue { tag: 3 }, ack(6, true)]
         );
         for tag in 7..=9 {
             u.delivered(tag);
@@ -993,15 +1035,31 @@ mod tests {
         // A requeue inside the run: rejected before the ack that spans it.
         assert_eq!(
             u.settle(&mut [(9, true), (8, false), (7, true)]),
-            [
-                Settlement::Requeue { tag: 8 },
-                Settlement::Ack {
-                    tag: 9,
-                    multiple: true
-                },
-            ]
+            [Settlement::Requeue { tag: 8 }, ack(9, true)]
         );
-        assert!(u.tags.is_empty());
+        assert!(u.tags.is_empty() && !u.holding());
+    }
+
+    #[test]
+    fn held_acks_go_one_by_one_past_the_limit_or_on_flush() {
+        let ack = |tag| Settlement::Ack {
+            tag,
+            multiple: false,
+        };
+        let mut u = Unsettled::new(2);
+        for tag in 1..=6 {
+            u.delivered(tag);
+        }
+        // 1 runs on; 2 and 3 are held, a third held one is past the limit.
+        assert_eq!(u.settle(&mut [(2, true), (3, true)]), []);
+        assert_eq!(u.settle(&mut [(4, true)]), [ack(2), ack(3), ack(4)]);
+        // Held when time runs out: the flush sends it alone.
+        assert_eq!(u.settle(&mut [(6, true)]), []);
+        assert_eq!(u.flush(), [ack(6)]);
+        assert!(u.flush().is_empty());
+        // 1 ends while 5 runs: nothing is held below it.
+        assert_eq!(u.settle(&mut [(1, true)]), [ack(1)]);
+        assert_eq!(u.tags.iter().copied().collect::<Vec<_>>(), [5]);
     }
 
     #[test]
