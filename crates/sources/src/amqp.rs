@@ -709,10 +709,14 @@ fn settling(client: Arc<Client>, function: String, prefetch: u16) -> mpsc::Unbou
         let mut unsettled = Unsettled::new(usize::from(prefetch) / 4);
         let mut done = Vec::new();
         let mut events = Vec::new();
+        // Since when acks are held back.
+        let mut held_since: Option<tokio::time::Instant> = None;
         loop {
             let mut frames = Vec::new();
-            if unsettled.holding() {
-                match tokio::time::timeout(HOLD_FOR, rx.recv_many(&mut events, 1024)).await {
+            if let Some(since) = held_since {
+                match tokio::time::timeout_at(since + HOLD_FOR, rx.recv_many(&mut events, 1024))
+                    .await
+                {
                     Ok(n) if n > 0 => {}
                     // Out of time, or every sender is gone: what is held
                     // goes now.
@@ -738,6 +742,11 @@ fn settling(client: Arc<Client>, function: String, prefetch: u16) -> mpsc::Unbou
                 break;
             }
             done.clear();
+            held_since = match (unsettled.holding(), held_since) {
+                (false, _) => None,
+                (true, Some(since)) => Some(since),
+                (true, None) => Some(tokio::time::Instant::now()),
+            };
         }
     });
     tx
