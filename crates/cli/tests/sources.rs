@@ -234,6 +234,69 @@ async fn redis_stream_failures_are_dead_lettered_and_acknowledged() {
     conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
 }
 
+/// Function `consume` taking entries of `stream` 25 at a time, two batches at
+/// once, through the testbed's `relay-batch` (each event reported to
+/// `recorder` with `relay_query`), with two attempts per entry.
+fn batch_consumer(recorder: &Recorder, stream: &str, relay_query: &str) -> String {
+    format!(
+        "env = {{ ACTION = \"relay-batch\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\n\
+         allowed_outbound_hosts = [\"{url}\"]\n\
+         retry = {{ attempts = 2, initial_backoff = \"50ms\" }}\n\
+         [[functions.consume.sources]]\n\
+         type = \"redis-stream\"\nurl = \"{REDIS}\"\nstream = \"{stream}\"\n\
+         concurrency = 2\nevents_per_invocation = 25\nclaim_idle = \"2s\"\n",
+        url = recorder.url
+    )
+}
+
+/// Batched delivery loses nothing to a `kill -9` either: entries of batches
+/// in flight stay pending in the group and run again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_batches_survive_kill_9() {
+    const N: usize = 5_000;
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let recorder = Recorder::start().await;
+    let stream = unique("nimbus-test-batches-killed", "-");
+    let node = Node::start();
+    node.deploy(&manifest(
+        "events",
+        &[(
+            "consume",
+            &guests().testbed,
+            &batch_consumer(&recorder, &stream, ""),
+        )],
+    ));
+    source_healthy(&node).await;
+    let publisher = {
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            xadd_many(&mut c, &stream, N, "").await;
+        })
+    };
+    eventually(Duration::from_secs(120), "some entries to run", || async {
+        (recorder.hits().len() >= N / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(240), "every entry to run", || async {
+        (recorder.executions().len() >= N).then_some(())
+    })
+    .await;
+    let (distinct, duplicates) = tally(&recorder, "ce-id");
+    eprintln!(
+        "redis stream in batches, kill -9 after {before} of {N} executions: {distinct} distinct entries ran, {duplicates} duplicate executions"
+    );
+    assert_eq!(distinct, N, "every entry ran at least once");
+    all_acknowledged(REDIS, &stream, "nimbus-consume").await;
+    assert!(node.status().await.sources[0].healthy);
+    conn.cmd(&[b"DEL", stream.as_bytes()]).await.unwrap();
+}
+
 /// With `events_per_invocation`, entries that wait together reach the
 /// function as one CloudEvents batch. Each entry keeps its own attempts:
 /// the ones the function lists as failed (a partial batch response) are
@@ -248,17 +311,7 @@ async fn redis_stream_entries_arrive_in_batches() {
     let recorder = Recorder::start().await;
     let node = Node::start();
     let g = guests();
-    let batched = |stream: &str, relay_query: &str| {
-        format!(
-            "env = {{ ACTION = \"relay-batch\", RECORDER = \"{url}\", RELAY_QUERY = \"{relay_query}\" }}\n\
-             allowed_outbound_hosts = [\"{url}\"]\n\
-             retry = {{ attempts = 2, initial_backoff = \"50ms\" }}\n\
-             [[functions.consume.sources]]\n\
-             type = \"redis-stream\"\nurl = \"{REDIS}\"\nstream = \"{stream}\"\n\
-             concurrency = 2\nevents_per_invocation = 25\n",
-            url = recorder.url
-        )
-    };
+    let batched = |stream: &str, relay_query: &str| batch_consumer(&recorder, stream, relay_query);
     // Every entry's first attempt is reported failed, its second succeeds.
     let stream = unique("nimbus-test-batches", "-");
     node.deploy(&manifest(
