@@ -2,9 +2,9 @@
 //!
 //! Each message still runs its own attempts, with its own retry policy,
 //! dead-letter copy and acknowledgement; only the attempt itself is shared.
-//! An attempt joins the source's waiting line; whoever holds one of the
-//! source's `invocations` slots takes up to `events` waiting attempts, its
-//! own or others', and runs them as one invocation whose body is a
+//! An attempt joins the source's waiting line; a runner task (at most
+//! `invocations` at once) takes up to `events` waiting attempts and runs
+//! them as one invocation whose body is a
 //! CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of
 //! events in structured mode). A batch starts at once when none of the
 //! source runs, and another only once enough events wait: a whole batch's
@@ -29,7 +29,7 @@ use nimbus_queue::{Claimed, StoredResponse};
 use std::collections::{HashSet, VecDeque};
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 /// What one attempt came to: the status, an error and the response kept.
 pub(crate) type AttemptResult = (Option<u16>, Option<String>, Option<StoredResponse>);
@@ -46,9 +46,6 @@ pub(crate) struct Batching {
     events: usize,
     invocations: usize,
     line: Mutex<Line>,
-    /// Told whenever an invocation ends: a slot is free, and what waits
-    /// may go.
-    ended: Notify,
 }
 
 #[derive(Default)]
@@ -69,14 +66,13 @@ struct Waiting {
 }
 
 /// Frees an invocation's slot when it ends, however it ends.
-struct Running<'a>(&'a Batching);
+struct Running(Arc<Batching>);
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(mut line) = self.0.line.lock() {
             line.running -= 1;
         }
-        self.0.ended.notify_waiters();
     }
 }
 
@@ -87,7 +83,6 @@ impl Batching {
             events: events.max(1) as usize,
             invocations: invocations.max(1) as usize,
             line: Mutex::new(Line::default()),
-            ended: Notify::new(),
         }
     }
 
@@ -100,7 +95,7 @@ impl Batching {
     /// nothing runs (so nothing waits longer than it must) or, with `r`
     /// batches running, `events / (r + 1)` wait (so a busy source fills its
     /// batches instead of spreading what waits over every free slot).
-    fn next_batch(&self) -> Option<(Running<'_>, Vec<Waiting>)> {
+    fn next_batch(self: &Arc<Self>) -> Option<(Running, Vec<Waiting>)> {
         let mut line = self.line.lock().ok()?;
         let may_start = line.running < self.invocations
             && !line.waiting.is_empty()
@@ -111,18 +106,21 @@ impl Batching {
         line.running += 1;
         let take = line.waiting.len().min(self.events);
         let batch = line.waiting.drain(..take).collect();
-        Some((Running(self), batch))
+        Some((Running(self.clone()), batch))
     }
 
-    /// Attempt `n` of `c`, in whichever batch takes it.
+    /// Attempt `n` of `c`, in whichever batch takes it. The attempt
+    /// waits in the line; if a batch may start now, a runner task starts
+    /// with it and goes on with the next ones as long as they may start, so
+    /// every batch that ends is followed by a look at what waits, and no
+    /// waiting task needs waking but the ones whose events are done.
     pub(crate) async fn attempt(
-        &self,
-        dispatcher: &Dispatcher,
-        deployed: &Arc<Deployed>,
+        self: &Arc<Self>,
+        dispatcher: &Arc<Dispatcher>,
         c: &Claimed,
         n: u32,
     ) -> AttemptResult {
-        let (answer, mut mine) = oneshot::channel();
+        let (answer, mine) = oneshot::channel();
         let mut event = Vec::with_capacity(c.body.len() + 512);
         write_structured(&mut event, c, n);
         if let Ok(mut line) = self.line.lock() {
@@ -139,40 +137,42 @@ impl Batching {
                 answer,
             });
         }
-        let lost = || {
+        if let Some(first) = self.next_batch() {
+            tokio::spawn(run(self.clone(), dispatcher.clone(), c.clone(), first));
+        }
+        mine.await.unwrap_or_else(|_| {
             (
                 None,
                 Some("the invocation carrying this event was cancelled".to_owned()),
                 None,
             )
+        })
+    }
+}
+
+/// Runs batches of `line` for `lead`'s function and route, starting with
+/// `first`, until none may start. Each batch runs the function's version
+/// serving when it starts.
+async fn run(
+    line: Arc<Batching>,
+    dispatcher: Arc<Dispatcher>,
+    lead: Claimed,
+    first: (Running, Vec<Waiting>),
+) {
+    let mut next = Some(first);
+    while let Some((running, batch)) = next {
+        let results = match dispatcher.deployed(&lead.function) {
+            Some(deployed) => dispatcher.invoke_batch(&deployed, &lead, &batch).await,
+            None => batch
+                .iter()
+                .map(|_| (None, Some("the function is not serving".to_owned()), None))
+                .collect(),
         };
-        loop {
-            // Listening before looking, so an invocation that ends between
-            // the two is not missed.
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            // Done as soon as this attempt is: the batches still waiting
-            // are led by their own tasks (woken as this one's ended).
-            match mine.try_recv() {
-                Ok(got) => return got,
-                Err(oneshot::error::TryRecvError::Closed) => return lost(),
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            if let Some((running, batch)) = self.next_batch() {
-                let results = dispatcher.invoke_batch(deployed, c, &batch).await;
-                drop(running);
-                for (w, result) in batch.into_iter().zip(results) {
-                    let _ = w.answer.send(result);
-                }
-                continue;
-            }
-            tokio::select! {
-                biased;
-                got = &mut mine => return got.unwrap_or_else(|_| lost()),
-                () = ended => {}
-            }
+        for (w, result) in batch.into_iter().zip(results) {
+            let _ = w.answer.send(result);
         }
+        drop(running);
+        next = line.next_batch();
     }
 }
 
@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn batches_start_at_once_when_idle_and_fill_when_busy() {
-        let line = Batching::new(8, 3);
+        let line = Arc::new(Batching::new(8, 3));
         let wait = |n: usize| {
             let mut l = line.line.lock().unwrap();
             for _ in 0..n {
@@ -419,7 +419,7 @@ mod tests {
                 });
             }
         };
-        let sizes = |b: &Option<(Running<'_>, Vec<Waiting>)>| b.as_ref().map(|(_, w)| w.len());
+        let sizes = |b: &Option<(Running, Vec<Waiting>)>| b.as_ref().map(|(_, w)| w.len());
         assert!(line.next_batch().is_none(), "nothing waits");
         // Nothing runs: one event goes at once.
         wait(1);

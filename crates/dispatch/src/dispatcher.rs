@@ -248,6 +248,11 @@ impl Dispatcher {
         line
     }
 
+    /// The version of `function` serving now.
+    pub(crate) fn deployed(&self, function: &str) -> Option<Arc<Deployed>> {
+        self.gateway.table().function(function).cloned()
+    }
+
     fn running_of(&self, function: &str) -> u32 {
         self.running
             .lock()
@@ -415,7 +420,7 @@ impl Dispatcher {
     /// `batched`: the source hands its function up to `.0` messages per
     /// invocation, `.1` invocations at once (see [`crate::batch`]).
     pub async fn run_message(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         mut new: NewInvocation,
         delivery: Option<(u32, i64)>,
@@ -459,7 +464,7 @@ impl Dispatcher {
             let started_at = now_ms();
             let clock = std::time::Instant::now();
             let (status, error, response) = match &batching {
-                Some(line) => line.attempt(self, &deployed, &c, n).await,
+                Some(line) => line.attempt(self, &c, n).await,
                 None => self.invoke(&deployed, &c, n).await,
             };
             attempts.push(Attempt {
