@@ -62,6 +62,36 @@ async fn all_acknowledged(url: &str, stream: &str, group: &str) {
     .await;
 }
 
+/// Publishes `n` entries to `stream` while `node` runs, dies by `kill -9`
+/// once a fifth of them ran, and comes back; returns the restarted node and
+/// the executions before the kill, once every entry ran.
+async fn publish_through_kill_9(
+    node: Node,
+    recorder: &Recorder,
+    stream: &str,
+    n: usize,
+) -> (Node, usize) {
+    let publisher = {
+        let stream = stream.to_owned();
+        tokio::spawn(async move {
+            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
+            xadd_many(&mut c, &stream, n, "").await;
+        })
+    };
+    eventually(Duration::from_secs(120), "some entries to run", || async {
+        (recorder.hits().len() >= n / 5).then_some(())
+    })
+    .await;
+    let before = recorder.hits().len();
+    let node = node.restart_after_kill9();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(240), "every entry to run", || async {
+        (recorder.executions().len() >= n).then_some(())
+    })
+    .await;
+    (node, before)
+}
+
 fn consumer(recorder: &Recorder, stream: &str, relay_query: &str, extra: &str) -> String {
     consumer_of(REDIS, recorder, stream, relay_query, extra)
 }
@@ -93,25 +123,7 @@ async fn redis_stream_messages_survive_kill_9() {
         "events",
         &[("consume", &g.testbed, &consumer(&recorder, &stream, "", ""))],
     ));
-    // Published while the node runs, dies and comes back.
-    let publisher = {
-        let stream = stream.clone();
-        tokio::spawn(async move {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            xadd_many(&mut c, &stream, N, "").await;
-        })
-    };
-    eventually(Duration::from_secs(120), "some messages to run", || async {
-        (recorder.hits().len() >= N / 5).then_some(())
-    })
-    .await;
-    let before = recorder.hits().len();
-    let node = node.restart_after_kill9();
-    publisher.await.unwrap();
-    eventually(Duration::from_secs(240), "every message to run", || async {
-        (recorder.executions().len() >= N).then_some(())
-    })
-    .await;
+    let (node, before) = publish_through_kill_9(node, &recorder, &stream, N).await;
     let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "redis stream, kill -9 after {before} of {N} executions: {} distinct messages ran, {duplicates} duplicate executions",
@@ -269,24 +281,7 @@ async fn redis_stream_batches_survive_kill_9() {
         )],
     ));
     source_healthy(&node).await;
-    let publisher = {
-        let stream = stream.clone();
-        tokio::spawn(async move {
-            let mut c = Conn::connect(&Target::parse(REDIS).unwrap()).await.unwrap();
-            xadd_many(&mut c, &stream, N, "").await;
-        })
-    };
-    eventually(Duration::from_secs(120), "some entries to run", || async {
-        (recorder.hits().len() >= N / 5).then_some(())
-    })
-    .await;
-    let before = recorder.hits().len();
-    let node = node.restart_after_kill9();
-    publisher.await.unwrap();
-    eventually(Duration::from_secs(240), "every entry to run", || async {
-        (recorder.executions().len() >= N).then_some(())
-    })
-    .await;
+    let (node, before) = publish_through_kill_9(node, &recorder, &stream, N).await;
     let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(
         "redis stream in batches, kill -9 after {before} of {N} executions: {distinct} distinct entries ran, {duplicates} duplicate executions"
