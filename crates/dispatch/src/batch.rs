@@ -4,9 +4,9 @@
 //! dead-letter copy and acknowledgement; only the attempt itself is shared.
 //! An attempt joins the source's waiting line; a runner task (at most
 //! `invocations` at once) takes up to `events` waiting attempts and runs
-//! them as one invocation whose body is a
-//! CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of
-//! events in structured mode). A batch starts at once when none of the
+//! them as one invocation whose body is a CloudEvents batch
+//! (`application/cloudevents-batch+json`: a JSON array of events in
+//! structured mode). A batch starts at once when none of the
 //! source runs, and another only once enough events wait: a whole batch's
 //! worth with one running, half of it with two, and so on. So a quiet
 //! source invokes at once with what it has and no event waits longer than
@@ -270,9 +270,9 @@ pub(crate) fn reported_failures(body: &str) -> HashSet<String> {
 impl Dispatcher {
     /// Runs `batch` as one invocation, under the first event's id, and
     /// says what became of each event; the request carries the first
-    /// event's trace context. `lead` is the event of the task running it
-    /// (whether or not it is in the batch): the batch's function and route
-    /// are its.
+    /// event's trace context. `lead` is the event whose attempt started
+    /// the runner (it may have gone in an earlier batch): the batch's
+    /// function and route are its.
     async fn invoke_batch(
         &self,
         deployed: &Arc<Deployed>,
