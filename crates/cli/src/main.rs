@@ -14,6 +14,13 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// jemalloc rather than the system allocator: the node allocates and frees
+/// across its worker threads on every request and message, where glibc's
+/// arenas contend (docs/performance.md, "Design choices").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "nimbus",
