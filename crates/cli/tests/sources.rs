@@ -271,16 +271,7 @@ async fn redis_stream_batches_survive_kill_9() {
     };
     let recorder = Recorder::start().await;
     let stream = unique("nimbus-test-batches-killed", "-");
-    let node = Node::start();
-    node.deploy(&manifest(
-        "events",
-        &[(
-            "consume",
-            &guests().testbed,
-            &batch_consumer(&recorder, &stream, ""),
-        )],
-    ));
-    source_healthy(&node).await;
+    let node = node_with_consumer(&batch_consumer(&recorder, &stream, "")).await;
     let (node, before) = publish_through_kill_9(node, &recorder, &stream, N).await;
     let (distinct, duplicates) = tally(&recorder, "ce-id");
     eprintln!(

@@ -42,7 +42,6 @@ const REPORTED_FAILED: &str = "the function reported this event as failed (batch
 
 /// One source's attempts waiting to be invoked together.
 pub(crate) struct Batching {
-    shape: (u32, u32),
     events: usize,
     invocations: usize,
     line: Mutex<Line>,
@@ -79,7 +78,6 @@ impl Drop for Running {
 impl Batching {
     pub(crate) fn new(events: u32, invocations: u32) -> Self {
         Self {
-            shape: (events, invocations),
             events: events.max(1) as usize,
             invocations: invocations.max(1) as usize,
             line: Mutex::new(Line::default()),
@@ -88,7 +86,7 @@ impl Batching {
 
     /// Events per invocation and invocations at once.
     pub(crate) fn shape(&self) -> (u32, u32) {
-        self.shape
+        (self.events as u32, self.invocations as u32)
     }
 
     /// The next batch, if one may start now: a slot is free and either

@@ -232,7 +232,7 @@ impl Dispatcher {
             .get(function)
             .and_then(|of| of.get(source))
             .and_then(std::sync::Weak::upgrade)
-            && line.shape() == (events, invocations)
+            && line.shape() == (events.max(1), invocations.max(1))
         {
             return line;
         }

@@ -657,14 +657,16 @@ pub fn relay_consumer(recorder: &Recorder, source: &str, relay_query: &str, extr
 /// A node running function `consume` (the relay reporting to `recorder`)
 /// with one source given by its TOML lines, once the source is healthy.
 pub async fn consumer_node(recorder: &Recorder, source: &str) -> Node {
+    node_with_consumer(&relay_consumer(recorder, source, "", "")).await
+}
+
+/// A node running function `consume` (the testbed) with the manifest lines
+/// `lines`, once its first source is healthy.
+pub async fn node_with_consumer(lines: &str) -> Node {
     let node = Node::start();
     node.deploy(&manifest(
         "events",
-        &[(
-            "consume",
-            &guests().testbed,
-            &relay_consumer(recorder, source, "", ""),
-        )],
+        &[("consume", &guests().testbed, lines)],
     ));
     source_healthy(&node).await;
     node
