@@ -512,7 +512,8 @@ async fn idle_functions_scale_to_zero_and_come_back() {
     assert_eq!(log["faas.coldstart"], true, "{log}");
 
     // A restart maps the most recently deployed functions (64) before it
-    // serves; the others stay on disk until their first request.
+    // serves, each with an instance ready; the others stay on disk until
+    // their first request.
     let mut extra = String::from("[app]\nname = \"many\"\n");
     for i in 0..64 {
         extra.push_str(&format!(
@@ -534,9 +535,24 @@ async fn idle_functions_scale_to_zero_and_come_back() {
         1,
         "one function beyond the 64 preloaded: {list:?}"
     );
-    let route = format!("{}/served", cold[0].routes[0].trim_end_matches("/*"));
-    assert_eq!(node.get(&route).await.text(), "1");
+    let first_request = |f: &nimbus_api::FunctionSummary| {
+        let route = format!("{}/served", f.routes[0].trim_end_matches("/*"));
+        let node = &node;
+        async move {
+            let r = node.get(&route).await;
+            assert_eq!(r.text(), "1");
+            invocation_line(node, &r).await
+        }
+    };
+    let line = first_request(cold[0]).await;
+    assert_eq!(line["instance"], "new", "{line}");
+    assert_eq!(line["faas.coldstart"], true, "{line}");
     assert!(summary(&node, cold[0].name.as_str()).await.loaded);
+    let preloaded = list.iter().find(|f| f.loaded).unwrap();
+    assert_eq!(preloaded.idle_instances, 1, "{preloaded:?}");
+    let line = first_request(preloaded).await;
+    assert_eq!(line["instance"], "prepared", "{line}");
+    assert_eq!(line["faas.coldstart"], false, "{line}");
     assert_eq!(node.status().await.engine.compiled, 0);
 }
 

@@ -665,10 +665,9 @@ impl Core {
         } else {
             (&self.baseline, &self.baseline_fingerprint)
         };
+        // Opened without a separate existence check: a missing artifact is
+        // told apart only once the load failed, off the usual path.
         let path = self.artifacts.compiled_path(digest, fingerprint);
-        if !path.exists() {
-            return None;
-        }
         #[allow(unsafe_code)]
         // SAFETY: the file was produced by `Component::serialize` of an
         // engine with this fingerprint, written to a temporary name and
@@ -682,6 +681,7 @@ impl Core {
                 tracing::debug!(digest = %digest, optimized, "loaded compiled artifact from cache");
                 Some(component)
             }
+            Err(_) if !path.exists() => None,
             Err(e) => {
                 tracing::warn!(
                     digest = %digest,
@@ -837,7 +837,8 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
 /// Which of the node's budgets a prepared instance counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Budget {
-    /// Made after a request that ran alone, for the function's next one:
+    /// Made after a request that ran alone, for the function's next one,
+    /// and at start for the functions mapped then:
     /// [`MAX_PREPARED_INSTANCES`], and only while the pool is less than
     /// half in use.
     Ahead,
@@ -1043,8 +1044,9 @@ impl FunctionRuntime {
         self.inner.idle_times.as_ref()?.window()
     }
 
-    /// Loads the version's code ahead of a request its idle times predict,
-    /// with an instance ready for it; that request is then no cold start.
+    /// Loads the version's code ahead of a request (one its idle times
+    /// predict, or the first after a restart), with an instance ready for
+    /// it; that request is then no cold start.
     pub async fn load_ahead(&self) {
         if self.code().await.is_err() {
             // `code` logged why; the request will try again on its path.
@@ -1223,8 +1225,8 @@ impl FunctionRuntime {
     /// Instantiates the version's optimised code ahead of its next request,
     /// when the code is loaded and `budget` has room for one more prepared
     /// instance; returns whether it did. Called after an HTTP request that
-    /// ran alone ([`Budget::Ahead`]), so only functions in use hold prepared
-    /// instances; like reusable ones they are dropped after
+    /// ran alone and for the functions a start maps ([`Budget::Ahead`]), so
+    /// only functions in use hold prepared instances; like reusable ones they are dropped after
     /// [`IDLE_INSTANCE_KEEP`] unused. A version kept warm calls it for
     /// `prewarm` ([`Budget::Prewarm`]) and keeps those.
     async fn prepare(&self, budget: Budget) -> bool {
