@@ -1226,8 +1226,8 @@ impl FunctionRuntime {
     /// when the code is loaded and `budget` has room for one more prepared
     /// instance; returns whether it did. Called after an HTTP request that
     /// ran alone and for the functions a start maps ([`Budget::Ahead`]), so
-    /// only functions in use hold prepared instances; like reusable ones they are dropped after
-    /// [`IDLE_INSTANCE_KEEP`] unused. A version kept warm calls it for
+    /// only functions in use hold prepared instances; like reusable ones
+    /// they are dropped after [`IDLE_INSTANCE_KEEP`] unused. A version kept warm calls it for
     /// `prewarm` ([`Budget::Prewarm`]) and keeps those.
     async fn prepare(&self, budget: Budget) -> bool {
         let f = &self.inner;

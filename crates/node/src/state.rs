@@ -115,6 +115,12 @@ const MAX_CONCURRENT_COMPILES: usize = 2;
 /// however many functions are deployed.
 const PRELOAD_AT_START: usize = 64;
 
+/// How long a start waits for the instances it prepares for those
+/// functions before it serves anyway: ample for 64 ordinary instantiations
+/// (tens to hundreds of microseconds each), and a function whose
+/// instantiation hangs cannot hold the node back for its whole timeout.
+const PREPARE_AT_START_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn spec_of(
     name: &FunctionName,
     version: u64,
@@ -427,8 +433,17 @@ impl NodeState {
         // In a fresh process the first instance of a function also pays
         // the first touches of its pool slot and stacks (a few hundred
         // microseconds against tens): paid here, before the node serves.
+        let mut preparing = tokio::task::JoinSet::new();
         for runtime in mapped {
-            runtime.load_ahead().await;
+            preparing.spawn(async move { runtime.load_ahead().await });
+        }
+        let all = async { while preparing.join_next().await.is_some() {} };
+        if tokio::time::timeout(PREPARE_AT_START_WAIT, all)
+            .await
+            .is_err()
+        {
+            tracing::debug!("serving before every instance prepared at start is ready");
+            preparing.detach_all();
         }
         self.settle(&records).await
     }
