@@ -1227,8 +1227,8 @@ impl FunctionRuntime {
     /// instance; returns whether it did. Called after an HTTP request that
     /// ran alone and for the functions a start maps ([`Budget::Ahead`]), so
     /// only functions in use hold prepared instances; like reusable ones
-    /// they are dropped after [`IDLE_INSTANCE_KEEP`] unused. A version kept warm calls it for
-    /// `prewarm` ([`Budget::Prewarm`]) and keeps those.
+    /// they are dropped after [`IDLE_INSTANCE_KEEP`] unused. A version kept
+    /// warm calls it for `prewarm` ([`Budget::Prewarm`]) and keeps those.
     async fn prepare(&self, budget: Budget) -> bool {
         let f = &self.inner;
         let Some(linked) = f.pre.read().ok().and_then(|p| p.clone()) else {
