@@ -235,10 +235,15 @@ def machine():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wasmtime", required=True)
+    ap.add_argument("--nimbus", help="the nimbus binary to measure (default: target/release/nimbus)")
+    ap.add_argument("--native", help="the native peer's binary (default: bench/target/release/native-hello)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--duration", type=int)
     ap.add_argument("--trials", type=int)
     args = ap.parse_args()
+    global NIMBUS, NATIVE
+    NIMBUS = Path(args.nimbus) if args.nimbus else NIMBUS
+    NATIVE = Path(args.native) if args.native else NATIVE
     duration = args.duration or (2 if args.quick else 5)
     trials = args.trials or (20 if args.quick else 100)
     concurrency = [1, 16, 64]
@@ -246,7 +251,9 @@ def main():
                "wasmtime": subprocess.run([args.wasmtime, "--version"], capture_output=True, text=True).stdout.strip(),
                "throughput": {}, "scenarios": {}, "cold_start": {}, "deploy": {}, "density": {},
                "component_bytes": {"hello": HELLO.stat().st_size, "json": JSON_FN.stat().st_size,
-                                   "js": JS_FN.stat().st_size}}
+                                   "js": JS_FN.stat().st_size},
+               "binaries": {name: str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+                            for name, path in [("nimbus", NIMBUS), ("native", NATIVE)]}}
 
     work = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     node = Node(work / "data")
@@ -563,6 +570,7 @@ def render(r, concurrency):
     lines = [f"# Benchmark results\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['rustc']}; {r['wasmtime']}. "
              f"wrk -t2 (-t1 at c=1), {r['duration_s']} s per point, all servers on this machine in one run.\n",
+             f"Binaries measured: `{r['binaries']['nimbus']}` and `{r['binaries']['native']}`.\n",
              f"## Warm requests: examples/hello ({sizes['hello']:,} bytes)\n",
              "`nimbus` gives every request a fresh instance; `nimbus, reuse` is the same component with "
              "`reuse = 10000` (one instance serves requests one after another).\n",
