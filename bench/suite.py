@@ -570,7 +570,8 @@ def render(r, concurrency):
     lines = [f"# Benchmark results\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['rustc']}; {r['wasmtime']}. "
              f"wrk -t2 (-t1 at c=1), {r['duration_s']} s per point, all servers on this machine in one run.\n",
-             f"Binaries measured: `{r['binaries']['nimbus']}` and `{r['binaries']['native']}`.\n",
+             *([f"Binaries measured: `{r['binaries']['nimbus']}` and `{r['binaries']['native']}`.\n"]
+               if "binaries" in r else []),
              f"## Warm requests: examples/hello ({sizes['hello']:,} bytes)\n",
              "`nimbus` gives every request a fresh instance; `nimbus, reuse` is the same component with "
              "`reuse = 10000` (one instance serves requests one after another).\n",
