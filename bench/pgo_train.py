@@ -63,10 +63,7 @@ def train_nimbus(work):
         node.deploy(suite.hello_manifest())
         node.wait_optimized()
         for _ in range(20):
-            deadline = time.time() + 30
-            while suite.admin_get(node, "/v1/functions/hello")["loaded"]:
-                assert time.time() < deadline, "the function never scaled to zero"
-                time.sleep(0.05)
+            suite.wait_unloaded(node, "hello")
             suite.get(node.port)
         for _ in range(2):
             node.stop()
@@ -82,10 +79,11 @@ def main():
     ap.add_argument("--native", required=True, help="the instrumented native-hello binary")
     args = ap.parse_args()
     suite.NIMBUS = Path(args.nimbus)
-    work = Path(tempfile.mkdtemp(prefix="nimbus-pgo-"))
     started = time.time()
-    train_native(args.native, work)
-    train_nimbus(work)
+    # The nodes' data (compiled artifacts included) goes with the run.
+    with tempfile.TemporaryDirectory(prefix="nimbus-pgo-") as work:
+        train_native(args.native, Path(work))
+        train_nimbus(Path(work))
     print(f"training done in {time.time() - started:.0f} s", flush=True)
 
 

@@ -174,6 +174,15 @@ def rss_kib(pid):
     return 0
 
 
+def wait_unloaded(node, function, timeout=30):
+    """Until the node reports `function`'s code unloaded (scaled to zero),
+    polling its admin API every 50 ms."""
+    deadline = time.time() + timeout
+    while admin_get(node, f"/v1/functions/{function}")["loaded"]:
+        assert time.time() < deadline, f"{function} never scaled to zero"
+        time.sleep(0.05)
+
+
 def admin_get(node, path):
     """GET on the node's admin API with its token."""
     import urllib.request
@@ -396,10 +405,7 @@ def main():
         node.start()
 
         def scaled_to_zero(_i):
-            deadline = time.time() + 30
-            while admin_get(node, "/v1/functions/hello")["loaded"]:
-                assert time.time() < deadline, "the function never scaled to zero"
-                time.sleep(0.05)
+            wait_unloaded(node, "hello")
 
         get(node.port)
         cold, warm, pauses = trial_pairs(scaled_to_zero)
