@@ -204,7 +204,14 @@ fn config() -> Config {
         .epoch_interruption(true)
         .wasm_backtrace_max_frames(None)
         .max_wasm_stack(MAX_WASM_STACK_BYTES)
-        .memory_init_cow(true);
+        .memory_init_cow(true)
+        // No `.eh_frame` for guest code: wasmtime traps and collects guest
+        // backtraces without it, and only native debuggers and profilers
+        // read it. Registering it costs every code load (on a cold start's
+        // path), and libgcc's unwinder unregisters by searching a list of
+        // every registration, so unloads slowed down with the number of
+        // functions loaded.
+        .native_unwind_info(false);
     config
 }
 
@@ -342,11 +349,14 @@ impl Engine {
     /// its first request.
     pub fn prepare(&self, spec: FunctionSpec, load: Load) -> Result<FunctionRuntime, EngineError> {
         let core = &self.core;
-        let compiled = core.cached(&spec.digest).is_some() || core.has_compiled(&spec.digest);
         // Without a compiled artifact (an engine upgrade) the component is
         // recompiled now rather than on some caller's request.
         let pre = match load {
-            Load::OnFirstRequest if compiled => None,
+            Load::OnFirstRequest
+                if core.cached(&spec.digest).is_some() || core.has_compiled(&spec.digest) =>
+            {
+                None
+            }
             _ => Some(Core::pre(core, &spec.digest)?),
         };
         let reuse = spec.reuse.max(1);
