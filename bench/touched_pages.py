@@ -8,8 +8,9 @@ clears the node's page-referenced bits (`/proc/PID/clear_refs`, which
 needs root), and after it reads how much of each of the node's mappings
 was referenced since (`Referenced` in `/proc/PID/smaps`): the pages the
 request touched, plus whatever the node's idle threads touched in the
-same milliseconds (nothing, in 2 ms without a request). docs/performance.md uses it next to
-bench/idle_touch.py, which times such touches after an idle wait.
+same milliseconds (nothing, in 2 ms without a request).
+docs/performance.md uses it next to bench/idle_touch.py, which times such
+touches after an idle wait.
 
     python3 bench/touched_pages.py [--nimbus target/release/nimbus] [--trials 30]
 """
