@@ -8,7 +8,8 @@ clears the node's page-referenced bits (`/proc/PID/clear_refs`, which
 needs root), and after it reads how much of each of the node's mappings
 was referenced since (`Referenced` in `/proc/PID/smaps`): the pages the
 request touched, plus whatever the node's idle threads touched in the
-same milliseconds (nothing, in 2 ms without a request).
+same milliseconds (nothing, in 2 ms without a request). The times it
+prints include the clear's own cost: it empties the TLB.
 docs/performance.md uses it next to bench/idle_touch.py, which times such
 touches after an idle wait.
 
