@@ -83,7 +83,11 @@ pub trait Registry: Send + Sync {
     /// What functions learnt of their idle times (adaptive keep-alive), as
     /// saved by [`Registry::save_idle_times`]: by name, opaque text.
     fn idle_times(&self) -> Result<Vec<(String, String)>, StoreError>;
-    /// Replaces every saved idle-time record with `entries` at once.
+    /// Saves `entries` at once, each replacing its function's earlier
+    /// record. Functions missing from `entries` keep theirs (one whose code
+    /// could not be loaded still has what it learnt before); a function's
+    /// record goes when the function is removed, and none is saved for a
+    /// function that is not deployed.
     fn save_idle_times(&self, entries: &[(String, String)]) -> Result<(), StoreError>;
 }
 
@@ -342,10 +346,12 @@ impl Registry for SqliteRegistry {
     fn save_idle_times(&self, entries: &[(String, String)]) -> Result<(), StoreError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM idle_times", [])?;
             {
+                // A function removed since `entries` were taken gets none.
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO idle_times (function, data, saved_at) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO idle_times (function, data, saved_at)
+                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM functions WHERE name = ?1)
+                     ON CONFLICT(function) DO UPDATE SET data = excluded.data, saved_at = excluded.saved_at",
                 )?;
                 let at = now_ms();
                 for (function, data) in entries {
@@ -405,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn idle_times_are_replaced_whole_and_go_with_their_function() -> Result<(), StoreError> {
+    fn idle_times_are_saved_per_function_and_go_with_it() -> Result<(), StoreError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let app: AppName = "shop".parse().unwrap();
@@ -418,12 +424,14 @@ mod tests {
                 &[],
             )?;
             reg.save_idle_times(&[entry("a", "1"), entry("b", "2")])?;
-            reg.save_idle_times(&[entry("a", "3"), entry("b", "4"), entry("c", "5")])?;
+            // b is missing (its code could not be loaded): it keeps its
+            // record; z is not deployed: it gets none.
+            reg.save_idle_times(&[entry("a", "3"), entry("c", "5"), entry("z", "6")])?;
         }
         let reg = SqliteRegistry::open(&path)?;
         let mut saved = reg.idle_times()?;
         saved.sort();
-        assert_eq!(saved, [entry("a", "3"), entry("b", "4"), entry("c", "5")]);
+        assert_eq!(saved, [entry("a", "3"), entry("b", "2"), entry("c", "5")]);
         // Removed by a deploy or on its own: its idle times go too.
         reg.apply(&app, &[], &[name("a")])?;
         assert!(reg.remove(&name("b"))?);
