@@ -771,6 +771,63 @@ async fn prewarmed_functions_start_warm_and_never_scale_to_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_gets_the_prewarm_its_predecessor_held() {
+    // The node's whole prewarm budget goes to one function; a request
+    // still running on its first version keeps that version alive after
+    // the second is deployed.
+    let node = Node::start();
+    let g = guests();
+    let version = |n: u64| {
+        manifest(
+            "warm",
+            &[(
+                "ready",
+                &g.testbed,
+                &format!(
+                    "routes = [\"/ready/*\"]\nprewarm = 100\nenv = {{ GENERATION = \"{n}\" }}"
+                ),
+            )],
+        )
+    };
+    let all_ready = |v: u64| {
+        let node = &node;
+        move || async move {
+            let s = summary(node, "ready").await;
+            (s.version == v && s.loaded && s.idle_instances == 100).then_some(())
+        }
+    };
+    node.deploy(&version(1));
+    eventually(
+        Duration::from_secs(120),
+        "100 instances ready",
+        all_ready(1),
+    )
+    .await;
+    let url = node.url("/ready/sleep?ms=20000");
+    let in_flight = tokio::spawn(async move { request(Method::GET, &url, Bytes::new()).await });
+    eventually(Duration::from_secs(10), "the request to start", || async {
+        (summary(&node, "ready").await.in_flight == 1).then_some(())
+    })
+    .await;
+    node.deploy(&version(2));
+    // Version 1's waiting instances gave their budget back at once: the
+    // new version is ready while the old request is still running.
+    eventually(
+        Duration::from_secs(60),
+        "version 2's 100 instances ready",
+        all_ready(2),
+    )
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "version 2 was warmed only once version 1 was gone"
+    );
+    let r = in_flight.await.unwrap();
+    assert_status(&r, StatusCode::OK);
+    assert!(r.text().starts_with("slept 20000"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prewarm_beyond_what_a_function_may_run_is_refused() {
     let node = Node::start();
     let g = guests();

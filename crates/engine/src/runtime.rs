@@ -377,6 +377,7 @@ impl Engine {
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 warming: AtomicBool::new(false),
+                retired: AtomicBool::new(false),
                 warm_retry_ms: AtomicU64::new(0),
                 reuse,
                 policy: Arc::new(spec.outbound.clone()),
@@ -773,6 +774,9 @@ struct FunctionInner {
     running: AtomicUsize,
     /// Set while a task tops the idle instances up to `prewarm`.
     warming: AtomicBool,
+    /// Set once a newer version (or none) serves the function: requests
+    /// still finishing on this one keep no instance for later.
+    retired: AtomicBool,
     /// When warming may next load the code, on the core's clock, after it
     /// failed to: a sweep then neither retries nor logs the error again
     /// before [`PREWARM_RETRY_AFTER`].
@@ -979,6 +983,19 @@ impl FunctionRuntime {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
+    /// Stops the version keeping instances once another version (or none)
+    /// serves the function: the ones waiting are dropped at once, giving
+    /// back the budget they held (`prewarm` promised to the new version
+    /// included), and the requests still finishing here keep none for
+    /// later nor prepare any.
+    pub fn retire(&self) {
+        let f = &self.inner;
+        f.retired.store(true, Ordering::Release);
+        if let Ok(mut idle) = f.idle.lock() {
+            idle.clear();
+        }
+    }
+
     /// Releases what idleness no longer justifies: idle instances unused
     /// for [`IDLE_INSTANCE_KEEP`], and the version's code once no invocation
     /// has started for `unload_after` (the compiled artifact stays on disk
@@ -1058,7 +1075,7 @@ impl FunctionRuntime {
     /// predict, or the first after a restart), with an instance ready for
     /// it; that request is then no cold start.
     pub async fn load_ahead(&self) {
-        if self.code().await.is_err() {
+        if self.inner.retired.load(Ordering::Acquire) || self.code().await.is_err() {
             // `code` logged why; the request will try again on its path.
             return;
         }
@@ -1088,7 +1105,10 @@ impl FunctionRuntime {
     /// loaded is tried again after [`PREWARM_RETRY_AFTER`].
     pub async fn warm(&self) {
         let f = &self.inner;
-        if self.prewarm() == 0 || f.warming.swap(true, Ordering::AcqRel) {
+        if self.prewarm() == 0
+            || f.retired.load(Ordering::Acquire)
+            || f.warming.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         struct Done<'a>(&'a AtomicBool);
@@ -1221,8 +1241,9 @@ impl FunctionRuntime {
     /// code is loaded and the pool has room; else gives it back.
     fn keep(&self, instance: Idle) -> Option<Idle> {
         let f = &self.inner;
-        // An unloaded version holds no instances.
+        // An unloaded or retired version holds no instances.
         if self.is_loaded()
+            && !f.retired.load(Ordering::Acquire)
             && let Ok(mut pool) = f.idle.lock()
             && pool.len() < f.spec.max_idle_instances as usize
         {
@@ -1241,6 +1262,9 @@ impl FunctionRuntime {
     /// warm calls it for `prewarm` ([`Budget::Prewarm`]) and keeps those.
     async fn prepare(&self, budget: Budget) -> bool {
         let f = &self.inner;
+        if f.retired.load(Ordering::Acquire) {
+            return false;
+        }
         let Some(linked) = f.pre.read().ok().and_then(|p| p.clone()) else {
             return false;
         };

@@ -479,7 +479,19 @@ impl NodeState {
                 records.iter().any(|r| &r.name == name) && !serving.iter().any(|d| &d.name == name)
             });
         }
+        let kept: std::collections::HashSet<*const Deployed> =
+            serving.iter().map(Arc::as_ptr).collect();
+        let retired: Vec<Arc<Deployed>> = table
+            .functions()
+            .filter(|old| !kept.contains(&Arc::as_ptr(old)))
+            .cloned()
+            .collect();
         self.gateway.swap(RouteTable::new(serving));
+        // Replaced or removed versions give back their waiting instances
+        // before the new ones are warmed.
+        for d in &retired {
+            d.runtime.retire();
+        }
         self.warm_up();
         let keep: Vec<ComponentDigest> = records
             .iter()
