@@ -460,9 +460,11 @@ async fn reused_instances_serve_their_quota_then_recycle() {
     for r in all {
         assert_status(&r.await.unwrap(), StatusCode::OK);
     }
+    // Each kept for its next request, plus the replacement prepared after
+    // the trap when it was not ready yet as the eight started.
     let idle = summary(&node, "warm").await.idle_instances;
     assert!(
-        (2..=8).contains(&idle),
+        (2..=9).contains(&idle),
         "idle instances after 8 at once: {idle}"
     );
 }
