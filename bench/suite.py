@@ -24,6 +24,10 @@ TESTBED = ROOT / "tests/fixtures/target/wasm32-wasip2/release/testbed.wasm"
 NATIVE = ROOT / "bench/target/release/native-hello"
 REPORT = ROOT / "bench/report.lua"
 RESULTS = ROOT / "bench/results"
+# The idle wait before each request of the scale-to-zero trials: longer
+# than the node's `--scale-to-zero-after 200ms`, and about as long as a
+# wait for that unload took in earlier runs (p50 310 ms).
+IDLE_WAIT = 0.3
 
 
 def free_port():
@@ -323,11 +327,10 @@ def main():
         # The warm request right after a cold one follows it back to back.
         # A cold request after scale to zero follows an idle wait, and on
         # this machine the first request after the CPUs idled is slower
-        # whatever serves it (the native control below), so that kind is
-        # also set against a warm request after the same waits, spent the
-        # same way (polling the admin API), the function loaded. The pauses
-        # before the other kinds (a deploy, a restart) keep the CPUs busy,
-        # so their back-to-back reference is the fair one.
+        # whatever serves it, so that kind is also set against requests
+        # after the same waits (below). The pauses before the other kinds
+        # (a deploy, a restart) keep the CPUs busy, so their back-to-back
+        # reference is the fair one.
         def trial_pairs(prepare, path="/hello"):
             cold, warm, pauses = [], [], []
             for i in range(trials):
@@ -341,26 +344,6 @@ def main():
                 warm.append(t2)
             return cold, warm, pauses
 
-        def after_pauses(port, pauses, poll=None):
-            """A warm request after each pause, spent sleeping (and calling
-            `poll` every 50 ms and last, like the cold trials' waits)."""
-            status, _ = get(port, "/hello")
-            assert status == 200, status
-            out = []
-            for pause in pauses:
-                end = time.perf_counter() + pause
-                while True:
-                    if poll:
-                        poll()
-                    left = end - time.perf_counter()
-                    if left <= 0:
-                        break
-                    time.sleep(min(0.05, left))
-                status, t = get(port, "/hello")
-                assert status == 200, status
-                out.append(t)
-            return out
-
         def summarize(kind, cold, warm, pauses):
             entry = {"cold_p50_us": percentile(cold, 50) * 1e6, "cold_p99_us": percentile(cold, 99) * 1e6,
                      "warm_p50_us": percentile(warm, 50) * 1e6, "warm_p99_us": percentile(warm, 99) * 1e6,
@@ -369,62 +352,86 @@ def main():
             results["cold_start"][kind] = entry
             print(f"cold start {kind:<22} p50 {entry['cold_p50_us']:.0f} µs  p99 {entry['cold_p99_us']:.0f} µs"
                   f"  (warm p50 {entry['warm_p50_us']:.0f} µs, ratio {entry['ratio_p50']:.2f})", flush=True)
+            return entry
 
-        def paused_reference(kind, pauses):
-            """The warm request after the same pauses as `kind`'s cold ones."""
-            entry = results["cold_start"][kind]
-            poll = lambda: admin_get(node, "/v1/functions/hello")
-            paused = after_pauses(node.port, pauses, poll)
-            entry["warm_after_pause_p50_us"] = percentile(paused, 50) * 1e6
-            entry["ratio_after_pause_p50"] = entry["cold_p50_us"] / entry["warm_after_pause_p50_us"]
-            print(f"cold start {kind:<22} warm after the same pauses p50 {entry['warm_after_pause_p50_us']:.0f} µs,"
-                  f" ratio {entry['ratio_after_pause_p50']:.2f}", flush=True)
-
-        # The control: the native server, back to back and after 300 ms.
-        native_paused = after_pauses(native_port, [0.3] * trials)
-        native_back = [get(native_port)[1] for _ in range(trials)]
-        results["cold_start_control"] = {
-            "native_back_to_back_p50_us": percentile(native_back, 50) * 1e6,
-            "native_after_300ms_p50_us": percentile(native_paused, 50) * 1e6,
-        }
-        ctl = results["cold_start_control"]
-        print(f"control: native hyper p50 {ctl['native_back_to_back_p50_us']:.0f} µs back to back, "
-              f"{ctl['native_after_300ms_p50_us']:.0f} µs after 300 ms", flush=True)
-        for p in procs:
+        # The wasmtime servers are done; the native one stays for the
+        # control after idle waits.
+        native_proc = procs[0]
+        for p in procs[1:]:
             p.terminate()
             p.wait()
-        procs.clear()
+        del procs[1:]
+        native_back = [get(native_port)[1] for _ in range(trials)]
 
         node.deploy(hello_manifest())
         summarize("after deploy", *trial_pairs(lambda i: node.deploy(hello_manifest(trial=i))))
 
         # (b) Scaled to zero: the node unloads a function 200 ms after its
-        # last request; each trial waits until the node reports it unloaded.
+        # last request. Each trial makes three requests, each after the
+        # same idle wait (IDLE_WAIT, spent polling the admin API every
+        # 50 ms as a wait for scale to zero is): to hello, scaled to zero
+        # (then once more, back to back); to a copy of it on the same node
+        # kept warm with `prewarm = 1` (its own digest, so its code is
+        # loaded apart); and to the native server, the control. The three
+        # kinds are interleaved so that a drift of the shared host between
+        # blocks of trials cannot fall on one side of a ratio.
         node.stop()
         node.flags = ["--scale-to-zero-after", "200ms"]
         node.start()
+        warm_copy = work / "hello-warm.wasm"
+        warm_copy.write_bytes(with_custom_section(HELLO.read_bytes(), "kept warm"))
+        node.deploy(hello_manifest() + f'\n[functions.warm]\ncomponent = "{warm_copy}"\nroutes = ["/warm"]\n'
+                    f'prewarm = 1\nlimits = {{ max_concurrency = 1000 }}\n')
+        node.wait_optimized()
 
-        def scaled_to_zero(_i):
-            wait_unloaded(node, "hello")
+        def after_idle_wait(port, path="/hello", ready=lambda state: True):
+            """A request after IDLE_WAIT (longer if the last poll of hello's
+            state is not `ready`); returns the wait and the latency."""
+            began = time.perf_counter()
+            end = began + IDLE_WAIT
+            while True:
+                state = admin_get(node, "/v1/functions/hello")
+                left = end - time.perf_counter()
+                if left <= 0 and ready(state):
+                    break
+                time.sleep(min(0.05, left) if left > 0 else 0.05)
+            waited = time.perf_counter() - began
+            status, t = get(port, path)
+            assert status == 200, (path, status)
+            return waited, t
 
         get(node.port)
-        cold, warm, pauses = trial_pairs(scaled_to_zero)
-        summarize("after scale to zero", cold, warm, pauses)
-        # The same idle waits on the same node, to the function with one
-        # instance kept ready (`prewarm = 1`): it never scales to zero.
-        node.deploy(hello_manifest(prewarm=1))
-        node.wait_optimized()
-        prewarmed = after_pauses(node.port, pauses, lambda: admin_get(node, "/v1/functions/hello"))
-        entry = results["cold_start"]["after scale to zero"]
-        entry["prewarm_after_pause_p50_us"] = percentile(prewarmed, 50) * 1e6
-        print(f"with prewarm = 1, after the same idle waits: p50 {entry['prewarm_after_pause_p50_us']:.0f} µs",
-              flush=True)
+        get(node.port, "/warm")
+        cold, warm, pauses, kept_warm, native_paused = [], [], [], [], []
+        for _ in range(trials):
+            waited, t = after_idle_wait(node.port, ready=lambda state: not state["loaded"])
+            pauses.append(waited)
+            cold.append(t)
+            status, t = get(node.port)
+            assert status == 200, status
+            warm.append(t)
+            kept_warm.append(after_idle_wait(node.port, "/warm")[1])
+            native_paused.append(after_idle_wait(native_port)[1])
+        entry = summarize("after scale to zero", cold, warm, pauses)
+        entry["warm_after_pause_p50_us"] = percentile(kept_warm, 50) * 1e6
+        entry["ratio_after_pause_p50"] = entry["cold_p50_us"] / entry["warm_after_pause_p50_us"]
+        print(f"cold start {'after scale to zero':<22} warm (prewarm = 1) after the same idle waits p50 "
+              f"{entry['warm_after_pause_p50_us']:.0f} µs, ratio {entry['ratio_after_pause_p50']:.2f}", flush=True)
+        results["cold_start_control"] = {
+            "native_back_to_back_p50_us": percentile(native_back, 50) * 1e6,
+            "native_after_same_pauses_p50_us": percentile(native_paused, 50) * 1e6,
+        }
+        ctl = results["cold_start_control"]
+        print(f"control: native hyper p50 {ctl['native_back_to_back_p50_us']:.0f} µs back to back, "
+              f"{ctl['native_after_same_pauses_p50_us']:.0f} µs after the same idle waits", flush=True)
+        native_proc.terminate()
+        native_proc.wait()
+        procs.clear()
+
         node.deploy(hello_manifest())
-        # Its reference on a node that keeps the function loaded.
         node.stop()
         node.flags = []
         node.start()
-        paused_reference("after scale to zero", pauses)
 
         def restart(_i):
             node.stop()
@@ -609,11 +616,11 @@ def render(r, concurrency):
                     ratio = f"({p['rps'] / points_of(servers, 'wasmtime serve', c):.2f}× wasmtime serve)"
                 lines.append(f"| {c} | {name} | {p['rps']:.0f} | {p['p50_us']} | {p['p99_us']} | {ratio} |")
     lines += ["", f"## Cold starts ({r['trials']} trials each, measured at the client over a fresh connection)\n",
-              "Each cold request comes after a pause (the deploy, the wait until the function is unloaded, the "
-              "restart); the first warm column is the request right after it, back to back. After scale to zero "
-              "the pause is an idle wait (polling the admin API every 50 ms until the function is unloaded), so "
-              "that kind is also set against a request to the loaded function after the same waits, spent the "
-              "same way.\n",
+              "Each cold request comes after a pause (the deploy, the idle wait, the restart); the first warm "
+              "column is the request right after it, back to back. After scale to zero the pause is an idle wait "
+              f"({IDLE_WAIT * 1e3:.0f} ms, polling the admin API every 50 ms), so that kind is also set against a "
+              "warm request after the same wait: to a copy of hello on the same node kept warm with `prewarm = 1`, "
+              "interleaved with the cold trials.\n",
               "| first request | p50 µs | p99 µs | pause p50 ms | warm p50 µs, back to back | cold / warm | "
               "warm p50 µs, after the same idle waits | cold / warm after the same idle waits |",
               "|---|---|---|---|---|---|---|---|"]
@@ -622,17 +629,13 @@ def render(r, concurrency):
                      f"{e['warm_p50_us']:.0f} | {e['ratio_p50']:.2f} | "
                      + (f"{e['warm_after_pause_p50_us']:.0f} | {e['ratio_after_pause_p50']:.2f} |"
                         if "warm_after_pause_p50_us" in e else "| |"))
-    zero = r["cold_start"].get("after scale to zero", {})
-    if "prewarm_after_pause_p50_us" in zero:
-        lines += ["", f"The same function with `prewarm = 1` (an instance kept ready; it never scales to zero), "
-                  f"after the same idle waits on the same node: {zero['prewarm_after_pause_p50_us']:.0f} µs (p50), "
-                  f"against {zero['cold_p50_us']:.0f} µs for the cold start after scale to zero."]
     ctl = r.get("cold_start_control")
     if ctl:
         lines += ["", f"Control: the native hyper server answers in {ctl['native_back_to_back_p50_us']:.0f} µs (p50) "
-                  f"back to back and in {ctl['native_after_300ms_p50_us']:.0f} µs after a 300 ms pause "
-                  f"({ctl['native_after_300ms_p50_us'] / ctl['native_back_to_back_p50_us']:.2f}×): an idle pause "
-                  "alone costs that much, with no function to load."]
+                  f"back to back and in {ctl['native_after_same_pauses_p50_us']:.0f} µs after the same idle waits, "
+                  f"interleaved with the cold trials "
+                  f"({ctl['native_after_same_pauses_p50_us'] / ctl['native_back_to_back_p50_us']:.2f}×): an idle "
+                  "wait alone costs that much, with no function to load."]
     lines += ["", "## Deploy to first response\n",
               "A never-seen component: `nimbus deploy` until the first 200, next to `wasmtime compile` of the same bytes (medians).\n",
               "| component | bytes | deploy → first response ms | wasmtime compile ms | ratio |", "|---|---|---|---|---|"]
