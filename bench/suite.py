@@ -130,11 +130,18 @@ class Node:
         return json.loads(out)
 
 
-def hello_manifest(component=HELLO, trial=None, prewarm=0):
+APP = '[app]\nname = "bench"\n'
+
+
+def function_entry(name, component, route, extra=""):
+    """One function of a bench manifest; `extra` adds settings."""
+    return (f'\n[functions.{name}]\ncomponent = "{component}"\nroutes = ["{route}"]\n{extra}'
+            f'limits = {{ max_concurrency = 1000 }}\n')
+
+
+def hello_manifest(component=HELLO, trial=None):
     env = f'env = {{ TRIAL = "{trial}" }}\n' if trial is not None else ""
-    warm = f"prewarm = {prewarm}\n" if prewarm else ""
-    return (f'[app]\nname = "bench"\n\n[functions.hello]\ncomponent = "{component}"\n'
-            f'routes = ["/hello"]\n{env}{warm}limits = {{ max_concurrency = 1000 }}\n')
+    return APP + function_entry("hello", component, "/hello", env)
 
 
 def scenarios_manifest():
@@ -143,11 +150,7 @@ def scenarios_manifest():
     fns = [("hello", HELLO, "/hello", ""), ("reuse", HELLO, "/reuse/hello", "reuse = 10000\n"),
            ("json", JSON_FN, "/json", ""), ("js", JS_FN, "/js", ""),
            ("jsreuse", JS_FN, "/reuse/js", "reuse = 10000\n")]
-    text = '[app]\nname = "bench"\n'
-    for name, comp, route, extra in fns:
-        text += (f'\n[functions.{name}]\ncomponent = "{comp}"\nroutes = ["{route}"]\n{extra}'
-                 f'limits = {{ max_concurrency = 1000 }}\n')
-    return text
+    return APP + "".join(function_entry(*f) for f in fns)
 
 
 def orders_body(target=10_000):
@@ -380,8 +383,7 @@ def main():
         node.start()
         warm_copy = work / "hello-warm.wasm"
         warm_copy.write_bytes(with_custom_section(HELLO.read_bytes(), "kept warm"))
-        node.deploy(hello_manifest() + f'\n[functions.warm]\ncomponent = "{warm_copy}"\nroutes = ["/warm"]\n'
-                    f'prewarm = 1\nlimits = {{ max_concurrency = 1000 }}\n')
+        node.deploy(hello_manifest() + function_entry("warm", warm_copy, "/warm", "prewarm = 1\n"))
         node.wait_optimized()
 
         def after_idle_wait(port, path="/hello", ready=lambda state: True):
